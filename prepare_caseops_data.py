@@ -1,0 +1,1038 @@
+"""Documents -> CaseOps transform -> SentencePiece tokens -> challenge shards + val byte sidecars.
+
+This is the front end of every score the project reports, so it is built to be checked:
+- shards are byte-compatible with the challenge (256 x int32 header [20240520, 1, n_tokens, ...],
+  then uint16 ids; BOS id 1 before every document; the first --val-docs documents are validation);
+- every val token gets the number of ORIGINAL UTF-8 bytes it stands for (`fineweb_val_bytes_*.bin`),
+  and for every val document those counts sum to its UTF-8 length (checked during the run);
+- documents whose tokens do not decode back to the original text are counted, never hidden;
+- output is identical whatever --workers is, shards are written atomically, and an interrupted run
+  is resumed by running the same command again.
+
+Usage:
+  # the published SP8192 CaseOps tokenizer on the challenge documents (50,000 val docs)
+  python prepare_caseops_data.py --docs fineweb10B_raw/docs_selected.jsonl --out data/sp8192_caseops \
+      --sp tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model --workers 16
+  # train a new lossless tokenizer on the training split, then tokenize
+  python prepare_caseops_data.py --docs docs.jsonl --out data/mine --vocab-size 4096
+  # no download: docstrings of the Python standard library + the shipped 1024-vocab tokenizer
+  python prepare_caseops_data.py --demo --out /tmp/caseops_demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import io
+import json
+import os
+import sys
+import sysconfig
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # lossless_caps.py lives next to this script
+import lossless_caps  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Constants: shard format (SPEC section 2) and defaults
+# The challenge's reader checks the magic and version and reads exactly n_tokens uint16 after the
+# 1024-byte header; 100M tokens per shard and 50,000 val documents are the challenge's values.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+BOS_ID = 1
+CHALLENGE_VAL_DOCS = 50_000
+DEFAULT_SHARD_TOKENS = 100_000_000
+MAX_TOKEN_ID = 65_535  # shards store uint16
+OPERATORS = (lossless_caps.TITLE, lossless_caps.ALLCAPS, lossless_caps.CAPNEXT, lossless_caps.ESC)
+STATE_NAME = ".prepare_state.json"  # checkpoint of an unfinished run; removed when the run completes
+VAL_HASHES_NAME = "val_doc_sha256.txt"
+SCRIPT_FORMAT = "prepare_caseops_data/1"  # bump when the output for the same arguments would change
+DEMO_TOKENIZER = Path(__file__).resolve().parent / "tokenizers" / "demo_caseops_1024.model"
+DEMO_VAL_DOCS = 300
+ABORT_ENV = "PREPARE_CASEOPS_ABORT_AFTER_SHARDS"  # test hook: stop after writing N shards
+
+
+class BadInputError(Exception):
+    """Bad input (document file or tokenizer); the message names the file and, where known, the line."""
+
+
+class SimulatedInterruption(Exception):
+    """Raised by the ABORT_ENV test hook to imitate a run killed between two shards."""
+
+
+# -----------------------------------------------------------------------------
+# Shard files
+# A shard (or sidecar) is written under a temporary name in the same directory, flushed and fsynced,
+# then renamed over the final name, so a crash never leaves a half-written file under a final name.
+
+
+def shard_bytes(values: np.ndarray) -> bytes:
+    """Header + little-endian uint16 payload of one shard."""
+    if values.size and (int(values.min()) < 0 or int(values.max()) > MAX_TOKEN_ID):
+        raise ValueError("shard values must fit in uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, values.size
+    return header.tobytes() + values.astype("<u2", copy=False).tobytes()
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """Read a shard written by shard_bytes (or by the challenge's scripts); checks the header."""
+    raw = Path(path).read_bytes()
+    header = np.frombuffer(raw[: HEADER_INTS * 4], dtype="<i4")
+    if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: not a shard (bad magic/version)")
+    values = np.frombuffer(raw[HEADER_INTS * 4 :], dtype="<u2")
+    if values.size != header[2]:
+        raise ValueError(f"{path}: header says {header[2]} tokens, file holds {values.size}")
+    return values
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def sha256_bytes(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# Byte attribution (pure functions)
+# A SentencePiece piece reports the byte span [begin, end) of its input that it came from. Token i owns
+# the input bytes from its own begin up to the next token's begin, so bytes that no piece covers (a
+# normalizer dropped them) go to the preceding token (or to the first token when they lead the text),
+# and the spans tile the input exactly: the counts telescope to the input's byte length. Tokens that
+# start at the same byte (the byte-fallback pieces of one character, all but the last of which are
+# empty) share the span up to the next start evenly, so a 3-byte character in 3 byte pieces gives
+# 1 byte each. The CaseOps position map then turns input bytes into original bytes: operators carry 0.
+
+
+def token_boundaries(piece_begins: np.ndarray, input_len: int) -> np.ndarray:
+    """Boundaries c[0..n] in input bytes: token i owns [c[i], c[i+1]); c[0] = 0, c[n] = input_len."""
+    n = piece_begins.size
+    bounds = np.empty(n + 1, dtype=np.int64)
+    if n == 0:
+        bounds[0] = input_len
+        return bounds
+    starts = np.clip(piece_begins.astype(np.int64, copy=False), 0, input_len)
+    starts[0] = 0
+    np.maximum.accumulate(starts, out=starts)  # pieces never move backwards
+    bounds[:n] = starts
+    bounds[n] = input_len
+    repeated = starts[1:] == starts[:-1]
+    if repeated.any():  # runs of tokens with one start share the span to the next start evenly
+        run_head = np.ones(n, dtype=bool)
+        run_head[1:] = ~repeated
+        head_index = np.flatnonzero(run_head)
+        run_len = np.diff(np.append(head_index, n))
+        run_of = np.cumsum(run_head) - 1
+        rank = np.arange(n) - head_index[run_of]
+        run_start = starts[head_index][run_of]
+        run_stop = bounds[head_index + run_len][run_of]
+        bounds[:n] = run_start + (rank * (run_stop - run_start)) // run_len[run_of]
+    return bounds
+
+
+def original_bytes_per_token(bounds: np.ndarray, orig_byte_offset: np.ndarray | None) -> np.ndarray:
+    """Original UTF-8 bytes of each token; orig_byte_offset maps input byte -> original byte (None: same)."""
+    mapped = bounds if orig_byte_offset is None else orig_byte_offset[bounds]
+    return np.diff(mapped)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+# Either a given SentencePiece model (--sp) or a BPE trained here on the transformed TRAINING documents
+# (--vocab-size). New tokenizers are lossless (identity normalization, no whitespace removal, no dummy
+# prefix, byte fallback), with the CaseOps operators as user-defined symbols at ids 4-7.
+
+LOSSLESS_TRAINER_SETTINGS = {
+    "model_type": "bpe",
+    "character_coverage": 0.9995,
+    "byte_fallback": True,
+    "split_digits": True,
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "add_dummy_prefix": False,
+    "pad_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "unk_id": 3,
+    "hard_vocab_limit": False,
+    "max_sentence_length": 1 << 16,
+    "num_threads": 1,  # deterministic merges
+}
+
+
+def tokenizer_trainer_settings(vocab_size: int, transform: str) -> dict:
+    settings = dict(LOSSLESS_TRAINER_SETTINGS, vocab_size=vocab_size)
+    if transform == "caseops":
+        settings["user_defined_symbols"] = list(OPERATORS)
+    return settings
+
+
+def train_tokenizer(texts, settings: dict) -> bytes:
+    """Train a SentencePiece model on an iterable of (already transformed) texts; returns the model bytes."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, minloglevel=2, **settings)
+    return model.getvalue()
+
+
+def load_tokenizer(model_bytes: bytes, source: str) -> spm.SentencePieceProcessor:
+    try:
+        return spm.SentencePieceProcessor(model_proto=model_bytes)
+    except Exception as exc:  # sentencepiece raises RuntimeError/OSError with a terse message
+        raise BadInputError(f"{source}: not a readable SentencePiece model ({exc})") from exc
+
+
+def read_tokenizer_file(path: str) -> bytes:
+    try:
+        model_bytes = Path(path).read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read tokenizer ({exc.strerror})") from exc
+    load_tokenizer(model_bytes, path)
+    return model_bytes
+
+
+def check_tokenizer(sp: spm.SentencePieceProcessor, source: str, transform: str) -> None:
+    if sp.bos_id() != BOS_ID:
+        raise BadInputError(f"{source}: BOS id is {sp.bos_id()}, the shard format needs {BOS_ID}")
+    if transform == "caseops":
+        missing = [f"U+{ord(op):04X}" for op in OPERATORS if sp.piece_to_id(op) == sp.unk_id()]
+        if missing:
+            raise BadInputError(f"{source}: CaseOps operators {missing} are not pieces of this tokenizer")
+
+
+def tokenizer_summary(sp: spm.SentencePieceProcessor, model_bytes: bytes) -> dict:
+    """Settings read back from the model proto itself (what it actually does, not what was asked)."""
+    summary = {"vocab_size": sp.get_piece_size(), "sha256": sha256_bytes(model_bytes),
+               "operator_ids": [sp.piece_to_id(op) for op in OPERATORS],
+               "bos_id": sp.bos_id(), "eos_id": sp.eos_id(), "pad_id": sp.pad_id(), "unk_id": sp.unk_id()}
+    summary.update(_normalizer_spec(model_bytes))
+    return summary
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _normalizer_spec(model_bytes: bytes) -> dict:
+    """Parse ModelProto.normalizer_spec (field 3): name (1), add_dummy_prefix (3),
+    remove_extra_whitespaces (4), escape_whitespaces (5); proto defaults are true. Best effort."""
+    spec = {"normalization_rule_name": None, "add_dummy_prefix": True, "remove_extra_whitespaces": True}
+    try:
+        pos = 0
+        while pos < len(model_bytes):
+            tag, pos = _varint(model_bytes, pos)
+            wire = tag & 7
+            if wire == 0:
+                _, pos = _varint(model_bytes, pos)
+                continue
+            if wire != 2:  # no fixed-width fields at the top level of ModelProto
+                break
+            length, pos = _varint(model_bytes, pos)
+            body = model_bytes[pos : pos + length]
+            pos += length
+            if tag >> 3 != 3:
+                continue
+            sub = 0
+            while sub < len(body):
+                sub_tag, sub = _varint(body, sub)
+                if sub_tag & 7 == 2:
+                    sub_len, sub = _varint(body, sub)
+                    if sub_tag >> 3 == 1:
+                        spec["normalization_rule_name"] = body[sub : sub + sub_len].decode("utf-8", "replace")
+                    sub += sub_len
+                elif sub_tag & 7 == 0:
+                    value, sub = _varint(body, sub)
+                    name = {3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
+                    if sub_tag >> 3 in name:
+                        spec[name[sub_tag >> 3]] = bool(value)
+                else:
+                    break
+    except (IndexError, UnicodeDecodeError):
+        pass
+    return spec
+
+
+# -----------------------------------------------------------------------------
+# Worker: transform, tokenize, attribute, verify (one chunk of documents, in order)
+# Fast path, exact by construction: when the pieces decode to exactly the tokenizer's input, the
+# pieces' surfaces tile that input, so each piece starts where the previous surfaces end (a cumulative
+# sum of a per-id surface-length table). Otherwise (a normalizing tokenizer changed the text, or a
+# literal U+2581) the begins come from SentencePiece's own offsets into its input.
+
+
+@dataclass
+class WorkerContext:
+    sp: spm.SentencePieceProcessor
+    transform: str
+    docs_path: str
+    surface_len: np.ndarray  # (vocab,) bytes each piece contributes to the decoded text; -1: unknown
+    offsets_api: str
+
+
+_WORKER: WorkerContext | None = None
+
+
+def make_worker_context(model_bytes: bytes, transform: str, docs_path: str) -> WorkerContext:
+    sp = load_tokenizer(model_bytes, "tokenizer")
+    vocab = sp.get_piece_size()
+    surface_len = np.empty(vocab, dtype=np.int64)
+    for token_id in range(vocab):
+        if sp.is_byte(token_id):
+            surface_len[token_id] = 1
+        elif sp.is_control(token_id):
+            surface_len[token_id] = 0
+        elif sp.is_unknown(token_id):
+            surface_len[token_id] = -(1 << 40)  # never tiles the input: forces the offsets path
+        else:
+            surface_len[token_id] = len(sp.id_to_piece(token_id).replace("\u2581", " ").encode("utf-8"))
+    try:
+        sp.encode("a", out_type="offset_mapping", return_bytes=True)
+        offsets_api = "offset_mapping"
+    except (TypeError, ValueError):
+        offsets_api = "immutable_proto"
+    return WorkerContext(sp, transform, docs_path, surface_len, offsets_api)
+
+
+def _init_worker(model_bytes: bytes, transform: str, docs_path: str) -> None:
+    global _WORKER
+    _WORKER = make_worker_context(model_bytes, transform, docs_path)
+
+
+def piece_begins_from_tokenizer(ctx: WorkerContext, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, begin byte offsets into `text`) from SentencePiece's own piece offsets."""
+    if ctx.offsets_api == "offset_mapping":
+        result = ctx.sp.encode(text, out_type="offset_mapping", return_bytes=True)
+        begins = np.fromiter((begin for begin, _ in result["offsets"]), dtype=np.int64, count=len(result["ids"]))
+        return np.asarray(result["ids"], dtype=np.int64), begins
+    proto = ctx.sp.encode(text, out_type="immutable_proto")  # sentencepiece <= 0.2.0: begin/end in bytes
+    ids = np.fromiter((piece.id for piece in proto.pieces), dtype=np.int64)
+    begins = np.fromiter((piece.begin for piece in proto.pieces), dtype=np.int64)
+    return ids, begins
+
+
+@dataclass
+class DocResult:
+    tokens: np.ndarray  # uint16, BOS first
+    sidecar: np.ndarray | None  # uint16 original bytes per token (val docs), BOS first
+    roundtrip_ok: bool
+    sidecar_ok: bool
+    original_bytes: int
+    used_offsets: bool = False
+
+
+def process_document(ctx: WorkerContext, text: str, want_sidecar: bool, line_no: int) -> DocResult:
+    original_len = len(text.encode("utf-8"))
+    if ctx.transform == "caseops":
+        if want_sidecar:
+            model_input, orig_byte_offset = lossless_caps.encode_with_byte_map(text)
+        else:
+            model_input, orig_byte_offset = lossless_caps.encode_lossless_caps_v2(text), None
+    else:
+        model_input, orig_byte_offset = text, None
+    ids = np.asarray(ctx.sp.encode(model_input, out_type=int), dtype=np.int64)
+    if ids.size and int(ids.max()) > MAX_TOKEN_ID:
+        raise BadInputError(f"{ctx.docs_path}:{line_no}: token id {int(ids.max())} does not fit in uint16")
+    decoded = ctx.sp.decode(ids.tolist())
+    exact_input = decoded == model_input
+    if exact_input or ctx.transform != "caseops":
+        roundtrip_ok = exact_input
+    else:
+        try:
+            roundtrip_ok = lossless_caps.decode_lossless_caps_v2(decoded) == text
+        except ValueError:  # the pieces produced a malformed operator sequence
+            roundtrip_ok = False
+    tokens = np.empty(ids.size + 1, dtype=np.uint16)
+    tokens[0] = BOS_ID
+    tokens[1:] = ids
+    if not want_sidecar:
+        return DocResult(tokens, None, roundtrip_ok, True, original_len)
+
+    input_len = len(model_input.encode("utf-8"))
+    used_offsets = False
+    begins = None
+    if exact_input:
+        lengths = ctx.surface_len[ids]
+        if int(lengths.sum()) == input_len and (lengths >= 0).all():
+            begins = np.concatenate(([0], np.cumsum(lengths)[:-1])) if ids.size else lengths
+    if begins is None:
+        offset_ids, begins = piece_begins_from_tokenizer(ctx, model_input)
+        if not np.array_equal(offset_ids, ids):
+            raise RuntimeError(f"{ctx.docs_path}:{line_no}: tokenizer gave different ids with offsets")
+        used_offsets = True
+    per_token = original_bytes_per_token(token_boundaries(begins, input_len), orig_byte_offset)
+    sidecar_ok = int(per_token.sum()) == original_len and (ids.size > 0 or original_len == 0)
+    if per_token.size and (int(per_token.min()) < 0 or int(per_token.max()) > MAX_TOKEN_ID):
+        raise BadInputError(f"{ctx.docs_path}:{line_no}: a token stands for more than 65535 bytes")
+    sidecar = np.empty(ids.size + 1, dtype=np.uint16)
+    sidecar[0] = 0
+    sidecar[1:] = per_token
+    return DocResult(tokens, sidecar, roundtrip_ok, sidecar_ok, original_len, used_offsets)
+
+
+def process_chunk(chunk: tuple[list[str], list[bool], list[int]], ctx: WorkerContext | None = None) -> list[DocResult]:
+    texts, want_sidecar, line_numbers = chunk
+    ctx = ctx or _WORKER
+    return [process_document(ctx, t, v, n) for t, v, n in zip(texts, want_sidecar, line_numbers)]
+
+
+# -----------------------------------------------------------------------------
+# Input documents
+# One JSON value per line: {"text": "..."} or a bare JSON string. Lines are numbered from 1. A bad line
+# stops the run naming file and line, unless --skip-bad-lines, which skips and counts it.
+
+
+def parse_line(raw: bytes, path: str, line_no: int) -> str:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}:{line_no}: invalid UTF-8 at byte {exc.start} of the line") from exc
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
+    if isinstance(value, dict):
+        value = value.get("text")
+        if not isinstance(value, str):
+            raise BadInputError(f'{path}:{line_no}: object has no string "text" field')
+    elif not isinstance(value, str):
+        raise BadInputError(f'{path}:{line_no}: expected {{"text": ...}} or a JSON string')
+    return value
+
+
+def iter_raw_lines(path: str):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            yield line_no, raw
+
+
+@dataclass
+class InputScan:
+    sha256: str
+    size: int
+    lines: int
+    docs: int
+    bad_lines: list[tuple[int, str]]
+    val_hashes: list[str]
+    train_val_duplicates: list[tuple[int, int]]  # (train line, val doc index), the first few
+    doc_bytes: int
+    duplicate_count: int
+
+
+def scan_input(path: str, val_docs: int, skip_bad_lines: bool, max_duplicates_kept: int = 100) -> InputScan:
+    """Whole-file pass before anything is written: validates every line, hashes the input and every
+    val document, and finds training documents identical to a val document."""
+    digest = hashlib.sha256()
+    size = docs = doc_bytes = 0
+    bad_lines: list[tuple[int, str]] = []
+    val_hashes: list[str] = []
+    val_index: dict[bytes, int] = {}
+    duplicates: list[tuple[int, int]] = []
+    duplicate_count = 0
+    line_no = 0
+    try:
+        for line_no, raw in iter_raw_lines(path):
+            digest.update(raw)
+            size += len(raw)
+            try:
+                text = parse_line(raw, path, line_no)
+            except BadInputError as exc:
+                if not skip_bad_lines:
+                    raise
+                bad_lines.append((line_no, str(exc)))
+                continue
+            encoded = text.encode("utf-8")
+            doc_bytes += len(encoded)
+            doc_hash = hashlib.sha256(encoded).digest()
+            if docs < val_docs:
+                val_hashes.append(doc_hash.hex())
+                val_index.setdefault(doc_hash, docs)
+            elif doc_hash in val_index:
+                duplicate_count += 1
+                if len(duplicates) < max_duplicates_kept:
+                    duplicates.append((line_no, val_index[doc_hash]))
+            docs += 1
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read documents ({exc.strerror})") from exc
+    return InputScan(digest.hexdigest(), size, line_no, docs, bad_lines, val_hashes, duplicates, doc_bytes,
+                     duplicate_count)
+
+
+def iter_documents(path: str, bad_line_numbers: set[int], start_doc: int = 0):
+    """(doc index, line number, text) for every good line, from document start_doc on."""
+    doc_index = 0
+    for line_no, raw in iter_raw_lines(path):
+        if line_no in bad_line_numbers:
+            continue
+        if doc_index >= start_doc:
+            yield doc_index, line_no, parse_line(raw, path, line_no)
+        doc_index += 1
+
+
+# -----------------------------------------------------------------------------
+# Demo corpus: docstrings of the Python standard library, read from source with `ast` (no imports, so
+# no side effects), files in sorted order, so the corpus is the same on every run of one Python version.
+
+DEMO_MAX_BYTES = 6_000_000
+
+
+def build_demo_corpus(max_bytes: int = DEMO_MAX_BYTES) -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip_dirs = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
+    docs: list[str] = []
+    total = 0
+    for directory, subdirs, files in os.walk(stdlib):
+        subdirs[:] = sorted(d for d in subdirs if d not in skip_dirs and not d.startswith("."))
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            path = Path(directory, name)
+            try:
+                source = path.read_text(encoding="utf-8")
+                tree = ast.parse(source)
+            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                continue
+            module = path.relative_to(stdlib).with_suffix("").as_posix().replace("/", ".")
+            for doc in _module_documents(module, tree, source):
+                docs.append(doc)
+                total += len(doc.encode("utf-8"))
+                if total >= max_bytes:
+                    return docs
+    return docs
+
+
+def _module_documents(module: str, tree: ast.Module, source: str) -> list[str]:
+    """The module docstring; one document per top-level class or function holding every docstring
+    inside it; the module's comments; and the text constants of pydoc_data.topics (language reference)."""
+    out = []
+    module_doc = ast.get_docstring(tree)
+    if module_doc:
+        out.append(f"Module {module}\n\n{module_doc}\n")
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            parts = []
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(inner)
+                    if doc:
+                        kind = "class" if isinstance(inner, ast.ClassDef) else "def"
+                        parts.append(f"{kind} {inner.name}:\n{doc}\n")
+            if parts:
+                out.append(f"{module}.{node.name}\n\n" + "\n".join(parts))
+        elif module == "pydoc_data.topics" and isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            for value in node.value.values:
+                if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                    out.append(value.value)
+    comments = [line.strip().lstrip("#").strip() for line in source.splitlines()
+                if line.strip().startswith("#") and not line.strip().startswith("#!")]
+    comments = [c for c in comments if c and not c.startswith(("-*-", "noqa", "type:", "pragma"))]
+    if len(comments) >= 3:
+        out.append(f"Comments in {module}\n\n" + "\n".join(comments) + "\n")
+    return out
+
+
+def write_demo_docs(path: Path, docs: list[str]) -> None:
+    payload = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
+    write_atomic(path, payload)
+
+
+# -----------------------------------------------------------------------------
+# Run state, checkpoint and manifest
+# After every shard the run writes a checkpoint: the shards done (with sha256), where the next shard's
+# tokens start (document index + tokens of that document already written) and the statistics of the
+# documents before it. A re-run with the same fingerprint (input sha256, tokenizer, arguments) checks
+# the shards' hashes and continues from there; anything else starts over.
+
+
+@dataclass
+class SplitStats:
+    docs: int = 0
+    tokens: int = 0
+    original_bytes: int = 0
+    roundtrip_failed: int = 0
+    sidecar_mismatch: int = 0
+    offsets_path_docs: int = 0
+    roundtrip_failed_examples: list = field(default_factory=list)  # first few doc indices
+
+    def add(self, doc_index: int, result: DocResult) -> None:
+        self.docs += 1
+        self.tokens += result.tokens.size
+        self.original_bytes += result.original_bytes
+        self.offsets_path_docs += int(result.used_offsets)
+        if not result.roundtrip_ok:
+            self.roundtrip_failed += 1
+            if len(self.roundtrip_failed_examples) < 20:
+                self.roundtrip_failed_examples.append(doc_index)
+        if not result.sidecar_ok:
+            self.sidecar_mismatch += 1
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SplitStats":
+        return cls(**data)
+
+
+class ShardWriter:
+    """Cuts the BOS-prefixed document stream of one split into shards of exactly shard_tokens tokens
+    (the last one shorter), as the challenge does; documents may straddle two shards."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, first_index: int):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.index = first_index
+        self.tokens: list[np.ndarray] = []
+        self.sidecar: list[np.ndarray] = []
+        self.count = 0
+
+    def room(self) -> int:
+        return self.shard_tokens - self.count
+
+    def add(self, tokens: np.ndarray, sidecar: np.ndarray | None) -> None:
+        self.tokens.append(tokens)
+        if sidecar is not None:
+            self.sidecar.append(sidecar)
+        self.count += tokens.size
+
+    def flush(self) -> list[dict]:
+        """Write the buffered tokens (and val sidecar) atomically; returns the files' records."""
+        if self.count == 0:
+            return []
+        tokens = np.concatenate(self.tokens)
+        written = [self._write(f"fineweb_{self.split}_{self.index:06d}.bin", tokens)]
+        if self.split == "val":
+            sidecar = np.concatenate(self.sidecar)
+            assert sidecar.size == tokens.size
+            written.append(self._write(f"fineweb_val_bytes_{self.index:06d}.bin", sidecar))
+        self.index += 1
+        self.tokens, self.sidecar, self.count = [], [], 0
+        return written
+
+    def _write(self, name: str, values: np.ndarray) -> dict:
+        payload = shard_bytes(values)
+        write_atomic(self.out_dir / name, payload)
+        return {"name": name, "sha256": sha256_bytes(payload), "tokens": int(values.size)}
+
+
+def output_names(out_dir: Path) -> list[Path]:
+    patterns = ("fineweb_train_*.bin", "fineweb_val_*.bin", ".fineweb_*.tmp-*", ".manifest.json.tmp-*")
+    return sorted({p for pattern in patterns for p in out_dir.glob(pattern)})
+
+
+def load_state(out_dir: Path, fingerprint: dict) -> dict | None:
+    """The checkpoint of an unfinished run with this fingerprint whose shards are intact, else None."""
+    try:
+        state = json.loads((out_dir / STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if state.get("fingerprint") != fingerprint:
+        return None
+    for record in state.get("files", []):
+        path = out_dir / record["name"]
+        if not path.is_file() or sha256_file(path) != record["sha256"]:
+            return None
+    return state
+
+
+def save_state(out_dir: Path, state: dict) -> None:
+    write_atomic(out_dir / STATE_NAME, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
+
+
+# -----------------------------------------------------------------------------
+# Progress line (stderr; no dependency)
+
+
+class Progress:
+    def __init__(self, total_docs: int, total_bytes: int, enabled: bool = True):
+        self.total_docs, self.total_bytes, self.enabled = total_docs, max(total_bytes, 1), enabled
+        self.start = self.last = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, docs: int, done_bytes: int, force: bool = False) -> None:
+        now = time.time()
+        if not self.enabled or (not force and now - self.last < (0.5 if self.tty else 10.0)):
+            return
+        self.last = now
+        rate = done_bytes / max(now - self.start, 1e-9)
+        eta = (self.total_bytes - done_bytes) / rate if rate > 0 else float("inf")
+        width = 30
+        filled = int(width * done_bytes / self.total_bytes)
+        bar = "#" * filled + "." * (width - filled)
+        line = (f"[{bar}] {docs:,}/{self.total_docs:,} docs  {done_bytes / 1e6:,.1f} MB  "
+                f"{rate / 1e6:.2f} MB/s  eta {eta:,.0f}s")
+        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--docs", help="input JSONL: one {\"text\": ...} object or JSON string per line")
+    p.add_argument("--out", required=True, help="output directory (flat)")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--sp", help="an existing SentencePiece model to tokenize with")
+    tok.add_argument("--vocab-size", type=int, help="train a lossless SentencePiece BPE of this size on the train split")
+    p.add_argument("--tokenizer-train-docs", type=int, default=None,
+                   help="with --vocab-size: train on the first N training documents only (default: all)")
+    p.add_argument("--val-docs", type=int, default=None,
+                   help=f"the first N documents are validation (default {CHALLENGE_VAL_DOCS:,}; --demo: {DEMO_VAL_DOCS})")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="worker processes")
+    p.add_argument("--transform", choices=("caseops", "identity"), default="caseops")
+    p.add_argument("--demo", action="store_true", help="build the stdlib-docstring corpus (no download) and run on it")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) bad input lines instead of stopping")
+    p.add_argument("--allow-short-val", action="store_true",
+                   help=f"allow --val-docs below {CHALLENGE_VAL_DOCS:,} on a corpus that has that many documents")
+    p.add_argument("--allow-train-val-duplicates", action="store_true",
+                   help="allow training documents identical to a validation document (counted in the manifest)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    args = p.parse_args(argv)
+    if args.demo == bool(args.docs):
+        p.error("give exactly one of --docs or --demo")
+    if args.val_docs is None:
+        args.val_docs = DEMO_VAL_DOCS if args.demo else CHALLENGE_VAL_DOCS
+    if args.val_docs < 0 or args.shard_tokens < 1 or args.workers < 1:
+        p.error("--val-docs must be >= 0, --shard-tokens and --workers >= 1")
+    if args.vocab_size is not None and not (8 < args.vocab_size <= MAX_TOKEN_ID + 1):
+        p.error(f"--vocab-size must be in 9..{MAX_TOKEN_ID + 1}")
+    if args.sp is None and args.vocab_size is None:
+        if not args.demo:
+            p.error("give --sp MODEL or --vocab-size N")
+        args.sp = str(DEMO_TOKENIZER)
+    return args
+
+
+def log(message: str) -> None:
+    print(f"[prepare] {message}", flush=True)
+
+
+def check_split(args: argparse.Namespace, scan: InputScan) -> None:
+    if scan.docs <= args.val_docs:
+        raise BadInputError(f"{args.docs}: {scan.docs:,} documents, but --val-docs {args.val_docs:,} leaves no "
+                            "training documents; pass a smaller --val-docs")
+    if (args.val_docs < CHALLENGE_VAL_DOCS and not args.demo and not args.allow_short_val
+            and (scan.docs > CHALLENGE_VAL_DOCS or Path(args.docs).name == "docs_selected.jsonl")):
+        raise BadInputError(
+            f"{args.docs}: --val-docs {args.val_docs:,} is shorter than the challenge's {CHALLENGE_VAL_DOCS:,}-document "
+            "validation split; the rest of that split would land in the training shards (a published prep "
+            "script did this with 10,000). Pass --allow-short-val if this is really wanted.")
+    if scan.duplicate_count and not args.allow_train_val_duplicates:
+        line, val_doc = scan.train_val_duplicates[0]
+        raise BadInputError(
+            f"{args.docs}:{line}: training document identical to validation document {val_doc} "
+            f"({scan.duplicate_count:,} such training documents); pass --allow-train-val-duplicates to accept")
+
+
+def prepare_tokenizer(args: argparse.Namespace, scan: InputScan, out_dir: Path, bad_lines: set[int]) -> tuple[bytes, dict]:
+    """The model bytes and the manifest's record of where they came from."""
+    if args.sp:
+        model_bytes = read_tokenizer_file(args.sp)
+        return model_bytes, {"source": "file", "path": str(args.sp)}
+    settings = tokenizer_trainer_settings(args.vocab_size, args.transform)
+    n_train = scan.docs - args.val_docs
+    if args.tokenizer_train_docs is not None:
+        n_train = min(n_train, args.tokenizer_train_docs)
+    provenance = {"source": "trained", "trained_on_split": "train",
+                  "trained_on_doc_indices": [args.val_docs, args.val_docs + n_train],
+                  "trained_on_docs": n_train, "trainer_settings": settings,
+                  "note": "documents are transformed first; SentencePiece skips sentences longer than "
+                          "max_sentence_length bytes"}
+    existing = out_dir / "tokenizer.model"
+    state_path = out_dir / STATE_NAME
+    if existing.is_file() and state_path.is_file():  # resume: reuse the model this run already trained
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            if state.get("tokenizer_provenance") == provenance and state.get("input_sha256") == scan.sha256:
+                model_bytes = existing.read_bytes()
+                if sha256_bytes(model_bytes) == state.get("tokenizer_sha256"):
+                    log("reusing the tokenizer trained by the interrupted run")
+                    return model_bytes, provenance
+        except (OSError, ValueError):
+            pass
+    log(f"training a {args.vocab_size}-piece tokenizer on {n_train:,} training documents")
+
+    def training_texts():
+        for doc_index, _, text in iter_documents(args.docs, bad_lines, start_doc=args.val_docs):
+            if doc_index >= args.val_docs + n_train:
+                return
+            yield lossless_caps.encode_lossless_caps_v2(text) if args.transform == "caseops" else text
+
+    model_bytes = train_tokenizer(training_texts(), settings)
+    return model_bytes, provenance
+
+
+def run(args: argparse.Namespace) -> dict:
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.demo:
+        docs = build_demo_corpus()
+        args.docs = str(out_dir / "demo_docs.jsonl")
+        write_demo_docs(Path(args.docs), docs)
+        log(f"demo corpus: {len(docs):,} stdlib docstring documents -> {args.docs}")
+
+    log(f"scanning {args.docs}")
+    scan = scan_input(args.docs, args.val_docs, args.skip_bad_lines)
+    check_split(args, scan)
+    bad_lines = {line for line, _ in scan.bad_lines}
+    for line, why in scan.bad_lines[:5]:
+        log(f"skipped bad line: {why}")
+
+    model_bytes, provenance = prepare_tokenizer(args, scan, out_dir, bad_lines)
+    sp = load_tokenizer(model_bytes, args.sp or "trained tokenizer")
+    check_tokenizer(sp, args.sp or "trained tokenizer", args.transform)
+    if sp.get_piece_size() > MAX_TOKEN_ID + 1:
+        raise BadInputError(f"{args.sp}: vocabulary of {sp.get_piece_size():,} pieces does not fit in uint16 shards")
+    tokenizer_sha = sha256_bytes(model_bytes)
+
+    fingerprint = {"format": SCRIPT_FORMAT, "input_sha256": scan.sha256, "tokenizer_sha256": tokenizer_sha,
+                   "transform": args.transform, "val_docs": args.val_docs, "shard_tokens": args.shard_tokens,
+                   "skip_bad_lines": args.skip_bad_lines}
+    state = load_state(out_dir, fingerprint)
+    if state is None:
+        manifest_path = out_dir / "manifest.json"
+        if manifest_path.is_file() and _completed_run_matches(out_dir, fingerprint):
+            log("output already complete for these arguments (all shard hashes verified)")
+            return json.loads(manifest_path.read_text(encoding="utf-8"))
+        stale = output_names(out_dir) + [p for p in (manifest_path, out_dir / VAL_HASHES_NAME) if p.exists()]
+        if stale:
+            log(f"removing {len(stale)} output files of an earlier, different run")
+        for path in stale:
+            path.unlink()
+        state = {"fingerprint": fingerprint, "files": [], "next_doc": 0, "next_doc_token_offset": 0,
+                 "shard_index": {"val": 0, "train": 0},
+                 "stats": {"val": SplitStats().to_json(), "train": SplitStats().to_json()}}
+    else:
+        log(f"resuming: {len(state['files'])} files done, continuing at document {state['next_doc']:,}")
+    state["tokenizer_provenance"] = provenance
+    state["tokenizer_sha256"] = tokenizer_sha
+    state["input_sha256"] = scan.sha256
+    write_atomic(out_dir / "tokenizer.model", model_bytes)
+    save_state(out_dir, state)
+
+    stats = {split: SplitStats.from_json(state["stats"][split]) for split in ("val", "train")}
+    encode_documents(args, out_dir, state, stats, model_bytes, bad_lines, scan)
+
+    val_hash_payload = "".join(h + "\n" for h in scan.val_hashes).encode("ascii")
+    write_atomic(out_dir / VAL_HASHES_NAME, val_hash_payload)
+    manifest = build_manifest(args, scan, sp, model_bytes, provenance, state, stats, val_hash_payload, fingerprint)
+    write_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    (out_dir / STATE_NAME).unlink()
+    verification = manifest["verification"]
+    log(f"val: {stats['val'].docs:,} docs, {stats['val'].tokens:,} tokens, {stats['val'].original_bytes:,} bytes; "
+        f"train: {stats['train'].docs:,} docs, {stats['train'].tokens:,} tokens")
+    log(f"verification: val sidecar mismatches {verification['val_sidecar_mismatch_docs']} (must be 0); "
+        f"docs not decoding to the original text: val {verification['roundtrip_failed_docs']['val']}, "
+        f"train {verification['roundtrip_failed_docs']['train']}")
+    return manifest
+
+
+def _completed_run_matches(out_dir: Path, fingerprint: dict) -> bool:
+    try:
+        manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if manifest.get("fingerprint") != fingerprint:
+        return False
+    return all((out_dir / f["name"]).is_file() and sha256_file(out_dir / f["name"]) == f["sha256"]
+               for f in manifest.get("files", []))
+
+
+def encode_documents(args, out_dir: Path, state: dict, stats: dict, model_bytes: bytes,
+                     bad_lines: set[int], scan: InputScan) -> None:
+    """Stream documents through the workers in order and cut the token streams into shards."""
+    abort_after = int(os.environ.get(ABORT_ENV, "0") or 0)
+    shards_written = 0
+    start_doc, skip_tokens = state["next_doc"], state["next_doc_token_offset"]
+    writers = {split: ShardWriter(out_dir, split, args.shard_tokens, state["shard_index"][split])
+               for split in ("val", "train")}
+    progress = Progress(scan.docs, scan.doc_bytes, enabled=not args.quiet)
+    done_bytes = stats["val"].original_bytes + stats["train"].original_bytes
+
+    def chunks():
+        texts, flags, lines, indices, size = [], [], [], [], 0
+        for doc_index, line_no, text in iter_documents(args.docs, bad_lines, start_doc):
+            texts.append(text)
+            flags.append(doc_index < args.val_docs)
+            lines.append(line_no)
+            indices.append(doc_index)
+            size += len(text)
+            if size >= 1 << 20 or len(texts) >= 1024:
+                yield indices, (texts, flags, lines)
+                texts, flags, lines, indices, size = [], [], [], [], 0
+        if texts:
+            yield indices, (texts, flags, lines)
+
+    def checkpoint(split: str, next_doc: int, offset: int, snapshot: dict) -> None:
+        nonlocal shards_written
+        state["shard_index"] = {s: w.index for s, w in writers.items()}
+        state["next_doc"], state["next_doc_token_offset"] = next_doc, offset
+        state["stats"] = snapshot
+        save_state(out_dir, state)
+        shards_written += 1
+        if abort_after and shards_written >= abort_after:
+            raise SimulatedInterruption(f"{ABORT_ENV}={abort_after}: stopping after {shards_written} shard(s)")
+
+    current_split = "val" if start_doc < args.val_docs else "train"
+    for indices, results in ordered_results(chunks(), model_bytes, args):
+        for doc_index, result in zip(indices, results):
+            split = "val" if doc_index < args.val_docs else "train"
+            if split != current_split:  # the val stream ends with its own (short) last shard
+                state["files"] += writers[current_split].flush()
+                checkpoint(current_split, doc_index, 0, {s: stats[s].to_json() for s in stats})
+                current_split = split
+            before = {s: stats[s].to_json() for s in stats}
+            stats[split].add(doc_index, result)
+            done_bytes += result.original_bytes
+            tokens, sidecar = result.tokens, result.sidecar
+            position = skip_tokens if doc_index == start_doc else 0
+            while position < tokens.size:
+                take = min(tokens.size - position, writers[split].room())
+                writers[split].add(tokens[position : position + take],
+                                   None if sidecar is None else sidecar[position : position + take])
+                position += take
+                if writers[split].room() == 0:
+                    state["files"] += writers[split].flush()
+                    if position < tokens.size:  # this document continues in the next shard
+                        checkpoint(split, doc_index, position, before)
+                    else:
+                        checkpoint(split, doc_index + 1, 0, {s: stats[s].to_json() for s in stats})
+            progress.update(stats["val"].docs + stats["train"].docs, done_bytes)
+    state["files"] += writers[current_split].flush()
+    progress.update(stats["val"].docs + stats["train"].docs, done_bytes, force=True)
+    progress.close()
+    state["stats"] = {s: stats[s].to_json() for s in stats}
+
+
+def ordered_results(chunks, model_bytes: bytes, args):
+    """Yield (doc indices, results) chunk by chunk in input order, computed by args.workers processes,
+    with a bounded number of chunks in flight (Pool.imap would read the whole input ahead)."""
+    if args.workers == 1:
+        ctx = make_worker_context(model_bytes, args.transform, args.docs)
+        for indices, chunk in chunks:
+            yield indices, process_chunk(chunk, ctx)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context().Pool(args.workers, _init_worker, (model_bytes, args.transform, args.docs)) as pool:
+        in_flight: deque = deque()
+        for indices, chunk in chunks:
+            in_flight.append((indices, pool.apply_async(process_chunk, (chunk,))))
+            if len(in_flight) >= 3 * args.workers:
+                indices0, pending = in_flight.popleft()
+                yield indices0, pending.get()
+        while in_flight:
+            indices0, pending = in_flight.popleft()
+            yield indices0, pending.get()
+
+
+def build_manifest(args, scan: InputScan, sp, model_bytes: bytes, provenance: dict, state: dict,
+                   stats: dict, val_hash_payload: bytes, fingerprint: dict) -> dict:
+    files = state["files"]
+    tokenizer = tokenizer_summary(sp, model_bytes)
+    tokenizer.update(file="tokenizer.model", **provenance)
+    splits = {}
+    for split in ("val", "train"):
+        s = stats[split]
+        splits[split] = {
+            "docs": s.docs, "tokens": s.tokens, "original_bytes": s.original_bytes,
+            "shards": [f["name"] for f in files if f["name"].startswith(f"fineweb_{split}_0")],
+        }
+    splits["val"]["doc_indices"] = [0, stats["val"].docs]
+    splits["val"]["byte_sidecars"] = [f["name"] for f in files if f["name"].startswith("fineweb_val_bytes_")]
+    splits["train"]["doc_indices"] = [stats["val"].docs, stats["val"].docs + stats["train"].docs]
+    return {
+        "format": SCRIPT_FORMAT,
+        "fingerprint": fingerprint,
+        "input": {"path": str(args.docs), "sha256": scan.sha256, "bytes": scan.size, "lines": scan.lines,
+                  "docs": scan.docs, "doc_utf8_bytes": scan.doc_bytes, "demo": bool(args.demo),
+                  "bad_lines_skipped": len(scan.bad_lines),
+                  "bad_lines_first": [{"line": line, "error": why} for line, why in scan.bad_lines[:20]]},
+        "transform": lossless_caps.TRANSFORM_NAME if args.transform == "caseops" else "identity",
+        "tokenizer": tokenizer,
+        "bos_id": BOS_ID,
+        "shard_tokens": args.shard_tokens,
+        "val_docs_requested": args.val_docs,
+        "splits": splits,
+        "files": files,
+        "val_doc_hashes": {"file": VAL_HASHES_NAME, "algorithm": "sha256 of each val document's UTF-8 text, in order",
+                           "count": len(scan.val_hashes), "sha256": sha256_bytes(val_hash_payload)},
+        "train_val_duplicates": {"count": scan.duplicate_count, "allowed": bool(args.allow_train_val_duplicates),
+                                 "first": [{"train_line": line, "val_doc": v} for line, v in scan.train_val_duplicates[:20]]},
+        "overrides": {"allow_short_val": bool(args.allow_short_val),
+                      "allow_train_val_duplicates": bool(args.allow_train_val_duplicates),
+                      "skip_bad_lines": bool(args.skip_bad_lines)},
+        "verification": {
+            "val_sidecar_mismatch_docs": stats["val"].sidecar_mismatch,
+            "roundtrip_failed_docs": {"val": stats["val"].roundtrip_failed, "train": stats["train"].roundtrip_failed},
+            "roundtrip_failed_examples": {"val": stats["val"].roundtrip_failed_examples,
+                                          "train": stats["train"].roundtrip_failed_examples},
+            "val_docs_attributed_from_tokenizer_offsets": stats["val"].offsets_path_docs,
+        },
+        "environment": {"python": sys.version.split()[0], "sentencepiece": spm.__version__, "numpy": np.__version__},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except BadInputError as exc:
+        print(f"prepare_caseops_data.py: error: {exc}", file=sys.stderr)
+        return 2
+    except SimulatedInterruption as exc:
+        print(f"prepare_caseops_data.py: interrupted: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
