@@ -38,6 +38,7 @@ is built with numpy over the UTF-8 bytes, without a Python loop over characters.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -67,63 +68,89 @@ class CaseOpsDecodeError(ValueError):
 # Encoding
 # ---------------------------------------------------------------------------------------------
 
-# A literal operator, or a maximal ASCII-letter run that holds at least one capital. Runs that are
-# all lowercase are never matched, so ordinary text costs no Python call. The lookbehind pins the
-# match to the start of the run, and the possessive quantifiers keep the scan linear (no
-# backtracking through long lowercase runs).
-_ENCODE_PATTERN = re.compile(r"[\ue001-\ue004]|(?<![A-Za-z])[a-z]*+[A-Z][A-Za-z]*+")
+# Splits the text around the only pieces that change: a literal operator, or the part of an
+# ASCII-letter run from its first capital to its end. Lowercase text never matches, so ordinary
+# prose costs no Python work. The pattern begins with a character class, which lets the regex
+# engine skip quickly to the next candidate, and its possessive quantifier never backtracks.
+_ENCODE_SPLIT = re.compile(r"([A-Z\ue001-\ue004](?:(?<=[A-Z])[A-Za-z]*+)?)")
 
 # Lowercases a capital and puts CAPNEXT in front of it (used for mixed-case words).
 _CAPNEXT_TABLE = str.maketrans({chr(code): CAPNEXT + chr(code + 32) for code in range(65, 91)})
 
 
-def _encode_word_or_operator(match: re.Match) -> str:
-    word = match.group()
-    if word in _OPERATOR_NAMES:
-        return ESC + word
-    lowered = word.lower()  # the run is pure ASCII, so lower() only maps A-Z to a-z
-    if word.isupper():
+@functools.lru_cache(maxsize=1 << 16)  # a pure function of a few thousand frequent words
+def _encode_word_or_operator(piece: str) -> str:
+    """Encode a literal operator, or a whole ASCII-letter run that starts with a capital."""
+    if piece in _OPERATOR_NAMES:
+        return ESC + piece
+    lowered = piece.lower()  # the run is pure ASCII, so lower() only maps A-Z to a-z
+    if piece.isupper():
         # "I" (one capital) is written with TITLE; ALLCAPS needs 2+ letters.
-        return (ALLCAPS if len(word) >= 2 else TITLE) + lowered
-    first_is_capital = word[0] <= "Z"
-    if first_is_capital and word[1:].islower():
+        return (ALLCAPS if len(piece) >= 2 else TITLE) + lowered
+    if piece[1:].islower():
         return TITLE + lowered
-    # Mixed case ("McDonald", "iPhone", "ABCdef"): the first letter is covered by TITLE, every
-    # later capital by its own CAPNEXT.
-    return (TITLE if first_is_capital else "") + lowered[0] + word[1:].translate(_CAPNEXT_TABLE)
+    # Mixed case ("McDonald", "ABCdef"): TITLE covers the first capital, CAPNEXT each later one.
+    return TITLE + lowered[0] + piece[1:].translate(_CAPNEXT_TABLE)
 
 
 def encode_lossless_caps_v2(text: str) -> str:
     """Apply the CaseOps transform (see the module docstring for the rules)."""
-    return _ENCODE_PATTERN.sub(_encode_word_or_operator, text)
+    pieces = _ENCODE_SPLIT.split(text)  # [copied, changed, copied, changed, ..., copied]
+    for index in range(1, len(pieces), 2):
+        piece = pieces[index]
+        if piece[0] <= "Z" and "a" <= pieces[index - 1][-1:] <= "z":
+            # A capital inside a run that started lowercase ("iPhone" splits as "i" + "Phone"):
+            # the word is mixed case, so every capital in it gets CAPNEXT; the lowercase start
+            # was copied unchanged. (Operators sort after "Z"; they break runs and get ESC.)
+            pieces[index] = piece.translate(_CAPNEXT_TABLE)
+        else:
+            pieces[index] = _encode_word_or_operator(piece)
+    return "".join(pieces)
 
 
 # ---------------------------------------------------------------------------------------------
 # Decoding (strict)
 # ---------------------------------------------------------------------------------------------
 
-# Every operator and every capital in the encoded text must belong to one of the valid units
-# below; the last branch catches whatever is left over and is reported as an error. The units:
+# Every operator and every capital in the encoded text must begin one of the valid units below.
+# The pattern first matches that one character (a character class lets the regex engine skip
+# quickly to the next candidate), then the lookbehinds say which unit it begins:
 #   escape : ESC + one operator character.
 #   allcaps: ALLCAPS at a word start + 2 or more letters (the whole word) and no CAPNEXT after.
 #   title  : TITLE at a word start + the whole word, its later capitals marked by CAPNEXT.
 #   capnext: CAPNEXT between two letters (a capital inside a word that started lowercase; CAPNEXTs
 #            of TITLE words are consumed by the title branch, so they never get here).
+#   invalid: the empty alternative; a lone character is never a valid unit, so it marks an error.
 # "At a word start" means not preceded by a lowercase letter; a preceding capital is itself an
-# error found earlier in the left-to-right scan.
-_DECODE_PATTERN = re.compile(
-    r"(?P<escape>\ue004[\ue001-\ue004])"
-    r"|(?<![a-z])\ue002(?P<allcaps>[a-z]{2,}+)(?!\ue003)"
-    r"|(?<![a-z])\ue001(?P<title>[a-z](?:\ue003?[a-z])*+)"
-    r"|(?<=[a-z])\ue003(?P<capnext>[a-z])"
-    r"|(?P<invalid>[\ue001-\ue004A-Z])"
+# error, found earlier in the left-to-right scan. The one capturing group makes split() return
+# [copied, unit, copied, unit, ..., copied].
+_DECODE_SPLIT = re.compile(
+    "([\ue001-\ue004A-Z]"
+    "(?:(?<=\ue004)[\ue001-\ue004]"  # escape
+    "|(?<=\ue002)(?<![a-z]\ue002)[a-z]{2,}+(?!\ue003)"  # allcaps
+    "|(?<=\ue001)(?<![a-z]\ue001)[a-z](?:\ue003?[a-z])*+"  # title
+    "|(?<=[a-z]\ue003)[a-z]"  # capnext
+    "|))"  # invalid
 )
 
 
-def _capitalize_marked_letters(word: str) -> str:
-    # "a<CAPNEXT>bc<CAPNEXT>d" -> "aBcD"
-    pieces = word.split(CAPNEXT)
-    return pieces[0] + "".join(piece[0].upper() + piece[1:] for piece in pieces[1:])
+@functools.lru_cache(maxsize=1 << 16)  # a pure function of a few thousand frequent units
+def _decode_unit(unit: str) -> str | None:
+    """Decode one unit matched by _DECODE_SPLIT (its context is already checked); None if invalid."""
+    if len(unit) == 1:
+        return None
+    operator, body = unit[0], unit[1:]
+    if operator == ESC:
+        return body
+    if operator == ALLCAPS:
+        return body.upper()
+    if operator == CAPNEXT:
+        return body.upper()
+    # TITLE: "a<CAPNEXT>bc<CAPNEXT>d" -> "ABcD".
+    parts = body.split(CAPNEXT)
+    if len(parts) > 1 and all(len(part) == 1 for part in parts):
+        return None  # every letter a capital: the encoder would have used ALLCAPS
+    return "".join(part[0].upper() + part[1:] for part in parts)
 
 
 def _describe_invalid(encoded: str, position: int) -> str:
@@ -146,7 +173,8 @@ def _describe_invalid(encoded: str, position: int) -> str:
         return f"{name} in the middle of a letter run"
     if not ("a" <= following <= "z"):
         return f"{name} followed by {following!r} instead of a lowercase letter"
-    # Only ALLCAPS can get here: its letters are there but the word shape is wrong.
+    if char == TITLE:
+        return "TITLE word whose every later letter has CAPNEXT (the encoder uses ALLCAPS for it)"
     if not ("a" <= encoded[position + 2 : position + 3] <= "z"):
         return "ALLCAPS on a 1-letter word (the encoder writes a single capital with TITLE)"
     return "CAPNEXT inside an ALLCAPS word"
@@ -154,34 +182,13 @@ def _describe_invalid(encoded: str, position: int) -> str:
 
 def decode_lossless_caps_v2(encoded: str) -> str:
     """Invert `encode_lossless_caps_v2` exactly; raise CaseOpsDecodeError on malformed input."""
-    pieces: list[str] = []
-    copied_up_to = 0
-    for match in _DECODE_PATTERN.finditer(encoded):
-        start = match.start()
-        kind = match.lastgroup
-        if kind == "escape":
-            replacement = encoded[start + 1]
-        elif kind == "allcaps":
-            replacement = match.group("allcaps").upper()
-        elif kind == "title":
-            word = match.group("title")
-            marked = word.count(CAPNEXT)
-            if marked and marked == len(word) - marked - 1:
-                # Every letter is a capital: the encoder would have used ALLCAPS.
-                raise CaseOpsDecodeError(
-                    "TITLE word whose every later letter carries CAPNEXT "
-                    "(the encoder writes an all-capital word with ALLCAPS)",
-                    start,
-                )
-            replacement = _capitalize_marked_letters(word[0].upper() + word[1:])
-        elif kind == "capnext":
-            replacement = match.group("capnext").upper()
-        else:
-            raise CaseOpsDecodeError(_describe_invalid(encoded, start), start)
-        pieces.append(encoded[copied_up_to:start])
-        pieces.append(replacement)
-        copied_up_to = match.end()
-    pieces.append(encoded[copied_up_to:])
+    pieces = _DECODE_SPLIT.split(encoded)
+    decoded_units = [_decode_unit(unit) for unit in pieces[1::2]]
+    if None in decoded_units:
+        first_bad = decoded_units.index(None)
+        position = sum(len(piece) for piece in pieces[: 2 * first_bad + 1])
+        raise CaseOpsDecodeError(_describe_invalid(encoded, position), position)
+    pieces[1::2] = decoded_units
     return "".join(pieces)
 
 
@@ -190,41 +197,28 @@ def decode_lossless_caps_v2(encoded: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _operator_insertion_points(utf8: np.ndarray) -> np.ndarray:
-    """Byte offsets in the original UTF-8 text before which the encoder inserts an operator.
+def _inserted_operator_starts(encoded_utf8: np.ndarray, has_escape: bool) -> np.ndarray:
+    """Byte offsets, in encoder output, of the operators that the encoder inserted.
 
-    The encoder inserts exactly one operator before: each literal operator character (ESC), the
-    first letter of each word that starts with a capital (TITLE or ALLCAPS), and each later
-    capital of a word that is not all capitals (CAPNEXT). Works on the UTF-8 bytes directly:
-    bytes below 0x80 only ever occur as ASCII characters, so ASCII-letter runs are byte runs.
+    Every operator character in the output was inserted, except a literal one from the input,
+    which directly follows its inserted ESC. A maximal run of adjacent operators therefore reads
+    inserted, literal, inserted, literal, ... (ESC + literal pairs, then at most one TITLE,
+    ALLCAPS or CAPNEXT, which is followed by a letter and so ends the run).
     """
-    n_bytes = utf8.shape[0]
-    is_capital = (utf8 - np.uint8(65)) < 26  # uint8 wrap-around makes this one comparison
-    is_lower = (utf8 - np.uint8(97)) < 26
-    is_letter = is_capital | is_lower
-    prev_is_letter = np.zeros(n_bytes, dtype=bool)
-    prev_is_letter[1:] = is_letter[:-1]
-    is_word_start = is_letter & ~prev_is_letter
-
-    word_starts = np.flatnonzero(is_word_start)
-    capital_starts = np.flatnonzero(is_capital & is_word_start)
-    inner_capitals = np.flatnonzero(is_capital & prev_is_letter)
-    if inner_capitals.size:
-        # A later capital gets CAPNEXT unless its word is all capitals (then ALLCAPS covers it;
-        # such a word has 2+ letters, since it holds a capital after the first letter).
-        word_has_lower = np.logical_or.reduceat(is_lower, word_starts)  # segments also span the
-        word_of_capital = np.searchsorted(word_starts, inner_capitals, side="right") - 1  # gaps,
-        inner_capitals = inner_capitals[word_has_lower[word_of_capital]]  # which hold no letters
-
-    # Literal operators: EE 80 81..84. A 0xEE byte always leads a 3-byte character, so two more
-    # bytes exist after it in valid UTF-8.
-    lead_positions = np.flatnonzero(utf8[: max(n_bytes - 2, 0)] == 0xEE)
-    is_operator = (utf8[lead_positions + 1] == 0x80) & ((utf8[lead_positions + 2] - np.uint8(0x81)) < 4)
-    operator_positions = lead_positions[is_operator]
-
-    points = np.concatenate([capital_starts, inner_capitals, operator_positions])
-    points.sort()
-    return points
+    # Operators are U+E001..U+E004 = EE 80 81..84; a 0xEE byte always leads a 3-byte character.
+    lead_bytes = np.flatnonzero(encoded_utf8[: max(encoded_utf8.shape[0] - 2, 0)] == 0xEE)
+    is_operator = (encoded_utf8[lead_bytes + 1] == 0x80) & (
+        (encoded_utf8[lead_bytes + 2] - np.uint8(0x81)) < 4  # uint8 wrap-around: one comparison
+    )
+    operator_starts = lead_bytes[is_operator]
+    if not has_escape:
+        return operator_starts  # no literal operators: all were inserted
+    n_operators = operator_starts.shape[0]
+    starts_run = np.ones(n_operators, dtype=bool)
+    starts_run[1:] = operator_starts[1:] != operator_starts[:-1] + _OPERATOR_UTF8_LEN
+    order = np.arange(n_operators)
+    index_in_run = order - np.maximum.accumulate(np.where(starts_run, order, 0))
+    return operator_starts[index_in_run % 2 == 0]
 
 
 def encode_with_byte_map(text: str) -> tuple[str, np.ndarray]:
@@ -235,20 +229,16 @@ def encode_with_byte_map(text: str) -> tuple[str, np.ndarray]:
     Raises UnicodeEncodeError for text that has no UTF-8 form (lone surrogates).
     """
     encoded = encode_lossless_caps_v2(text)
-    utf8 = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    insertion_points = _operator_insertion_points(utf8)
-    n_inserted = insertion_points.shape[0]
-    if len(encoded) != len(text) + n_inserted:  # cheap cross-check of the two computations
+    encoded_utf8 = np.frombuffer(encoded.encode("utf-8"), dtype=np.uint8)
+    inserted_starts = _inserted_operator_starts(encoded_utf8, ESC in encoded)
+    n_encoded_bytes = encoded_utf8.shape[0]
+    n_original_bytes = n_encoded_bytes - _OPERATOR_UTF8_LEN * inserted_starts.shape[0]
+    if n_original_bytes != len(text.encode("utf-8")):  # cheap sanity check on the analysis above
         raise AssertionError("CaseOps byte map disagrees with the encoder; please report this bug")
 
-    # Mark the operator bytes in the encoded byte stream: the k-th inserted operator starts at its
-    # original insertion point shifted by the 3 bytes of each of the k operators before it.
-    n_encoded_bytes = utf8.shape[0] + _OPERATOR_UTF8_LEN * n_inserted
     is_original_byte = np.ones(n_encoded_bytes, dtype=np.uint8)
-    operator_starts = insertion_points + _OPERATOR_UTF8_LEN * np.arange(n_inserted)
     for byte_in_operator in range(_OPERATOR_UTF8_LEN):
-        is_original_byte[operator_starts + byte_in_operator] = 0
-
+        is_original_byte[inserted_starts + byte_in_operator] = 0
     # Entry b counts the original bytes before encoded byte b.
     orig_byte_offset = np.zeros(n_encoded_bytes + 1, dtype=np.int64)
     np.cumsum(is_original_byte, dtype=np.int64, out=orig_byte_offset[1:])
