@@ -828,9 +828,10 @@ def run(args: argparse.Namespace) -> dict:
 
     model_bytes, provenance = prepare_tokenizer(args, scan, out_dir, bad_lines)
     sp = load_tokenizer(model_bytes, args.sp or "trained tokenizer")
-    check_tokenizer(sp, args.sp or "trained tokenizer", args.transform)
     if sp.get_piece_size() > MAX_TOKEN_ID + 1:
-        raise BadInputError(f"{args.sp}: vocabulary of {sp.get_piece_size():,} pieces does not fit in uint16 shards")
+        raise BadInputError(f"{args.sp}: vocabulary of {sp.get_piece_size():,} pieces: token ids would not fit "
+                            "in uint16 shards")
+    check_tokenizer(sp, args.sp or "trained tokenizer", args.transform)
     tokenizer_sha = sha256_bytes(model_bytes)
 
     fingerprint = {"format": SCRIPT_FORMAT, "input_sha256": scan.sha256, "tokenizer_sha256": tokenizer_sha,

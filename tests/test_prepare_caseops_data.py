@@ -1,0 +1,516 @@
+"""Tests for prepare_caseops_data.py: shard format, exact val byte sidecars, verification counts,
+worker-count independence, resume, bad input and the demo corpus.
+
+Sidecars are checked against an independent attribution written here from SPEC section 2-3 (walk the
+transformed text character by character, inserted operators weigh 0 bytes, every piece covers its
+surface), not against the script's own boundary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import lossless_caps  # noqa: E402
+import prepare_caseops_data as prep  # noqa: E402
+
+DEMO_MODEL = REPO / "tokenizers" / "demo_caseops_1024.model"
+OPS = (lossless_caps.TITLE, lossless_caps.ALLCAPS, lossless_caps.CAPNEXT, lossless_caps.ESC)
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    """Deterministic documents exercising case patterns, non-ASCII text, rare characters (byte
+    fallback), literal operators, whitespace runs, digits and an empty document."""
+    rng = random.Random(seed)
+    words = ["the", "The", "THE", "NASA's", "iPhone", "McDonald", "I", "a", "data", "Parameter", "golf",
+             "naïve", "café", "Ünïcode", "日本語", "😀", "🦜x", "\ue001", "\ue004y", "12345", "x2", "ﬁne",
+             "Ｆｕｌｌ", "①", "tab\there", "line\nbreak", "  double", "end.  ", "\u2581odd", "ʃəʊ"]
+    docs = []
+    for i in range(n):
+        if i == 3:  # doc 3 is empty
+            docs.append("")
+            continue
+        docs.append(" ".join(rng.choice(words) for _ in range(rng.randint(0, 40))) + f" #{i}")
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str], as_strings: bool = False) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(doc if as_strings else {"text": doc}, ensure_ascii=False) + "\n")
+    return path
+
+
+def run_prep(tmp_path: Path, docs_path: Path, out_name: str = "out", *extra: str) -> tuple[int, Path]:
+    out = tmp_path / out_name
+    code = prep.main(["--docs", str(docs_path), "--out", str(out), "--quiet", *extra])
+    return code, out
+
+
+def split_docs(tokens: np.ndarray) -> list[np.ndarray]:
+    """Split a BOS-prefixed stream into per-document token arrays (BOS included)."""
+    starts = np.flatnonzero(tokens == prep.BOS_ID)
+    return np.split(tokens, starts[1:]) if starts.size else []
+
+
+def read_split(out: Path, prefix: str) -> np.ndarray:
+    files = sorted(out.glob(f"{prefix}_[0-9]*.bin"))
+    return np.concatenate([prep.read_shard(f) for f in files]) if files else np.zeros(0, np.uint16)
+
+
+def independent_sidecar(sp: spm.SentencePieceProcessor, doc: str) -> list[int]:
+    """Original bytes per token for a LOSSLESS tokenizer, computed without the script's code: weight
+    every byte of the transformed text (inserted operators 0, everything else 1), then give each piece
+    the weights of its surface (a byte-fallback piece is one byte)."""
+    encoded = lossless_caps.encode_lossless_caps_v2(doc)
+    weights: list[int] = []
+    i = 0
+    while i < len(encoded):
+        ch = encoded[i]
+        if ch == lossless_caps.ESC:  # inserted ESC, then the literal operator character (3 real bytes)
+            weights += [0, 0, 0, 1, 1, 1]
+            i += 2
+            continue
+        weights += [0, 0, 0] if ch in OPS else [1] * len(ch.encode("utf-8"))
+        i += 1
+    counts, position = [], 0
+    for token_id in sp.encode(encoded):
+        width = 1 if sp.is_byte(token_id) else len(sp.id_to_piece(token_id).replace("\u2581", " ").encode("utf-8"))
+        counts.append(sum(weights[position : position + width]))
+        position += width
+    assert position == len(weights), "pieces must tile a lossless tokenizer's input"
+    return counts
+
+
+@pytest.fixture(scope="module")
+def demo_sp() -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(DEMO_MODEL))
+
+
+@pytest.fixture(scope="module")
+def nfkc_model(tmp_path_factory) -> Path:
+    """A small tokenizer trained like the published SP8192 CaseOps model (nmt_nfkc, whitespace removal,
+    no dummy prefix, byte fallback, split digits, operators as user-defined symbols)."""
+    texts = [lossless_caps.encode_lossless_caps_v2(d) for d in make_docs(200, seed=1)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=320,
+        normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True, add_dummy_prefix=False,
+        byte_fallback=True, split_digits=True, character_coverage=0.995, hard_vocab_limit=False,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, user_defined_symbols=list(OPS), minloglevel=2)
+    path = tmp_path_factory.mktemp("nfkc") / "nfkc_caseops.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Byte attribution core
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 60), min_size=0, max_size=30), st.integers(0, 60))
+def test_token_boundaries_tile_the_input_for_any_piece_offsets(begins, input_len):
+    bounds = prep.token_boundaries(np.array(begins, dtype=np.int64), input_len)
+    assert bounds.size == len(begins) + 1
+    assert bounds[-1] == input_len
+    if begins:
+        assert bounds[0] == 0
+    assert (np.diff(bounds) >= 0).all()
+    counts = prep.original_bytes_per_token(bounds, None)
+    assert counts.sum() == (input_len if begins else 0)
+
+
+def test_token_boundaries_keep_tiled_pieces_and_give_uncovered_bytes_to_the_preceding_token():
+    # pieces [0,2) [2,5) [5,6) tile the input: boundaries are their begins
+    assert prep.token_boundaries(np.array([0, 2, 5]), 6).tolist() == [0, 2, 5, 6]
+    # a normalizer dropped bytes 0-1 (leading spaces), 4-5 (inner) and 8-9 (trailing)
+    assert prep.token_boundaries(np.array([2, 6]), 10).tolist() == [0, 6, 10]
+
+
+def test_byte_fallback_pieces_of_one_character_share_it_evenly():
+    # three byte pieces of a 3-byte character report (4,4) (4,4) (4,7); then a piece at 7
+    assert prep.token_boundaries(np.array([0, 4, 4, 4, 7]), 9).tolist() == [0, 4, 5, 6, 7, 9]
+    # a 4-byte emoji as the last character
+    assert prep.token_boundaries(np.array([0, 2, 2, 2, 2]), 6).tolist() == [0, 2, 3, 4, 5, 6]
+
+
+def test_operator_bytes_carry_no_original_bytes():
+    encoded, byte_map = lossless_caps.encode_with_byte_map("Hi NASA")
+    ctx = prep.make_worker_context(DEMO_MODEL.read_bytes(), "caseops", "x.jsonl")
+    ids, begins = prep.piece_begins_from_tokenizer(ctx, encoded)
+    counts = prep.original_bytes_per_token(prep.token_boundaries(begins, len(encoded.encode())), byte_map)
+    assert counts.sum() == len("Hi NASA")
+    for token_id, count in zip(ids, counts):
+        if ctx.sp.id_to_piece(int(token_id)) in OPS:
+            assert count == 0
+
+
+def test_fast_tiling_path_equals_sentencepiece_offsets_for_lossless_tokenizer(demo_sp):
+    ctx = prep.make_worker_context(DEMO_MODEL.read_bytes(), "caseops", "x.jsonl")
+    for doc in make_docs(40, seed=5):
+        result = prep.process_document(ctx, doc, True, 1)
+        encoded, byte_map = lossless_caps.encode_with_byte_map(doc)
+        _, begins = prep.piece_begins_from_tokenizer(ctx, encoded)
+        from_offsets = prep.original_bytes_per_token(prep.token_boundaries(begins, len(encoded.encode())), byte_map)
+        assert result.sidecar[1:].tolist() == from_offsets.tolist()
+
+
+# -----------------------------------------------------------------------------
+# End to end with the shipped lossless tokenizer
+
+
+@pytest.fixture(scope="module")
+def lossless_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lossless")
+    docs = make_docs(60)
+    docs_path = write_jsonl(tmp / "docs.jsonl", docs)
+    code, out = run_prep(tmp, docs_path, "out", "--sp", str(DEMO_MODEL), "--val-docs", "20",
+                         "--shard-tokens", "400", "--workers", "1")
+    assert code == 0
+    return docs, docs_path, out
+
+
+def test_shards_have_challenge_header_and_bos_before_every_document(lossless_run, demo_sp):
+    docs, _, out = lossless_run
+    for split, doc_range in (("fineweb_val", range(0, 20)), ("fineweb_train", range(20, 60))):
+        for shard in sorted(out.glob(f"{split}_[0-9]*.bin")):
+            header = np.frombuffer(shard.read_bytes()[:1024], dtype="<i4")
+            assert header[:3].tolist() == [20240520, 1, (shard.stat().st_size - 1024) // 2]
+            assert not header[3:].any()
+        stream = read_split(out, split)
+        per_doc = split_docs(stream)
+        assert len(per_doc) == len(doc_range)
+        for doc_tokens, doc_index in zip(per_doc, doc_range):
+            expected = demo_sp.encode(lossless_caps.encode_lossless_caps_v2(docs[doc_index]))
+            assert doc_tokens.tolist() == [1] + expected
+
+
+def test_documents_straddle_shards_of_exactly_shard_tokens(lossless_run):
+    _, _, out = lossless_run
+    train_shards = sorted(out.glob("fineweb_train_[0-9]*.bin"))
+    assert len(train_shards) >= 3
+    sizes = [prep.read_shard(s).size for s in train_shards]
+    assert all(size == 400 for size in sizes[:-1]) and 0 < sizes[-1] <= 400
+
+
+def test_val_sidecar_matches_independent_attribution_and_sums_to_utf8_length(lossless_run, demo_sp):
+    docs, _, out = lossless_run
+    tokens = read_split(out, "fineweb_val")
+    sidecar = read_split(out, "fineweb_val_bytes")
+    assert sidecar.size == tokens.size
+    starts = np.flatnonzero(tokens == 1)
+    assert (sidecar[starts] == 0).all()
+    for doc_index, doc_sidecar in enumerate(np.split(sidecar, starts[1:])):
+        assert int(doc_sidecar.sum()) == len(docs[doc_index].encode("utf-8"))
+        if "\u2581" not in docs[doc_index]:  # SentencePiece reads a literal U+2581 as a space
+            assert doc_sidecar[1:].tolist() == independent_sidecar(demo_sp, docs[doc_index])
+
+
+def test_manifest_records_counts_hashes_and_verification(lossless_run, demo_sp):
+    docs, docs_path, out = lossless_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verification"]["val_sidecar_mismatch_docs"] == 0
+    # the lossless tokenizer round-trips everything except a literal U+2581, which SentencePiece
+    # itself reads as its whitespace marker; those documents are counted, not hidden
+    failed = [i for i, d in enumerate(docs)
+              if lossless_caps.decode_lossless_caps_v2(demo_sp.decode(demo_sp.encode(
+                  lossless_caps.encode_lossless_caps_v2(d)))) != d]
+    assert failed == [i for i, d in enumerate(docs) if "\u2581" in d] and failed
+    assert manifest["verification"]["roundtrip_failed_docs"] == {
+        "val": sum(i < 20 for i in failed), "train": sum(i >= 20 for i in failed)}
+    assert manifest["splits"]["val"]["docs"] == 20 and manifest["splits"]["train"]["docs"] == 40
+    assert manifest["splits"]["val"]["original_bytes"] == sum(len(d.encode()) for d in docs[:20])
+    assert manifest["input"]["sha256"] == hashlib.sha256(docs_path.read_bytes()).hexdigest()
+    assert manifest["transform"] == lossless_caps.TRANSFORM_NAME
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(DEMO_MODEL.read_bytes()).hexdigest()
+    assert (out / "tokenizer.model").read_bytes() == DEMO_MODEL.read_bytes()
+    hashes = (out / manifest["val_doc_hashes"]["file"]).read_text().split()
+    assert hashes == [hashlib.sha256(d.encode()).hexdigest() for d in docs[:20]]
+    for record in manifest["files"]:
+        assert hashlib.sha256((out / record["name"]).read_bytes()).hexdigest() == record["sha256"]
+    assert not list(out.glob(".*"))  # no checkpoint or temp file left behind
+
+
+def test_empty_document_is_a_lone_bos_with_zero_bytes(lossless_run):
+    docs, _, out = lossless_run
+    assert docs[3] == ""
+    per_doc = split_docs(read_split(out, "fineweb_val"))
+    assert per_doc[3].tolist() == [1]
+
+
+def test_identity_transform_tokenizes_the_original_text(tmp_path, demo_sp):
+    docs = make_docs(12, seed=3)
+    code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", docs, as_strings=True), "out",
+                         "--sp", str(DEMO_MODEL), "--val-docs", "6", "--transform", "identity", "--workers", "1")
+    assert code == 0
+    per_doc = split_docs(read_split(out, "fineweb_val"))
+    sidecar = read_split(out, "fineweb_val_bytes")
+    assert [d.tolist() for d in per_doc] == [[1] + demo_sp.encode(d) for d in docs[:6]]
+    starts = np.flatnonzero(read_split(out, "fineweb_val") == 1)
+    assert [int(s.sum()) for s in np.split(sidecar, starts[1:])] == [len(d.encode()) for d in docs[:6]]
+    assert json.loads((out / "manifest.json").read_text())["transform"] == "identity"
+
+
+# -----------------------------------------------------------------------------
+# Normalizing tokenizer (like the published SP8192 CaseOps model)
+
+
+def test_normalizing_tokenizer_keeps_sidecar_exact_and_counts_non_roundtrip_docs(tmp_path, nfkc_model):
+    docs = make_docs(30, seed=9) + ["  ﬁ Ｆｕｌｌ ①  spaces   here  ", "plain words only", "①②③ ＡＢＣ"]
+    docs = docs[-3:] + docs[:-3]  # the NFKC-heavy documents are validation documents
+    code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", docs), "out", "--sp", str(nfkc_model),
+                         "--val-docs", "15", "--workers", "2")
+    assert code == 0
+    tokens, sidecar = read_split(out, "fineweb_val"), read_split(out, "fineweb_val_bytes")
+    starts = np.flatnonzero(tokens == 1)
+    sums = [int(s.sum()) for s in np.split(sidecar, starts[1:])]
+    assert sums == [len(d.encode("utf-8")) for d in docs[:15]]
+
+    sp = spm.SentencePieceProcessor(model_file=str(nfkc_model))
+
+    def round_trips(doc: str) -> bool:
+        decoded = sp.decode(sp.encode(lossless_caps.encode_lossless_caps_v2(doc)))
+        try:
+            return lossless_caps.decode_lossless_caps_v2(decoded) == doc
+        except ValueError:
+            return False
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    verification = manifest["verification"]
+    expected_val = sum(not round_trips(d) for d in docs[:15])
+    assert expected_val >= 2  # the NFKC / whitespace documents really do not round-trip
+    assert verification["roundtrip_failed_docs"] == {"val": expected_val,
+                                                      "train": sum(not round_trips(d) for d in docs[15:])}
+    assert verification["val_sidecar_mismatch_docs"] == 0
+    assert verification["val_docs_attributed_from_tokenizer_offsets"] >= expected_val
+    assert manifest["tokenizer"]["normalization_rule_name"] == "nmt_nfkc"
+    assert manifest["tokenizer"]["remove_extra_whitespaces"] is True
+
+
+# -----------------------------------------------------------------------------
+# Scale: worker-count independence and resume
+
+
+def test_output_is_byte_identical_for_one_and_two_workers(tmp_path, lossless_run):
+    _, docs_path, out_one = lossless_run
+    code, out_two = run_prep(tmp_path, docs_path, "two", "--sp", str(DEMO_MODEL), "--val-docs", "20",
+                             "--shard-tokens", "400", "--workers", "2")
+    assert code == 0
+    names = sorted(p.name for p in out_one.glob("fineweb_*.bin"))
+    assert names == sorted(p.name for p in out_two.glob("fineweb_*.bin"))
+    for name in names:
+        assert (out_one / name).read_bytes() == (out_two / name).read_bytes(), name
+    manifest_one = json.loads((out_one / "manifest.json").read_text())
+    manifest_two = json.loads((out_two / "manifest.json").read_text())
+    assert manifest_one["files"] == manifest_two["files"]
+
+
+def test_interrupted_run_resumes_without_redoing_shards_and_gives_identical_bytes(tmp_path, lossless_run, monkeypatch):
+    _, docs_path, reference = lossless_run
+    args = ("--sp", str(DEMO_MODEL), "--val-docs", "20", "--shard-tokens", "400", "--workers", "2")
+    monkeypatch.setenv(prep.ABORT_ENV, "3")
+    code, out = run_prep(tmp_path, docs_path, "out", *args)
+    assert code == 3
+    state = json.loads((out / prep.STATE_NAME).read_text())
+    done = {record["name"]: (out / record["name"]).stat().st_mtime_ns for record in state["files"]}
+    assert len(done) >= 3 and not (out / "manifest.json").exists()
+    assert not list(out.glob(".*.tmp-*"))  # nothing half-written
+    monkeypatch.delenv(prep.ABORT_ENV)
+    code, out = run_prep(tmp_path, docs_path, "out", *args)
+    assert code == 0
+    for name, mtime in done.items():  # completed shards were not rewritten
+        assert (out / name).stat().st_mtime_ns == mtime
+    for path in reference.glob("fineweb_*.bin"):
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    assert json.loads((out / "manifest.json").read_text())["splits"] == \
+        json.loads((reference / "manifest.json").read_text())["splits"]
+    assert not (out / prep.STATE_NAME).exists()
+
+
+def test_rerun_of_a_completed_run_is_a_verified_no_op(tmp_path, capsys):
+    docs_path = write_jsonl(tmp_path / "d.jsonl", make_docs(8))
+    args = ("--sp", str(DEMO_MODEL), "--val-docs", "4", "--workers", "1")
+    assert run_prep(tmp_path, docs_path, "out", *args)[0] == 0
+    capsys.readouterr()
+    assert run_prep(tmp_path, docs_path, "out", *args)[0] == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# Validation split rules
+
+
+def test_train_document_identical_to_a_val_document_is_refused_unless_allowed(tmp_path, capsys):
+    docs = ["alpha doc", "beta doc", "gamma", "alpha doc", "delta"]
+    docs_path = write_jsonl(tmp_path / "d.jsonl", docs)
+    code, out = run_prep(tmp_path, docs_path, "out", "--sp", str(DEMO_MODEL), "--val-docs", "2")
+    assert code == 2
+    assert f"{docs_path}:4" in capsys.readouterr().err
+    assert not list(out.glob("fineweb_*"))
+    code, out = run_prep(tmp_path, docs_path, "ok", "--sp", str(DEMO_MODEL), "--val-docs", "2",
+                         "--allow-train-val-duplicates")
+    assert code == 0
+    duplicates = json.loads((out / "manifest.json").read_text())["train_val_duplicates"]
+    assert duplicates["count"] == 1 and duplicates["first"] == [{"train_line": 4, "val_doc": 0}]
+
+
+def test_short_val_split_on_challenge_data_is_refused_without_override(tmp_path, capsys):
+    docs_path = write_jsonl(tmp_path / "docs_selected.jsonl", [f"document {i}" for i in range(10)])
+    code, _ = run_prep(tmp_path, docs_path, "out", "--sp", str(DEMO_MODEL), "--val-docs", "4")
+    assert code == 2 and "--allow-short-val" in capsys.readouterr().err
+    code, _ = run_prep(tmp_path, docs_path, "out", "--sp", str(DEMO_MODEL), "--val-docs", "4", "--allow-short-val")
+    assert code == 0
+
+
+def test_short_val_split_is_refused_on_any_corpus_larger_than_the_challenge_split(tmp_path, capsys):
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(f'"d{i}"\n' for i in range(prep.CHALLENGE_VAL_DOCS + 1)))
+    code, out = run_prep(tmp_path, big, "out", "--sp", str(DEMO_MODEL), "--val-docs", "10000")
+    assert code == 2 and "10,000" in capsys.readouterr().err
+    assert not list(out.glob("fineweb_*"))
+
+
+def test_default_val_split_is_the_challenge_50000(tmp_path, capsys):
+    code, _ = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", ["a", "b"]), "out", "--sp", str(DEMO_MODEL))
+    assert code == 2 and "--val-docs 50,000" in capsys.readouterr().err
+
+
+def test_trained_tokenizer_learns_from_training_documents_only(tmp_path):
+    val_word, train_word = "qzvjqzvj", "wykpwykp"
+    docs = [f"{val_word} " * 50] * 5 + [f"{train_word} and more words " * 20 + str(i) for i in range(40)]
+    code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", docs), "out", "--vocab-size", "300",
+                         "--val-docs", "5", "--workers", "1", "--allow-train-val-duplicates")
+    assert code == 0
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+    assert train_word in pieces or "\u2581" + train_word in pieces
+    assert not any(val_word[:4] in p for p in pieces)
+    assert [sp.id_to_piece(i) for i in range(4, 8)] == list(OPS)
+    tokenizer = json.loads((out / "manifest.json").read_text())["tokenizer"]
+    assert tokenizer["trained_on_doc_indices"] == [5, 45]
+    assert tokenizer["normalization_rule_name"] == "identity"
+    assert tokenizer["add_dummy_prefix"] is False and tokenizer["remove_extra_whitespaces"] is False
+
+
+# -----------------------------------------------------------------------------
+# Bad input
+
+
+BAD_LINES = {
+    "malformed_json": b'{"text": "unterminated\n',
+    "missing_text": b'{"body": "no text field"}\n',
+    "invalid_utf8": b'{"text": "caf\xe9"}\n',
+    "text_not_a_string": b'{"text": 42}\n',
+    "blank_line": b"\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LINES))
+def test_bad_line_stops_with_file_and_line_and_leaves_no_output(tmp_path, capsys, kind):
+    docs_path = tmp_path / "d.jsonl"
+    docs_path.write_bytes(b'{"text": "one"}\n"two"\n' + BAD_LINES[kind] + b'{"text": "four"}\n')
+    code, out = run_prep(tmp_path, docs_path, "out", "--sp", str(DEMO_MODEL), "--val-docs", "1")
+    assert code == 2
+    assert f"{docs_path}:3" in capsys.readouterr().err
+    assert not list(out.glob("fineweb_*")) and not (out / "manifest.json").exists()
+    assert not list(out.glob(".*"))
+
+
+def test_skip_bad_lines_skips_and_counts_them(tmp_path):
+    docs_path = tmp_path / "d.jsonl"
+    docs_path.write_bytes(b'{"text": "one"}\n' + b"".join(BAD_LINES.values()) + b'"two"\n"three"\n')
+    code, out = run_prep(tmp_path, docs_path, "out", "--sp", str(DEMO_MODEL), "--val-docs", "1", "--skip-bad-lines")
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["bad_lines_skipped"] == len(BAD_LINES)
+    assert [b["line"] for b in manifest["input"]["bad_lines_first"]] == list(range(2, 2 + len(BAD_LINES)))
+    assert manifest["splits"]["val"]["docs"] == 1 and manifest["splits"]["train"]["docs"] == 2
+
+
+@pytest.mark.parametrize("content", [None, b"not a sentencepiece model"])
+def test_unreadable_tokenizer_is_a_clear_error(tmp_path, capsys, content):
+    model = tmp_path / "broken.model"
+    if content is not None:
+        model.write_bytes(content)
+    code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", ["a", "b"]), "out", "--sp", str(model),
+                         "--val-docs", "1")
+    assert code == 2
+    assert str(model) in capsys.readouterr().err
+    assert not list(out.glob("fineweb_*"))
+
+
+@pytest.fixture(scope="module")
+def oversized_model(tmp_path_factory) -> Path:
+    """A tokenizer with 65,632 pieces: the last ids do not fit in uint16."""
+    symbols = [f"S{i:05d}X" for i in range(65600)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world"] * 10), model_writer=model,
+                                   model_type="bpe", vocab_size=65700, hard_vocab_limit=False, pad_id=0,
+                                   bos_id=1, eos_id=2, unk_id=3, user_defined_symbols=symbols, minloglevel=2)
+    path = tmp_path_factory.mktemp("big") / "big.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def test_tokenizer_with_ids_beyond_uint16_is_refused(tmp_path, capsys, oversized_model):
+    code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", ["S65599X", "b"]), "out",
+                         "--sp", str(oversized_model), "--val-docs", "1", "--transform", "identity")
+    assert code == 2 and "uint16" in capsys.readouterr().err
+    assert not list(out.glob("fineweb_*"))
+
+
+def test_document_with_token_id_beyond_uint16_names_file_and_line(oversized_model):
+    ctx = prep.make_worker_context(oversized_model.read_bytes(), "identity", "docs.jsonl")
+    with pytest.raises(prep.BadInputError, match=r"docs\.jsonl:7: token id 6\d{4} does not fit in uint16"):
+        prep.process_document(ctx, "hello S65599X", False, 7)
+
+
+def test_cli_exit_code_and_message_for_bad_input(tmp_path):
+    docs_path = tmp_path / "d.jsonl"
+    docs_path.write_bytes(b'"fine"\n{"text": oops}\n')
+    result = subprocess.run([sys.executable, str(REPO / "prepare_caseops_data.py"), "--docs", str(docs_path),
+                             "--out", str(tmp_path / "out"), "--sp", str(DEMO_MODEL), "--val-docs", "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"{docs_path}:2: malformed JSON" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# Demo corpus
+
+
+def test_demo_corpus_is_deterministic_and_needs_no_download():
+    first = prep.build_demo_corpus(max_bytes=300_000)
+    second = prep.build_demo_corpus(max_bytes=300_000)
+    assert first == second
+    assert sum(len(d.encode()) for d in first) >= 300_000
+    assert all(isinstance(d, str) and d for d in first)
+
+
+def test_demo_runs_end_to_end_with_the_shipped_tokenizer(tmp_path):
+    code = prep.main(["--demo", "--out", str(tmp_path / "demo"), "--workers", "2", "--quiet"])
+    assert code == 0
+    manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(DEMO_MODEL.read_bytes()).hexdigest()
+    assert manifest["splits"]["val"]["docs"] == prep.DEMO_VAL_DOCS
+    assert 100_000 <= manifest["splits"]["val"]["tokens"] <= 300_000
+    assert 1_000_000 <= manifest["splits"]["train"]["tokens"] <= 3_000_000
+    assert manifest["verification"]["val_sidecar_mismatch_docs"] == 0
+    assert manifest["verification"]["roundtrip_failed_docs"] == {"val": 0, "train": 0}
