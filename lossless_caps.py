@@ -55,6 +55,10 @@ _OPERATOR_NAMES = {TITLE: "TITLE", ALLCAPS: "ALLCAPS", CAPNEXT: "CAPNEXT", ESC: 
 # Every operator is U+E001..U+E004, i.e. 3 UTF-8 bytes EE 80 81..84.
 _OPERATOR_UTF8_LEN = 3
 
+# Words up to this length go through an LRU cache (frequent words like "The" repeat a lot);
+# longer pieces (identifiers, base64 blobs) are computed directly so the cache stays small.
+_CACHED_PIECE_MAX_LEN = 32
+
 
 class CaseOpsDecodeError(ValueError):
     """An encoded string that the CaseOps encoder could never have produced."""
@@ -78,7 +82,6 @@ _ENCODE_SPLIT = re.compile(r"([A-Z\ue001-\ue004](?:(?<=[A-Z])[A-Za-z]*+)?)")
 _CAPNEXT_TABLE = str.maketrans({chr(code): CAPNEXT + chr(code + 32) for code in range(65, 91)})
 
 
-@functools.lru_cache(maxsize=1 << 16)  # a pure function of a few thousand frequent words
 def _encode_word_or_operator(piece: str) -> str:
     """Encode a literal operator, or a whole ASCII-letter run that starts with a capital."""
     if piece in _OPERATOR_NAMES:
@@ -93,6 +96,9 @@ def _encode_word_or_operator(piece: str) -> str:
     return TITLE + lowered[0] + piece[1:].translate(_CAPNEXT_TABLE)
 
 
+_encode_word_or_operator_cached = functools.lru_cache(maxsize=1 << 16)(_encode_word_or_operator)
+
+
 def encode_lossless_caps_v2(text: str) -> str:
     """Apply the CaseOps transform (see the module docstring for the rules)."""
     pieces = _ENCODE_SPLIT.split(text)  # [copied, changed, copied, changed, ..., copied]
@@ -103,6 +109,8 @@ def encode_lossless_caps_v2(text: str) -> str:
             # the word is mixed case, so every capital in it gets CAPNEXT; the lowercase start
             # was copied unchanged. (Operators sort after "Z"; they break runs and get ESC.)
             pieces[index] = piece.translate(_CAPNEXT_TABLE)
+        elif len(piece) <= _CACHED_PIECE_MAX_LEN:
+            pieces[index] = _encode_word_or_operator_cached(piece)
         else:
             pieces[index] = _encode_word_or_operator(piece)
     return "".join(pieces)
@@ -134,7 +142,6 @@ _DECODE_SPLIT = re.compile(
 )
 
 
-@functools.lru_cache(maxsize=1 << 16)  # a pure function of a few thousand frequent units
 def _decode_unit(unit: str) -> str | None:
     """Decode one unit matched by _DECODE_SPLIT (its context is already checked); None if invalid."""
     if len(unit) == 1:
@@ -151,6 +158,9 @@ def _decode_unit(unit: str) -> str | None:
     if len(parts) > 1 and all(len(part) == 1 for part in parts):
         return None  # every letter a capital: the encoder would have used ALLCAPS
     return "".join(part[0].upper() + part[1:] for part in parts)
+
+
+_decode_unit_cached = functools.lru_cache(maxsize=1 << 16)(_decode_unit)
 
 
 def _describe_invalid(encoded: str, position: int) -> str:
@@ -183,7 +193,10 @@ def _describe_invalid(encoded: str, position: int) -> str:
 def decode_lossless_caps_v2(encoded: str) -> str:
     """Invert `encode_lossless_caps_v2` exactly; raise CaseOpsDecodeError on malformed input."""
     pieces = _DECODE_SPLIT.split(encoded)
-    decoded_units = [_decode_unit(unit) for unit in pieces[1::2]]
+    decoded_units = [
+        _decode_unit_cached(unit) if len(unit) <= _CACHED_PIECE_MAX_LEN else _decode_unit(unit)
+        for unit in pieces[1::2]
+    ]
     if None in decoded_units:
         first_bad = decoded_units.index(None)
         position = sum(len(piece) for piece in pieces[: 2 * first_bad + 1])
