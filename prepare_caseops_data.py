@@ -307,8 +307,10 @@ class WorkerContext:
     sp: spm.SentencePieceProcessor
     transform: str
     docs_path: str
-    surface_len: np.ndarray  # (vocab,) bytes each piece contributes to the decoded text; -1: unknown
+    surface_len: np.ndarray  # (vocab,) bytes each piece contributes to the decoded text; < 0: unknown
     offsets_api: str
+    split_safe: bool  # encoding text pieces cut before a space gives the same ids as the whole text
+    segment_chars: int = 1 << 15
 
 
 _WORKER: WorkerContext | None = None
@@ -332,7 +334,31 @@ def make_worker_context(model_bytes: bytes, transform: str, docs_path: str) -> W
         offsets_api = "offset_mapping"
     except (TypeError, ValueError):
         offsets_api = "immutable_proto"
-    return WorkerContext(sp, transform, docs_path, surface_len, offsets_api)
+    normalizer = _normalizer_spec(model_bytes)
+    split_safe = (normalizer["normalization_rule_name"] == "identity" and not normalizer["add_dummy_prefix"]
+                  and not normalizer["remove_extra_whitespaces"]
+                  and not any("\u2581" in sp.id_to_piece(i)[1:] for i in range(vocab)))
+    return WorkerContext(sp, transform, docs_path, surface_len, offsets_api, split_safe)
+
+
+def encode_ids(ctx: WorkerContext, text: str) -> list[int]:
+    """sp.encode(text), in linear time for long texts.
+    SentencePiece's BPE encoding of one input is O(n log n) (a 10x longer document costs ~15x). When
+    no piece holds U+2581 past its first character and the normalizer is the identity, no merge can
+    cross the point before a space, so encoding pieces of the text cut there and concatenating gives
+    exactly the ids of the whole text (tests check this); other tokenizers encode the whole text."""
+    if not ctx.split_safe or len(text) <= ctx.segment_chars:
+        return ctx.sp.encode(text)
+    segments, start = [], 0
+    while start < len(text):
+        cut = text.find(" ", start + ctx.segment_chars)
+        cut = len(text) if cut < 0 else cut
+        segments.append(text[start:cut])
+        start = cut
+    ids: list[int] = []
+    for segment_ids in ctx.sp.encode(segments, num_threads=1):
+        ids += segment_ids
+    return ids
 
 
 def _init_worker(model_bytes: bytes, transform: str, docs_path: str) -> None:
@@ -371,7 +397,7 @@ def process_document(ctx: WorkerContext, text: str, want_sidecar: bool, line_no:
             model_input, orig_byte_offset = lossless_caps.encode_lossless_caps_v2(text), None
     else:
         model_input, orig_byte_offset = text, None
-    ids = np.asarray(ctx.sp.encode(model_input, out_type=int), dtype=np.int64)
+    ids = np.asarray(encode_ids(ctx, model_input), dtype=np.int64)
     if ids.size and int(ids.max()) > MAX_TOKEN_ID:
         raise BadInputError(f"{ctx.docs_path}:{line_no}: token id {int(ids.max())} does not fit in uint16")
     decoded = ctx.sp.decode(ids.tolist())
@@ -656,7 +682,7 @@ class ShardWriter:
 
 
 def output_names(out_dir: Path) -> list[Path]:
-    patterns = ("fineweb_train_*.bin", "fineweb_val_*.bin", ".fineweb_*.tmp-*", ".manifest.json.tmp-*")
+    patterns = ("fineweb_train_*.bin", "fineweb_val_*.bin", ".*.tmp-*")
     return sorted({p for pattern in patterns for p in out_dir.glob(pattern)})
 
 
@@ -723,6 +749,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tok.add_argument("--vocab-size", type=int, help="train a lossless SentencePiece BPE of this size on the train split")
     p.add_argument("--tokenizer-train-docs", type=int, default=None,
                    help="with --vocab-size: train on the first N training documents only (default: all)")
+    p.add_argument("--tokenizer-spec", default=None,
+                   help="with --vocab-size: JSON file whose \"trainer_settings\" override the lossless defaults "
+                        "(e.g. tokenizers/sp8192_caseops.spec.json)")
     p.add_argument("--val-docs", type=int, default=None,
                    help=f"the first N documents are validation (default {CHALLENGE_VAL_DOCS:,}; --demo: {DEMO_VAL_DOCS})")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
@@ -744,6 +773,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--val-docs must be >= 0, --shard-tokens and --workers >= 1")
     if args.vocab_size is not None and not (8 < args.vocab_size <= MAX_TOKEN_ID + 1):
         p.error(f"--vocab-size must be in 9..{MAX_TOKEN_ID + 1}")
+    if args.tokenizer_spec and args.vocab_size is None:
+        p.error("--tokenizer-spec needs --vocab-size")
     if args.sp is None and args.vocab_size is None:
         if not args.demo:
             p.error("give --sp MODEL or --vocab-size N")
@@ -779,6 +810,16 @@ def prepare_tokenizer(args: argparse.Namespace, scan: InputScan, out_dir: Path, 
         return model_bytes, {"source": "file", "path": str(args.sp)}
     settings = tokenizer_trainer_settings(args.vocab_size, args.transform)
     n_train = scan.docs - args.val_docs
+    if args.tokenizer_spec:
+        try:
+            spec = json.loads(Path(args.tokenizer_spec).read_text(encoding="utf-8"))
+            overrides = spec["trainer_settings"]
+            assert isinstance(overrides, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            raise BadInputError(f"{args.tokenizer_spec}: not a tokenizer spec with a \"trainer_settings\" "
+                                f"object ({exc})") from exc
+        settings.update(overrides)
+        settings["vocab_size"] = args.vocab_size
     if args.tokenizer_train_docs is not None:
         n_train = min(n_train, args.tokenizer_train_docs)
     provenance = {"source": "trained", "trained_on_split": "train",
@@ -806,7 +847,10 @@ def prepare_tokenizer(args: argparse.Namespace, scan: InputScan, out_dir: Path, 
                 return
             yield lossless_caps.encode_lossless_caps_v2(text) if args.transform == "caseops" else text
 
-    model_bytes = train_tokenizer(training_texts(), settings)
+    try:
+        model_bytes = train_tokenizer(training_texts(), settings)
+    except RuntimeError as exc:  # e.g. a vocabulary smaller than the characters it must cover
+        raise BadInputError(f"{args.docs}: SentencePiece training failed: {exc}") from exc
     return model_bytes, provenance
 
 
@@ -853,6 +897,8 @@ def run(args: argparse.Namespace) -> dict:
                  "stats": {"val": SplitStats().to_json(), "train": SplitStats().to_json()}}
     else:
         log(f"resuming: {len(state['files'])} files done, continuing at document {state['next_doc']:,}")
+        for leftover in out_dir.glob(".*.tmp-*"):  # temp files of the killed run
+            leftover.unlink()
     state["tokenizer_provenance"] = provenance
     state["tokenizer_sha256"] = tokenizer_sha
     state["input_sha256"] = scan.sha256
@@ -906,7 +952,7 @@ def encode_documents(args, out_dir: Path, state: dict, stats: dict, model_bytes:
             lines.append(line_no)
             indices.append(doc_index)
             size += len(text)
-            if size >= 1 << 20 or len(texts) >= 1024:
+            if size >= 1 << 18 or len(texts) >= 512:  # ~256 KB: enough chunks to keep every worker busy
                 yield indices, (texts, flags, lines)
                 texts, flags, lines, indices, size = [], [], [], [], 0
         if texts:

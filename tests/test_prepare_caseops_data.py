@@ -172,6 +172,20 @@ def test_fast_tiling_path_equals_sentencepiece_offsets_for_lossless_tokenizer(de
         assert result.sidecar[1:].tolist() == from_offsets.tolist()
 
 
+def test_long_documents_encoded_in_pieces_give_the_same_ids_as_whole(demo_sp):
+    ctx = prep.make_worker_context(DEMO_MODEL.read_bytes(), "caseops", "x.jsonl")
+    assert ctx.split_safe
+    ctx.segment_chars = 40  # cut every ~40 characters, before a space
+    for doc in make_docs(30, seed=11) + ["word " * 200, " leading and  double  spaces ", "nospaces" * 30]:
+        encoded = lossless_caps.encode_lossless_caps_v2(doc)
+        assert prep.encode_ids(ctx, encoded) == demo_sp.encode(encoded)
+
+
+def test_normalizing_tokenizer_is_never_encoded_in_pieces(nfkc_model):
+    ctx = prep.make_worker_context(nfkc_model.read_bytes(), "caseops", "x.jsonl")
+    assert not ctx.split_safe
+
+
 # -----------------------------------------------------------------------------
 # End to end with the shipped lossless tokenizer
 
@@ -304,6 +318,20 @@ def test_normalizing_tokenizer_keeps_sidecar_exact_and_counts_non_roundtrip_docs
     assert manifest["tokenizer"]["remove_extra_whitespaces"] is True
 
 
+def test_tokenizer_spec_file_trains_with_the_published_settings(tmp_path):
+    docs = make_docs(50, seed=4)
+    code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", docs), "out", "--vocab-size", "400",
+                         "--tokenizer-spec", str(REPO / "tokenizers" / "sp8192_caseops.spec.json"),
+                         "--val-docs", "10", "--workers", "1")
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    tokenizer = manifest["tokenizer"]
+    assert tokenizer["normalization_rule_name"] == "nmt_nfkc" and tokenizer["remove_extra_whitespaces"] is True
+    assert tokenizer["add_dummy_prefix"] is False and tokenizer["operator_ids"] == [4, 5, 6, 7]
+    assert tokenizer["trainer_settings"]["character_coverage"] == 0.999
+    assert manifest["verification"]["val_sidecar_mismatch_docs"] == 0
+
+
 # -----------------------------------------------------------------------------
 # Scale: worker-count independence and resume
 
@@ -322,13 +350,19 @@ def test_output_is_byte_identical_for_one_and_two_workers(tmp_path, lossless_run
     assert manifest_one["files"] == manifest_two["files"]
 
 
-def test_interrupted_run_resumes_without_redoing_shards_and_gives_identical_bytes(tmp_path, lossless_run, monkeypatch):
+@pytest.mark.parametrize("abort_after", [3, 9])  # inside the val stream (mid-document) / the train stream
+def test_interrupted_run_resumes_without_redoing_shards_and_gives_identical_bytes(tmp_path, lossless_run,
+                                                                                  monkeypatch, abort_after):
     _, docs_path, reference = lossless_run
     args = ("--sp", str(DEMO_MODEL), "--val-docs", "20", "--shard-tokens", "400", "--workers", "2")
-    monkeypatch.setenv(prep.ABORT_ENV, "3")
+    monkeypatch.setenv(prep.ABORT_ENV, str(abort_after))
     code, out = run_prep(tmp_path, docs_path, "out", *args)
     assert code == 3
     state = json.loads((out / prep.STATE_NAME).read_text())
+    if abort_after == 3:
+        assert state["next_doc"] < 20 and state["next_doc_token_offset"] > 0  # resumes inside a document
+    else:
+        assert state["next_doc"] > 20 and state["shard_index"]["train"] > 0
     done = {record["name"]: (out / record["name"]).stat().st_mtime_ns for record in state["files"]}
     assert len(done) >= 3 and not (out / "manifest.json").exists()
     assert not list(out.glob(".*.tmp-*"))  # nothing half-written
@@ -467,6 +501,13 @@ def oversized_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("big") / "big.model"
     path.write_bytes(model.getvalue())
     return path
+
+
+def test_failed_tokenizer_training_is_a_clear_error(tmp_path, capsys):
+    code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", make_docs(20)), "out", "--vocab-size", "20",
+                         "--val-docs", "5")
+    assert code == 2 and "SentencePiece training failed" in capsys.readouterr().err
+    assert not list(out.glob("fineweb_*"))
 
 
 def test_tokenizer_with_ids_beyond_uint16_is_refused(tmp_path, capsys, oversized_model):
