@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -26,13 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepare_caseops_data as prep  # noqa: E402
 
 
-def best_time(fn, repeat: int) -> float:
+def best_time(fn, repeat: int, clock=time.perf_counter) -> float:
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time of this process (the main process of a run) and of its finished children (workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -47,12 +55,18 @@ def main() -> None:
     ctx = prep.make_worker_context(model_bytes, "caseops", "bench")
     print(f"corpus: {len(docs):,} docs, {corpus_bytes / 1e6:.2f} MB; tokenizer {prep.DEMO_TOKENIZER.name}")
 
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
+          "(other processes on the machine slow the wall-clock figures)")
     results = {}
     lines = list(range(len(docs)))
     for label, want_sidecar in (("train_docs", False), ("val_docs_with_sidecar", True)):
-        seconds = best_time(lambda: prep.process_chunk((docs, [want_sidecar] * len(docs), lines), ctx), args.repeat)
-        results[f"per_worker_MBps_{label}"] = corpus_bytes / seconds / 1e6
-        print(f"per worker, {label:>22}: {corpus_bytes / seconds / 1e6:6.2f} MB/s")
+        work = lambda: prep.process_chunk((docs, [want_sidecar] * len(docs), lines), ctx)  # noqa: E731
+        wall = best_time(work, args.repeat)
+        cpu = best_time(work, args.repeat, clock=time.process_time)
+        results[f"per_worker_MBps_{label}_wall"] = corpus_bytes / wall / 1e6
+        results[f"per_worker_MBps_{label}_cpu"] = corpus_bytes / cpu / 1e6
+        print(f"per worker, {label:>22}: {corpus_bytes / wall / 1e6:6.2f} MB/s wall, "
+              f"{corpus_bytes / cpu / 1e6:6.2f} MB/s per CPU-second")
 
     with tempfile.TemporaryDirectory() as tmp:
         docs_path = Path(tmp) / "docs.jsonl"
@@ -67,19 +81,28 @@ def main() -> None:
                                   "--workers", str(workers), "--quiet", "--shard-tokens", "1000000"])
                 assert code == 0
                 (Path(tmp) / f"out{workers}" / "manifest.json").unlink()  # so the next repeat redoes the work
+            main_before, workers_before = cpu_seconds()
             timings[workers] = best_time(run_once, args.repeat)
+            main_after, workers_after = cpu_seconds()
+            main_cpu = (main_after - main_before) / args.repeat
+            workers_cpu = (workers_after - workers_before) / args.repeat
             results[f"end_to_end_MBps_workers_{workers}"] = total / timings[workers] / 1e6
+            results[f"end_to_end_cpu_s_main_workers_{workers}"] = main_cpu
+            results[f"end_to_end_cpu_s_worker_processes_workers_{workers}"] = workers_cpu
             print(f"end to end, {workers} worker(s), all-val: {total / timings[workers] / 1e6:6.2f} MB/s "
-                  f"({total / 1e6:.1f} MB in {timings[workers]:.2f} s)")
+                  f"({total / 1e6:.1f} MB in {timings[workers]:.2f} s wall; CPU-s per run: main process "
+                  f"{main_cpu:.2f}, worker processes {workers_cpu:.2f})")
         results["speedup_2_vs_1"] = timings[1] / timings[2]
         print(f"speed-up 2 workers vs 1: {timings[1] / timings[2]:.2f}x")
 
     short = "".join(docs)[:200_000]
     long = "".join(docs * 4)[:2_000_000]
-    t_short = best_time(lambda: prep.process_document(ctx, short, True, 1), args.repeat)
-    t_long = best_time(lambda: prep.process_document(ctx, long, True, 1), args.repeat)
+    t_short = best_time(lambda: prep.process_document(ctx, short, True, 1), args.repeat, clock=time.process_time)
+    t_long = best_time(lambda: prep.process_document(ctx, long, True, 1), args.repeat, clock=time.process_time)
     results["linearity_10x_cost_ratio"] = t_long / t_short
-    print(f"linearity: 200 KB doc {t_short * 1e3:.1f} ms, 2 MB doc {t_long * 1e3:.1f} ms -> {t_long / t_short:.1f}x")
+    print(f"linearity (CPU time, val path): 200 KB doc {t_short * 1e3:.1f} ms, 2 MB doc {t_long * 1e3:.1f} ms "
+          f"-> {t_long / t_short:.1f}x")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))
 
 
