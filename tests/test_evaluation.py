@@ -1,0 +1,410 @@
+"""Evaluation and TTT (SPEC sections 2, 8, 9): byte-exact BPB and the four compliance conditions,
+checked on CPU with a tiny real GPT for every eval mode."""
+
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _sections.evaluation import (
+    BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, audit_token_nll, eval_plain, eval_sliding, eval_summary,
+    eval_ttt_chunked, eval_ttt_phased, find_documents, format_eval_line, load_val_data, make_val_data,
+    piece_byte_counts, piece_byte_tables, save_token_nll, sliding_windows, warm_up_on_random_tokens,
+)
+
+VOCAB = 40
+TOLERANCE = 1e-5  # float32 forward; the same math in a different batch layout agrees to ~1e-6
+
+
+# --- a tiny model and a tiny validation stream -------------------------------------------------
+
+
+def tiny_model(seed: int = 0):
+    from train_gpt import GPT, Hyperparameters  # lazy: the model lives in train_gpt.py
+
+    h = Hyperparameters.from_env({
+        "PRESET": "tiny", "VOCAB_SIZE": str(VOCAB), "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "2",
+        "NUM_KV_HEADS": "1", "ROPE_DIMS": "8", "LOOP_START": "1", "LOOP_END": "1", "NUM_LOOPS": "2",
+        "PARALLEL_START_LAYER": "2", "SMEAR_GATE_DIMS": "8", "SPARSE_ATTN_GATE_DIMS": "8"})
+    torch.manual_seed(seed)
+    model = GPT(h)
+    model.set_recurrence(True)
+    with torch.no_grad():  # random weights everywhere, so every path (gates, skips, lanes) matters
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    return model.eval()
+
+
+def tiny_stream(seed: int = 0, num_docs: int = 12):
+    """Documents of 3..60 tokens, each BOS-first; byte counts 1..3 per token (BOS 0)."""
+    rng = np.random.default_rng(seed)
+    tokens, byte_counts = [], []
+    for _ in range(num_docs):
+        length = int(rng.integers(3, 61))
+        tokens += [BOS_ID] + rng.integers(2, VOCAB, length).tolist()
+        byte_counts += [0] + rng.integers(1, 4, length).tolist()
+    return np.array(tokens), np.array(byte_counts)
+
+
+def tiny_val(seed: int = 0, num_docs: int = 12):
+    return make_val_data(*tiny_stream(seed, num_docs), vocab_size=VOCAB)
+
+
+MODES = {
+    "plain": lambda model, val, **kw: eval_plain(model, val, seq_len=24, batch_size=4, **kw),
+    "sliding": lambda model, val, **kw: eval_sliding(model, val, context=24, stride=8, batch_size=4, **kw),
+    "ttt_chunked": lambda model, val, **kw: eval_ttt_chunked(model, val, ChunkedTTTConfig(
+        chunk_tokens=64, epochs=2, lr=0.05, seq_len=24, rows_per_step=2, context=24, stride=8,
+        score_batch_size=4), **kw),
+    "ttt_phased": lambda model, val, **kw: eval_ttt_phased(model, val, PhasedTTTConfig(
+        lora_rank=4, lora_lr=0.01, chunk_size=8, context=24, docs_per_batch=3, prefix_docs=6, num_phases=2,
+        global_lr=0.01, global_chunk_tokens=64, global_seq_len=24), **kw),
+}
+TTT_MODES = ("ttt_chunked", "ttt_phased")
+
+
+class Recorder:
+    """audit callback: the ordered list of (event, stream positions)."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event, positions):
+        self.events.append((event, np.asarray(positions).copy()))
+
+    def score_order(self) -> dict:
+        """position -> index of the event that scored it."""
+        return {int(p): i for i, (event, ps) in enumerate(self.events) if event == "score" for p in ps}
+
+
+def nll_by_position(result) -> dict:
+    return dict(zip(result["token_positions"].tolist(), result["token_nll"].tolist()))
+
+
+def run(mode, model, val, **kw):
+    return MODES[mode](model, val, keep_token_scores=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def val():
+    return tiny_val()
+
+
+# --- data and BPB accounting -------------------------------------------------------------------
+
+
+def test_bpb_equals_brute_force_from_per_document_losses_and_document_bytes(model):
+    rng = np.random.default_rng(1)
+    documents = ["Hello world", "caf\u00e9 au lait \u2014 tr\u00e8s bien", "\u65e5\u672c\u8a9e", "x" * 30]
+    tokens, byte_counts, nll_sum, byte_sum = [], [], 0.0, 0
+    for text in documents:  # one token per character, carrying that character's UTF-8 bytes
+        ids = [BOS_ID] + rng.integers(2, VOCAB, len(text)).tolist()
+        tokens += ids
+        byte_counts += [0] + [len(ch.encode("utf-8")) for ch in text]
+        with torch.no_grad():  # brute force: the document alone, full softmax, every token after BOS
+            logits = model.forward_logits(torch.tensor([ids[:-1]]))[0].double()
+        nll_sum += float(-(logits.log_softmax(-1)[torch.arange(len(text)), torch.tensor(ids[1:])]).sum())
+        byte_sum += len(text.encode("utf-8"))
+    expected = nll_sum / math.log(2) / byte_sum
+    val = make_val_data(np.array(tokens), np.array(byte_counts), vocab_size=VOCAB)
+    for result in (eval_plain(model, val, seq_len=len(tokens)), eval_sliding(model, val, context=64, stride=8)):
+        assert result["scored_bytes"] == byte_sum
+        assert result["scored_tokens"] == sum(len(text) for text in documents)
+        assert result["val_bpb"] == pytest.approx(expected, abs=TOLERANCE)
+        assert result["val_loss"] == pytest.approx(nll_sum / result["scored_tokens"], abs=TOLERANCE)
+
+
+def write_records(path, values):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = [20240520, 1, len(values)]
+    with open(path, "wb") as handle:
+        handle.write(header.tobytes())
+        handle.write(np.asarray(values, dtype="<u2").tobytes())
+
+
+def test_shards_with_byte_sidecars_load_and_keep_the_first_documents(tmp_path):
+    tokens, byte_counts = tiny_stream()
+    write_records(tmp_path / "fineweb_val_000000.bin", tokens[:100])
+    write_records(tmp_path / "fineweb_val_bytes_000000.bin", byte_counts[:100])
+    write_records(tmp_path / "fineweb_val_000001.bin", tokens[100:])
+    write_records(tmp_path / "fineweb_val_bytes_000001.bin", byte_counts[100:])
+    val = load_val_data(str(tmp_path / "fineweb_val_[0-9]*.bin"), VOCAB)
+    assert val.tokens.tolist() == tokens.tolist() and val.byte_counts.tolist() == byte_counts.tolist()
+    assert val.num_docs == 12
+    assert load_val_data(str(tmp_path / "fineweb_val_[0-9]*.bin"), VOCAB, max_docs=5).num_docs == 5
+
+
+def test_sidecar_whose_length_differs_from_its_shard_is_refused(tmp_path):
+    tokens, byte_counts = tiny_stream()
+    write_records(tmp_path / "fineweb_val_000000.bin", tokens)
+    write_records(tmp_path / "fineweb_val_bytes_000000.bin", byte_counts[:-1])
+    with pytest.raises(ValueError, match="fineweb_val_bytes_000000.bin.*byte entries but its shard"):
+        load_val_data(str(tmp_path / "fineweb_val_[0-9]*.bin"), VOCAB)
+
+
+def test_stream_without_bos_markers_is_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match="no BOS"):
+        make_val_data(np.array([5, 6, 7, 8]), np.array([1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="must start with BOS"):
+        find_documents(np.array([5, BOS_ID, 7]))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    with pytest.raises(ValueError, match="VOCAB_SIZE"):
+        make_val_data(np.array([BOS_ID, VOCAB]), np.array([0, 1]), vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory):
+    import sentencepiece
+
+    folder = tmp_path_factory.mktemp("spm")
+    corpus = folder / "corpus.txt"
+    words = ["the", "cat", "sat", "on", "mat", "caf\u00e9", "na\u00efve", "\u00fcber", "data", "model"]
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(300)), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=320, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False, bos_id=1, eos_id=2, pad_id=0, unk_id=3,
+        minloglevel=2)
+    return str(folder / "sp.model")
+
+
+def test_piece_byte_rule_gives_each_documents_utf8_length(sentencepiece_model):
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_model)
+    documents = ["the cat sat", "caf\u00e9 na\u00efve \u00fcber mat", "emoji \U0001F600 and \u4e2d\u6587",
+                 "data  model"]
+    tokens, starts = [], []
+    for text in documents:
+        starts.append(len(tokens))
+        tokens += [BOS_ID] + processor.encode(text)
+    counts = piece_byte_counts(np.array(tokens), piece_byte_tables(sentencepiece_model, processor.vocab_size()))
+    ends = starts[1:] + [len(tokens)]
+    for text, start, end in zip(documents, starts, ends):
+        assert counts[start] == 0  # BOS
+        assert counts[start:end].sum() == len(text.encode("utf-8"))  # independent: the original text
+    emoji_bytes = [processor.id_to_piece(i) for i in processor.encode("\U0001F600")]
+    assert emoji_bytes == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]  # byte fallback really exercised
+
+
+def test_piece_byte_rule_refuses_a_tokenizer_of_another_vocab_size(sentencepiece_model):
+    with pytest.raises(ValueError, match="VOCAB_SIZE=8192"):
+        piece_byte_tables(sentencepiece_model, 8192)
+
+
+def test_sliding_windows_score_each_target_once_with_at_least_context_minus_stride_tokens():
+    windows = sliding_windows(1, 500, context=64, stride=16)
+    scored = np.concatenate([np.arange(s + 1 + f, s + 1 + n) for s, n, f in windows])
+    assert scored.tolist() == list(range(1, 500))
+    for start, length, first in windows:
+        assert length <= 64 and (start == 0 or first >= 64 - 16)
+
+
+# --- compliance, every mode: (c) once, (d) full softmax, (b) score before update, (a) causality -
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_val_token_is_scored_exactly_once_and_bos_never(mode, model, val):
+    result = run(mode, model, val)
+    expected = [p for p in range(val.num_tokens) if int(val.tokens[p]) != BOS_ID]
+    assert sorted(result["token_positions"].tolist()) == expected
+    assert result["scored_tokens"] == len(expected)
+    assert result["scored_bytes"] == int(val.byte_counts.sum())
+
+
+class SoftmaxProbe(torch.nn.Module):
+    """Wraps the model: every per_token_nll call also checks that the probabilities behind it are a
+    full softmax over the vocabulary (sum to 1) and that the NLL is -log of the target's probability."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls, self.worst_sum_error, self.worst_nll_error = model, 0, 0.0, 0.0
+
+    def forward_logits(self, input_ids, lora=None):
+        return self.model.forward_logits(input_ids, lora)
+
+    def per_token_nll(self, input_ids, target_ids, lora=None):
+        nll = self.model.per_token_nll(input_ids, target_ids, lora)
+        with torch.no_grad():
+            probabilities = self.model.forward_logits(input_ids, lora).double().softmax(-1)  # [B, T, V]
+            assert probabilities.shape[-1] == VOCAB
+            self.worst_sum_error = max(self.worst_sum_error, float((probabilities.sum(-1) - 1).abs().max()))
+            target_probability = probabilities.gather(-1, target_ids[..., None])[..., 0]
+            self.worst_nll_error = max(self.worst_nll_error,
+                                       float((nll.detach().double() + target_probability.log()).abs().max()))
+        self.calls += 1
+        return nll
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_scores_come_from_a_full_normalized_softmax(mode, model, val):
+    probe = SoftmaxProbe(model)
+    run(mode, probe, val)
+    assert probe.calls > 0
+    assert probe.worst_sum_error < 1e-9
+    assert probe.worst_nll_error < 1e-4
+
+
+@pytest.mark.parametrize("mode", TTT_MODES)
+def test_no_update_reads_a_token_before_that_token_was_scored(mode, model, val):
+    recorder = Recorder()
+    run(mode, model, val, audit=recorder)
+    scored, updates = set(), 0
+    bos_positions = set(np.flatnonzero(val.tokens.numpy() == BOS_ID).tolist())
+    for event, positions in recorder.events:
+        if event == "score":
+            scored.update(positions.tolist())
+        else:
+            updates += 1
+            unscored = set(positions.tolist()) - scored - bos_positions
+            assert not unscored, f"update #{updates} read unscored positions {sorted(unscored)[:5]}"
+    assert updates > 0  # the test has teeth: updates happen, interleaved with scoring
+    assert recorder.events[-1][0] == "score" or mode == "ttt_chunked"
+
+
+@pytest.mark.parametrize("mode", TTT_MODES)
+def test_ttt_adapts_weights_and_puts_them_back(mode, model, val):
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with_ttt = run(mode, model, val)
+    without_ttt = run(mode, model, val, time_budget_s=0.0)  # budget spent: score only
+    assert with_ttt["val_bpb"] != pytest.approx(without_ttt["val_bpb"], abs=1e-4)
+    assert without_ttt["ttt_stopped_by_budget"] and not with_ttt["ttt_stopped_by_budget"]
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("mode", TTT_MODES)
+def test_spent_time_budget_stops_adaptation_but_scores_every_token(mode, model, val):
+    recorder = Recorder()
+    result = run(mode, model, val, audit=recorder, time_budget_s=0.0)
+    assert [event for event, _ in recorder.events if event == "update"] == []
+    assert result["scored_tokens"] == val.num_tokens - val.num_docs
+
+
+def changed_stream(val, first, last, seed):
+    """A copy of the stream with tokens [first, last) replaced by other non-BOS ids."""
+    tokens = val.tokens.numpy().copy()
+    rng = np.random.default_rng(seed)
+    tokens[first:last] = 2 + (tokens[first:last] - 2 + rng.integers(1, VOCAB - 2, last - first)) % (VOCAB - 2)
+    return make_val_data(tokens, val.byte_counts.numpy())
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_changing_later_tokens_of_a_document_leaves_everything_scored_before_unchanged(mode, model, val):
+    doc = int(np.argmax(val.doc_lengths))  # the longest document, changed from its middle on
+    doc_start, doc_end = int(val.doc_starts[doc]), int(val.doc_starts[doc] + val.doc_lengths[doc])
+    first_changed = doc_start + int(val.doc_lengths[doc]) // 2
+    recorder = Recorder()
+    original = nll_by_position(run(mode, model, val, audit=recorder))
+    changed = nll_by_position(run(mode, model, changed_stream(val, first_changed, doc_end, seed=3)))
+    order = recorder.score_order()
+    before = [p for p in original if order[p] < order[first_changed] or doc_start < p < first_changed]
+    assert len(before) > 10
+    assert max(abs(original[p] - changed[p]) for p in before) < TOLERANCE
+    assert max(abs(original[p] - changed[p]) for p in range(first_changed, doc_end)) > 1e-3
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_changing_a_later_document_leaves_documents_scored_before_it_unchanged(mode, model, val):
+    recorder = Recorder()
+    original = nll_by_position(run(mode, model, val, audit=recorder))
+    order = recorder.score_order()
+    doc = val.num_docs - 3  # a suffix document (after the phased prefix), changed entirely
+    doc_start, doc_end = int(val.doc_starts[doc]), int(val.doc_starts[doc] + val.doc_lengths[doc])
+    changed = nll_by_position(run(mode, model, changed_stream(val, doc_start + 1, doc_end, seed=4)))
+    first_scored = min(order[p] for p in range(doc_start + 1, doc_end))
+    earlier_docs = [d for d in range(val.num_docs) if d != doc and all(
+        order[p] < first_scored for p in range(int(val.doc_starts[d]) + 1, int(val.doc_starts[d] + val.doc_lengths[d])))]
+    assert earlier_docs
+    if mode in ("plain", "sliding"):  # without adaptation, no other document may change at all
+        earlier_docs = [d for d in range(val.num_docs) if d != doc]
+    positions = [p for d in earlier_docs for p in range(int(val.doc_starts[d]) + 1,
+                                                         int(val.doc_starts[d] + val.doc_lengths[d]))]
+    assert max(abs(original[p] - changed[p]) for p in positions) < TOLERANCE
+
+
+def test_phased_documents_do_not_share_their_adapters(model, val):
+    """Within a phase, per-document LoRA TTT: a document's score does not depend on the other
+    documents batched with it (here: batches of 1 vs 3)."""
+    config = dict(lora_rank=4, lora_lr=0.01, chunk_size=8, context=24, prefix_docs=0)
+    alone = eval_ttt_phased(model, val, PhasedTTTConfig(docs_per_batch=1, **config), keep_token_scores=True)
+    batched = eval_ttt_phased(model, val, PhasedTTTConfig(docs_per_batch=3, **config), keep_token_scores=True)
+    alone, batched = nll_by_position(alone), nll_by_position(batched)
+    assert max(abs(alone[p] - batched[p]) for p in alone) < TOLERANCE
+
+
+# --- per-token output, summary, warm-up ---------------------------------------------------------
+
+
+def test_saved_token_nll_file_reproduces_the_score(model, val, tmp_path):
+    result = run("ttt_phased", model, val)
+    path = str(tmp_path / "token_nll.npz")
+    save_token_nll(path, result, val)
+    audited = audit_token_nll(path)
+    assert audited["val_bpb"] == pytest.approx(result["val_bpb"], rel=1e-6)
+    assert audited["scored_tokens"] == result["scored_tokens"] and audited["scored_bytes"] == result["scored_bytes"]
+    assert audited["documents"] == val.num_docs
+    with np.load(path) as saved:
+        positions = saved["stream_position"]
+        assert np.array_equal(val.doc_starts[saved["doc_index"]] + saved["position_in_doc"], positions)
+        assert np.array_equal(saved["token_id"], val.tokens.numpy()[positions])
+
+
+def test_log_lines_and_summary_fields():
+    result = {"val_loss": 2.5, "val_bpb": 1.25, "scored_tokens": 10, "scored_bytes": 30, "eval_time_s": 1.5}
+    assert format_eval_line("quantized_ttt_phased", result) == (
+        "quantized_ttt_phased val_loss:2.50000000 val_bpb:1.25000000 scored_tokens:10 scored_bytes:30 "
+        "eval_time:1500ms")
+    summary = eval_summary({"pre_quant": result, "quantized": result, "quantized_ttt_phased": result},
+                           eval_time_limit_s=2.0)
+    assert summary["ttt_mode"] == "phased" and summary["sliding_val_bpb"] is None
+    assert summary["eval_time_s"] == 3.0 and summary["eval_time_ok"] is False
+
+
+def test_compile_warm_up_uses_random_tokens_and_leaves_weights_alone(model):
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    warm_up_on_random_tokens(model, VOCAB, seq_len=16, batch_size=2)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    assert all(param.grad is None for param in model.parameters())
+
+
+# --- distributed: two Gloo processes give the single-process score ------------------------------
+
+
+def _distributed_worker(rank, world_size, port, queue):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        model, val = tiny_model(), tiny_val()
+        results = {mode: run(mode, model, val) for mode in MODES}
+        if rank == 0:
+            queue.put({mode: (r["val_bpb"], r["scored_tokens"], sorted(r["token_positions"].tolist()))
+                       for mode, r in results.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_single_process_val_bpb(model, val):
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.SimpleQueue()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.spawn(_distributed_worker, args=(2, port, queue), nprocs=2, join=True)
+    distributed = queue.get()
+    for mode in MODES:
+        single = run(mode, model, val)
+        bpb, tokens, positions = distributed[mode]
+        assert tokens == single["scored_tokens"] and positions == sorted(single["token_positions"].tolist())
+        assert bpb == pytest.approx(single["val_bpb"], abs=TOLERANCE), mode
