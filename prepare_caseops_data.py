@@ -976,11 +976,13 @@ def encode_documents(args, out_dir: Path, state: dict, stats: dict, model_bytes:
                 state["files"] += writers[current_split].flush()
                 checkpoint(current_split, doc_index, 0, {s: stats[s].to_json() for s in stats})
                 current_split = split
-            before = {s: stats[s].to_json() for s in stats}
-            stats[split].add(doc_index, result)
-            done_bytes += result.original_bytes
             tokens, sidecar = result.tokens, result.sidecar
             position = skip_tokens if doc_index == start_doc else 0
+            # a checkpoint taken inside this document must not count it yet (it is redone on resume)
+            straddles = tokens.size - position > writers[split].room()
+            before = {s: stats[s].to_json() for s in stats} if straddles else None
+            stats[split].add(doc_index, result)
+            done_bytes += result.original_bytes
             while position < tokens.size:
                 take = min(tokens.size - position, writers[split].room())
                 writers[split].add(tokens[position : position + take],

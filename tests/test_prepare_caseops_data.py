@@ -503,6 +503,19 @@ def oversized_model(tmp_path_factory) -> Path:
     return path
 
 
+def test_caseops_run_refuses_a_tokenizer_without_the_operators(tmp_path, capsys):
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(make_docs(50)), model_writer=model, model_type="bpe",
+                                   vocab_size=500, byte_fallback=True, hard_vocab_limit=False, pad_id=0, bos_id=1,
+                                   eos_id=2, unk_id=3, minloglevel=2)
+    path = tmp_path / "plain.model"
+    path.write_bytes(model.getvalue())
+    code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", ["a", "b"]), "out", "--sp", str(path),
+                         "--val-docs", "1")
+    assert code == 2 and "U+E001" in capsys.readouterr().err
+    assert not list(out.glob("fineweb_*"))
+
+
 def test_failed_tokenizer_training_is_a_clear_error(tmp_path, capsys):
     code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", make_docs(20)), "out", "--vocab-size", "20",
                          "--val-docs", "5")
