@@ -70,6 +70,7 @@ class Hyperparameters:
     attn_backend: str = knob("auto", "run", "auto|fa3|flex|sdpa|plain attention kernel (auto: best available)")
     autocast: str = knob("auto", "run", "auto|bf16|fp32 compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     post_training_only: bool = knob(False, "run", "skip training; quantize/evaluate ARTIFACT_DIR/final_model.pt")
+    post_training_enabled: bool = knob(True, "run", "run quantization and evaluation after training (0: train only)")
 
     # ---- model (SPEC section 5)
     vocab_size: int = knob(8192, "model", "vocabulary size (token ids must be below it)")
@@ -1418,7 +1419,8 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     context = RunContext(artifact_dir=artifact_dir, log=log, device=device, rank=rank, world_size=world_size,
                          autocast=autocast, make_train_loader=make_loader, clock=clock,
                          training_start=training_start, train_time_s=train_time)
-    summary.update(post_training(h, model, context))
+    if h.post_training_enabled:
+        summary.update(post_training(h, model, context))
     summary["hyperparameters"] = h.as_dict()
     if rank == 0:
         atomic_write_text(json.dumps(summary, indent=2, default=str) + "\n", os.path.join(artifact_dir, "summary.json"))

@@ -1,0 +1,278 @@
+"""The model: every switch runs forward/backward, gradients reach every parameter group, depth
+recurrence and parallel lanes behave as specified, documents are isolated, backends agree."""
+
+import math
+
+import pytest
+import torch
+
+import train_gpt
+from tg_helpers import perturb_parameters, random_tokens, tiny_h
+
+ALL_OFF = dict(XSA=0, UNET_SKIPS=0, SKIP_GATES=0, RESID_MIX=0, NUM_LOOPS=1, PARALLEL_START_LAYER=-1, GATED_ATTN=0,
+               SPARSE_ATTN_GATE=0, SMEAR_GATE=0, LN_SCALE=0, ROPE_DIMS=0, LOGIT_SOFTCAP=0)
+
+
+def build(h, backend="plain", seed=0, perturb=True, recurrence=True):
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(h, backend)
+    if perturb:
+        perturb_parameters(model, seed)
+    model.set_recurrence(recurrence)
+    return model
+
+
+def test_interface_shapes_and_dtypes():
+    model = build(tiny_h())
+    ids = random_tokens(2, 128, bos_every=50)
+    logits = model.forward_logits(ids)
+    nll = model.per_token_nll(ids, ids)
+    loss = model(ids, ids)
+    assert logits.shape == (2, 128, 512) and logits.dtype == torch.float32
+    assert nll.shape == (2, 128) and nll.dtype == torch.float32
+    assert torch.allclose(loss, nll.mean())
+    assert logits.abs().max() <= 30.0  # softcap
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none")
+    assert torch.allclose(nll.flatten(), expected)
+
+
+@pytest.mark.parametrize("switch, value", [
+    ("XSA", 0), ("UNET_SKIPS", 0), ("SKIP_GATES", 0), ("RESID_MIX", 0), ("NUM_LOOPS", 1),
+    ("PARALLEL_START_LAYER", -1), ("GATED_ATTN", 0), ("SPARSE_ATTN_GATE", 0), ("SMEAR_GATE", 0), ("LN_SCALE", 0),
+    ("ROPE_DIMS", 0), ("ROPE_DIMS", 16), ("LOGIT_SOFTCAP", 0), ("MLP_ACT", "relu2"), ("QK_GAIN_INIT", 1.5),
+])
+def test_each_switch_changes_the_function_and_trains(switch, value):
+    overrides = {switch: value}
+    if switch == "GATED_ATTN":
+        overrides["SPARSE_ATTN_GATE"] = 0
+    ids = random_tokens(2, 128, bos_every=40)
+    reference = build(tiny_h())(ids, ids)
+    model = build(tiny_h(**overrides))
+    loss = model(ids, ids)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert not torch.allclose(loss, reference), f"{switch}={value} did not change the model"
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_everything_off_still_trains():
+    model = build(tiny_h(**ALL_OFF), recurrence=False)
+    ids = random_tokens(2, 128)
+    model(ids, ids).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("recurrence", [True, False])
+def test_gradient_reaches_every_parameter_and_every_optimizer_group(recurrence):
+    h = tiny_h()
+    model = build(h, recurrence=recurrence)
+    ids = random_tokens(2, 128, bos_every=50)
+    model(ids, ids).backward()
+    optimizer = train_gpt.TrainingOptimizer(model, h)
+    grouped = [p for g in optimizer.muon.param_groups for p in g["params"]] + optimizer.adam_params
+    assert sorted(map(id, grouped)) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    unused_skips = 0
+    for name, param in model.named_parameters():
+        nonzero_rows = (param.grad.reshape(param.shape[0], -1).abs().sum(-1) > 0) if param.dim() else param.grad != 0
+        if name in ("skip_weights", "skip_gates") and not recurrence:
+            # fewer U-Net pairs without recurrence: only the first rows are used
+            encoder, _ = model.layer_order()
+            assert nonzero_rows[: len(encoder)].all() and not nonzero_rows[len(encoder):].any()
+            unused_skips += 1
+            continue
+        assert nonzero_rows.all(), f"{name} has rows without gradient"
+    assert unused_skips == (0 if recurrence else 2)
+    for group in optimizer.muon.param_groups + optimizer.adam.param_groups:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in group["params"])
+
+
+def test_parameter_routing_matrices_to_muon_rest_to_adam():
+    h = tiny_h()
+    model = build(h)
+    optimizer = train_gpt.TrainingOptimizer(model, h)
+    muon = {id(p) for g in optimizer.muon.param_groups for p in g["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in muon}
+    assert names == {n for n, _ in model.named_parameters()
+                     if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight",
+                                    "fc.weight", "proj.weight")) and "gate" not in n}
+    assert optimizer.adam.param_groups[0]["params"][0] is model.tok_emb.weight
+
+
+def test_layer_order_with_and_without_recurrence():
+    model = train_gpt.GPT(train_gpt.Hyperparameters.from_env({"PRESET": "pr1493", "NUM_LAYERS": "11"}))
+    assert model.layer_order(looping=True) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert model.layer_order(looping=False) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
+    assert model.skip_weights.shape[0] == 8
+
+
+def test_recurrence_switch_changes_output_and_reuses_weights():
+    h = tiny_h()
+    model = build(h, recurrence=False)
+    ids = random_tokens(1, 64)
+    off = model.forward_logits(ids)
+    model.set_recurrence(True)
+    on = model.forward_logits(ids)
+    assert not torch.allclose(off, on)
+    calls = []
+    model.blocks[2].register_forward_hook(lambda *args: calls.append(2))
+    model.forward_logits(ids)
+    assert len(calls) == h.num_loops  # the looped block runs once per pass with the same weights
+    no_loop = build(tiny_h(NUM_LOOPS=1))
+    no_loop.set_recurrence(True)
+    assert no_loop.recurrence_active is False
+
+
+def test_parallel_lanes_start_equal_and_split_when_mixes_differ():
+    h = tiny_h(NUM_LOOPS=1)
+    model = build(h)
+    assert [block.parallel for block in model.blocks] == [False] * 4 + [True] * 2
+    lanes = {}
+    model.blocks[4].register_forward_hook(lambda module, args, output: lanes.setdefault("out", output))
+    ids = random_tokens(1, 32)
+    with torch.no_grad():
+        model.blocks[4].lane_mix.fill_(1.0)  # both lanes get the same updates: they stay equal
+        model.blocks[4].lane_resid.fill_(1.0)
+        model.forward_logits(ids)
+        assert lanes["out"].shape[0] == 2 and torch.allclose(lanes["out"][0], lanes["out"][1])
+        model.blocks[4].lane_mix[1, 0] = 0.0  # lane 1 stops receiving attention output
+        lanes.clear()
+        model.forward_logits(ids)
+        assert not torch.allclose(lanes["out"][0], lanes["out"][1])
+
+
+def test_parallel_block_matches_its_definition():
+    h = tiny_h(NUM_LOOPS=1, RESID_MIX=0)
+    model = build(h)
+    block = model.blocks[5]
+    layout = train_gpt.DocumentLayout.build(random_tokens(1, 16), "plain")
+    x = torch.randn(2, 1, 16, h.model_dim)
+    with torch.no_grad():
+        out = block(x, x[0], layout)
+        attn = block.attn_scale * block.attn(train_gpt.rms_norm(x[0]) * block.ln_scale, layout)
+        mlp = block.mlp_scale * block.mlp(train_gpt.rms_norm(x[1]) * block.ln_scale)
+        for lane in range(2):
+            expected = block.lane_resid[lane] * x[lane] + block.lane_mix[lane, 0] * attn + block.lane_mix[lane, 1] * mlp
+            assert torch.allclose(out[lane], expected, atol=1e-5)
+    assert block.ln_scale == pytest.approx(1 / math.sqrt(6))
+
+
+def _doc(length, seed):
+    ids = random_tokens(1, length, seed=seed)[0]
+    ids[0] = train_gpt.BOS_ID
+    return ids
+
+
+@pytest.mark.parametrize("backend", ["plain", "sdpa"])
+@pytest.mark.parametrize("smear", [0, 1])
+def test_token_output_unchanged_by_a_different_preceding_document(backend, smear):
+    model = build(tiny_h(SMEAR_GATE=smear), backend)
+    target_doc = _doc(40, seed=1)
+    first = torch.cat([_doc(30, seed=2), target_doc])[None]
+    second = torch.cat([_doc(55, seed=3), target_doc])[None]
+    with torch.no_grad():
+        a = model.forward_logits(first)[0, 30:]
+        b = model.forward_logits(second)[0, 55:]
+        alone = model.forward_logits(target_doc[None])[0]
+    assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a, alone, atol=1e-4)
+
+
+def test_isolation_depends_on_bos_not_on_luck():
+    """Sanity check of the test above: without the BOS the preceding text does change the output."""
+    model = build(tiny_h())
+    target_doc = _doc(40, seed=1)
+    target_doc[0] = 9  # not a BOS: the two segments are one document
+    first = torch.cat([_doc(30, seed=2), target_doc])[None]
+    second = torch.cat([_doc(30, seed=3), target_doc])[None]
+    with torch.no_grad():
+        assert not torch.allclose(model.forward_logits(first)[0, 30:], model.forward_logits(second)[0, 30:], atol=1e-3)
+
+
+def test_outputs_are_causal():
+    model = build(tiny_h())
+    ids = random_tokens(1, 64, bos_every=20)
+    changed = ids.clone()
+    changed[0, 50:] = 9
+    with torch.no_grad():
+        assert torch.allclose(model.forward_logits(ids)[0, :50], model.forward_logits(changed)[0, :50], atol=1e-5)
+
+
+def test_cpu_backends_agree():
+    h = tiny_h()
+    ids = random_tokens(2, 128, bos_every=37)
+    with torch.no_grad():
+        reference = build(h, "plain").forward_logits(ids)
+        for backend in ("sdpa", "flex"):
+            if backend == "flex":
+                pytest.importorskip("torch.nn.attention.flex_attention")
+            other = build(h, backend).forward_logits(ids)
+            assert torch.allclose(reference, other, atol=1e-4), backend
+
+
+def test_backend_selection_on_cpu():
+    cpu = torch.device("cpu")
+    assert train_gpt.select_attention_backend("auto", cpu) == "sdpa"
+    assert train_gpt.select_attention_backend("plain", cpu) == "plain"
+    with pytest.raises(ValueError, match="ATTN_BACKEND=fa3"):
+        train_gpt.select_attention_backend("fa3", cpu)
+
+
+def test_xsa_removes_the_own_value_component():
+    h = tiny_h(GATED_ATTN=0, SPARSE_ATTN_GATE=0)
+    attn = build(h).blocks[0].attn
+    captured = {}
+    original = train_gpt.attention
+
+    def spy(q, k, v, layout):
+        out = original(q, k, v, layout)
+        captured["v"] = v
+        return out
+
+    x = torch.randn(1, 16, h.model_dim)
+    layout = train_gpt.DocumentLayout.build(random_tokens(1, 16), "plain")
+    outputs = {}
+    attn.out_proj.register_forward_hook(lambda module, args, output: outputs.setdefault("y", args[0]))
+    train_gpt.attention = spy
+    try:
+        with torch.no_grad():
+            attn(x, layout)
+    finally:
+        train_gpt.attention = original
+    y = outputs["y"].view(1, 16, h.num_heads, h.head_dim)
+    v = captured["v"].repeat_interleave(h.num_heads // h.num_kv_heads, dim=2)
+    assert (y * v).sum(-1).abs().max() < 1e-4  # orthogonal to the own value vector
+
+
+def test_lora_hook_sees_every_site_and_its_delta_is_added():
+    h = tiny_h(NUM_LOOPS=1)
+    model = build(h)
+    seen = []
+
+    def adapter(site, layer_index, x):
+        seen.append((site, layer_index))
+        return torch.ones(1) * 0.01 if site == "head" else None
+
+    ids = random_tokens(1, 32)
+    with torch.no_grad():
+        plain = model.forward_logits(ids)
+        adapted = model.forward_logits(ids, lora=adapter)
+    sites = {site for site, _ in seen}
+    assert sites == {"q", "k", "v", "o", "mlp_in", "mlp_out", "head"}
+    assert ("head", -1) in seen and {layer for _, layer in seen if layer >= 0} == set(range(h.num_layers))
+    cap = h.logit_softcap
+    expected = cap * torch.tanh((cap * torch.atanh(plain / cap) + 0.01) / cap)
+    assert torch.allclose(adapted, expected, atol=1e-3)
+    nll = model.per_token_nll(ids, ids, lora=adapter)
+    assert nll.shape == (1, 32)
+
+
+def test_gated_attention_init_std_and_sparse_gate_width():
+    model = train_gpt.GPT(train_gpt.Hyperparameters.from_env({"PRESET": "pr1855", "NUM_LAYERS": "2",
+                                                              "LOOP_START": "0", "LOOP_END": "0",
+                                                              "PARALLEL_START_LAYER": "1"}))
+    gate = model.blocks[0].attn.gate.weight
+    assert gate.shape == (8, 12)
+    dense = train_gpt.GPT(train_gpt.Hyperparameters.from_env({"PRESET": "pr1736", "NUM_LAYERS": "2", "LOOP_START": "0",
+                                                              "LOOP_END": "0", "PARALLEL_START_LAYER": "1"}))
+    weight = dense.blocks[0].attn.gate.weight
+    assert weight.shape == (8, 512) and abs(weight.std().item() - 0.005) < 0.0005
+    assert abs(model.tok_emb.weight.std().item() - 0.005) < 0.0002

@@ -1,0 +1,108 @@
+"""Muon's Newton-Schulz, the schedules and the optimizer step."""
+
+import pytest
+import torch
+
+import train_gpt
+from tg_helpers import random_tokens, tiny_h
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (64, 32), (48, 48)])
+@pytest.mark.parametrize("polar_express", [False, True])
+def test_newton_schulz_approximates_the_polar_factor(shape, polar_express):
+    torch.manual_seed(0)
+    grad = torch.randn(*shape)
+    out = train_gpt.newton_schulz(grad, steps=5, polar_express=polar_express)
+    singular_values = torch.linalg.svdvals(out)
+    # the quintic iteration is tuned for speed, not exactness: singular values land near 1
+    low, high = (0.6, 1.2) if not polar_express else (0.8, 1.2)
+    assert singular_values.min() > low and singular_values.max() < high
+    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+    polar = u @ vh  # the exact orthogonal polar factor
+    cosine = (out * polar).sum() / (out.norm() * polar.norm())
+    assert cosine > 0.97
+    assert out.shape == grad.shape
+
+
+def test_polar_express_is_closer_to_orthogonal_than_standard():
+    torch.manual_seed(1)
+    grad = torch.randn(64, 128)
+    error = {pe: (torch.linalg.svdvals(train_gpt.newton_schulz(grad, 5, pe)) - 1).abs().max() for pe in (False, True)}
+    assert error[True] < 0.2
+    assert error[True] < error[False]
+
+
+def test_newton_schulz_is_batched_and_pure():
+    torch.manual_seed(2)
+    grads = torch.randn(3, 16, 24)
+    before = grads.clone()
+    batched = train_gpt.newton_schulz(grads)
+    assert torch.equal(grads, before)
+    for index in range(3):
+        assert torch.allclose(batched[index], train_gpt.newton_schulz(grads[index]), atol=1e-5)
+
+
+def test_lr_schedule_is_flat_then_linear_to_the_floor():
+    f = train_gpt.lr_multiplier
+    assert f(0.0, 0.75, 0.1) == 1.0 and f(0.25, 0.75, 0.1) == 1.0
+    assert f(1.0, 0.75, 0.1) == pytest.approx(0.1)
+    assert f(0.625, 0.75, 0.0) == pytest.approx(0.5)
+    assert f(1.7, 0.75, 0.0) == 0.0 and f(-1, 0.75, 0.0) == 1.0
+    values = [f(p / 100, 0.85, 0.1) for p in range(101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_momentum_warmup():
+    h = tiny_h(MUON_MOMENTUM_WARMUP_STEPS=100, MUON_MOMENTUM_WARMUP_START=0.92, MUON_MOMENTUM=0.97)
+    assert train_gpt.muon_momentum_at(0, h) == pytest.approx(0.92)
+    assert train_gpt.muon_momentum_at(50, h) == pytest.approx(0.945)
+    assert train_gpt.muon_momentum_at(1000, h) == pytest.approx(0.97)
+
+
+def test_muon_update_matches_a_hand_computed_step():
+    """One Muon step on one matrix equals: momentum, Nesterov, row norm, NS, shape scale, decoupled wd."""
+    torch.manual_seed(3)
+    weight = torch.nn.Parameter(torch.randn(64, 32))
+    start = weight.detach().clone()
+    grad = torch.randn(64, 32)
+    weight.grad = grad.clone()
+    muon = train_gpt.Muon([dict(params=[weight], weight_decay=0.1)], lr=0.02, momentum=0.9, nesterov=True,
+                          backend_steps=5, polar_express=False, row_normalize=True)
+    muon.apply_updates(muon.reduce_gradients())
+    update = grad + 0.9 * grad  # buffer = grad after one step; Nesterov adds momentum * buffer
+    update = update / update.norm(dim=-1, keepdim=True)
+    update = train_gpt.newton_schulz(update) * (64 / 32) ** 0.5
+    expected = start * (1 - 0.02 * 0.1) - 0.02 * update
+    assert torch.allclose(weight.detach(), expected, atol=1e-5)
+
+
+def test_gradient_clipping_scales_by_the_global_norm():
+    h = tiny_h(GRAD_CLIP_NORM=1e-3)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h)
+    optimizer = train_gpt.TrainingOptimizer(model, h)
+    ids = random_tokens(2, 64)
+    model(ids, ids).backward()
+    expected_norm = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters())).item()
+    embed_grad = model.tok_emb.weight.grad.clone()
+    norm = optimizer.step()
+    assert norm == pytest.approx(expected_norm, rel=1e-4)
+    # Adam grads were scaled in place before the update
+    assert torch.allclose(model.tok_emb.weight.grad, embed_grad * (1e-3 / (expected_norm + 1e-6)), rtol=1e-4)
+
+
+def test_optimizer_state_round_trips_exactly():
+    h = tiny_h()
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h)
+    optimizer = train_gpt.TrainingOptimizer(model, h)
+    ids = random_tokens(2, 64)
+    model(ids, ids).backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    assert len(saved["muon"]["state"]) == sum(len(g["params"]) for g in optimizer.muon.param_groups)
+    assert len(saved["adam"]["state"]) == len(optimizer.adam_params)
+    fresh = train_gpt.TrainingOptimizer(model, h)
+    fresh.load_state_dict(saved)
+    for param, state in optimizer.muon.state.items():
+        assert torch.equal(fresh.muon.state[param]["momentum_buffer"], state["momentum_buffer"])

@@ -1,0 +1,36 @@
+"""Small helpers shared by the train_gpt tests (tiny configurations, parameter perturbation)."""
+
+import torch
+
+import train_gpt
+
+TINY_ENV = dict(PRESET="tiny", VOCAB_SIZE="512", NUM_LAYERS="6", MODEL_DIM="64", NUM_HEADS="4",
+                NUM_KV_HEADS="2", TRAIN_SEQ_LEN="128", ROPE_DIMS="8", LOOP_START="2", LOOP_END="3",
+                NUM_LOOPS="3", PARALLEL_START_LAYER="4", WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0",
+                GPTQ_RESERVE_SECONDS="0", TRAIN_LOG_EVERY="1", POST_TRAINING_ENABLED="0")
+
+
+def tiny_h(**overrides) -> train_gpt.Hyperparameters:
+    """A tiny Hyperparameters (vocab 512, width 64, 6 layers, seq 128) with env-style overrides."""
+    env = dict(TINY_ENV)
+    env.update({key: str(value) for key, value in overrides.items()})
+    return train_gpt.Hyperparameters.from_env(env)
+
+
+def perturb_parameters(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Add noise to every parameter so zero-initialized paths (output projections, smear lambda)
+    become live; tests of gradient flow and masking need every path active."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def random_tokens(batch: int, seq_len: int, vocab: int = 512, seed: int = 0, bos_every: int = 0) -> torch.Tensor:
+    """Random ids in [8, vocab) with a BOS at position 0 and every `bos_every` tokens (0: only at 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(8, vocab, (batch, seq_len), generator=generator)
+    ids[:, 0] = train_gpt.BOS_ID
+    if bos_every:
+        ids[:, ::bos_every] = train_gpt.BOS_ID
+    return ids
