@@ -141,6 +141,13 @@ def absmax_quantize(weight, bits):
     return rtn_quantize(weight, bits, 0.0, scales=scales)
 
 
+def quantile_int8_quantize(weight, percentile=99.99984):
+    """The challenge baseline's scheme: per-row int8, scale = (row's |w| percentile) / 127."""
+    clip = torch.quantile(weight.float().abs(), percentile / 100.0, dim=1)
+    scales = (clip / 127.0).clamp_min(2.0 ** -24).to(torch.float16)
+    return rtn_quantize(weight, 8, 0.0, scales=scales)
+
+
 def _propagation_matrix(hessian, damp):
     """GPTQ's error propagation without inverting H. The textbook form rounds column j and then
     subtracts e_j * U[j, j+1:] from the later columns, e_j = (w_j - q_j) / U[j, j], where U is the
@@ -206,12 +213,17 @@ def dequantize_codes(codes, scales):
     return codes.float() * scales.float()[:, None]
 
 
-def hessian_weighted_error(weight, approx, hessian):
-    """tr(E H E^T) / tr(W H W^T) with E = W - approx: the relative squared error of the layer's
-    output on the calibration inputs."""
-    error = weight.float() - approx.float()
-    hessian = hessian.float()
-    return ((error @ hessian) * error).sum().item() / ((weight.float() @ hessian) * weight.float()).sum().item()
+def hessian_weighted_error(weight, approx, hessian, relative=True):
+    """tr(E H E^T), E = weight - approx: the squared error of the layer's output summed over
+    features, averaged over calibration inputs; divided by tr(W H W^T) when relative (0 for an
+    all-zero weight quantized exactly)."""
+    hessian = hessian.float().to(weight.device)
+    error = weight.float() - approx.float().to(weight.device)
+    absolute = ((error @ hessian) * error).sum().item()
+    if not relative:
+        return absolute
+    reference = ((weight.float() @ hessian) * weight.float()).sum().item()
+    return absolute / reference if reference > 0 else (0.0 if absolute == 0 else float("inf"))
 
 
 # --- LQER: low-rank correction of the quantization error -----------------------------------------
@@ -268,7 +280,7 @@ def lqer_factors(error, rank, hessian=None, damp=0.01):
 class QuantSettings:
     """Per-class bit widths and SDClip sigmas; the caller fills these from Hyperparameters (presets
     included). Defaults are the PR 1736 record settings."""
-    method: str = "gptq"  # "gptq" or "rtn" (round-to-nearest, same scales)
+    method: str = "gptq"  # "gptq" | "rtn" (round-to-nearest, same scales) | "int8" (baseline per-row)
     matrix_bits: int = 6
     matrix_clip: float = 12.85
     mlp_bits: int = 6
@@ -279,7 +291,7 @@ class QuantSettings:
     embed_clip: float = 15.0
     embed_name: str = "tok_emb.weight"
     gate_bits: int = 8  # attention-gate weights, per-row absmax; 0 = treat as any other tensor
-    gate_patterns: tuple = ("attn_gate",)
+    gate_patterns: tuple = ("attn.gate", "attn_gate")
     mlp_patterns: tuple = ("mlp",)
     attn_patterns: tuple = ("attn",)
     small_numel: int = 65_536  # float tensors up to this size are kept in fp16
@@ -289,7 +301,21 @@ class QuantSettings:
     lqer_top_k: int = 3
     lqer_bits: int = 4
     lqer_group_size: int = 64
-    clip_search: tuple = ()  # clip multipliers to try per tensor (minimum Hessian-weighted error)
+
+
+def quant_settings_from_hparams(h):
+    """QuantSettings from the run's Hyperparameters (duck-typed: only the quant_*/gptq_*/lqer_*
+    fields are read). Attention matrices use QUANT_MATRIX_BITS."""
+    return QuantSettings(
+        method="int8" if h.quant_scheme == "int8" else "gptq",
+        matrix_bits=h.quant_matrix_bits, matrix_clip=h.quant_matrix_clip_sigmas,
+        mlp_bits=h.quant_mlp_bits, mlp_clip=h.quant_mlp_clip_sigmas,
+        attn_bits=h.quant_matrix_bits, attn_clip=h.quant_attn_clip_sigmas,
+        embed_bits=h.quant_embed_bits, embed_clip=h.quant_embed_clip_sigmas,
+        gate_bits=h.quant_gate_bits, small_numel=h.quant_small_tensor_numel,
+        block_size=h.gptq_block_size, damp=h.gptq_damp,
+        lqer_rank=h.lqer_rank if h.lqer_enabled else 0, lqer_top_k=h.lqer_top_k,
+        lqer_bits=h.lqer_bits, lqer_group_size=h.lqer_group_size)
 
 
 def classify_tensor(name, tensor, settings):
@@ -311,18 +337,11 @@ def classify_tensor(name, tensor, settings):
 
 
 def _quantize_matrix(weight, hessian, bits, clip, settings):
+    if settings.method == "int8":
+        return quantile_int8_quantize(weight)
     if hessian is None or settings.method == "rtn":
         return rtn_quantize(weight, bits, clip)
-    candidates = [clip * m for m in settings.clip_search] or [clip]
-    best = None
-    for candidate in candidates:
-        codes, scales = gptq_quantize(weight, hessian, bits, candidate, settings.block_size, settings.damp)
-        if len(candidates) == 1:
-            return codes, scales
-        error = hessian_weighted_error(weight, dequantize_codes(codes, scales), hessian)
-        if best is None or error < best[0]:
-            best = (error, codes, scales)
-    return best[1], best[2]
+    return gptq_quantize(weight, hessian, bits, clip, settings.block_size, settings.damp)
 
 
 @torch.no_grad()
@@ -334,6 +353,8 @@ def quantize_model_state(state_dict, hessians, settings, log=None):
     for name, tensor in state_dict.items():
         tensor = tensor.detach()
         kind, bits, clip = classify_tensor(name, tensor, settings)
+        if kind == "matrix" and settings.method == "int8":
+            bits = 8
         dtype_name = str(tensor.dtype).removeprefix("torch.")
         if kind == "raw":
             entries[name] = {"kind": "raw", "tensor": tensor.cpu().contiguous()}
@@ -343,7 +364,7 @@ def quantize_model_state(state_dict, hessians, settings, log=None):
             shape = list(tensor.shape)
             weight = tensor.float().reshape(shape[0], -1)
             hessian = hessians.get(name) if kind == "matrix" else None
-            if kind == "matrix" and hessian is None and log is not None:
+            if kind == "matrix" and hessian is None and settings.method == "gptq" and log is not None:
                 log(f"quant: no Hessian for {name}, using round-to-nearest")
             if kind == "gate":
                 codes, scales = absmax_quantize(weight, bits)
@@ -353,7 +374,7 @@ def quantize_model_state(state_dict, hessians, settings, log=None):
                              "codes": codes.cpu(), "scales": scales.cpu()}
             if kind == "matrix" and settings.lqer_rank > 0:
                 approx = dequantize_codes(codes, scales)
-                errors[name] = (hessian_weighted_error(weight, approx, hessian) * ((weight @ hessian.to(weight.device)) * weight).sum().item()
+                errors[name] = (hessian_weighted_error(weight, approx, hessian, relative=False)
                                 if hessian is not None else (weight - approx).square().sum().item())
     if settings.lqer_rank > 0:
         for name in sorted(errors, key=errors.get, reverse=True)[:settings.lqer_top_k]:
@@ -467,11 +488,12 @@ def _array_group(dtype_name):
     return {"int8": 0, "uint8": 0, "bool": 0}.get(dtype_name, 1 if dtype_name in ("float16", "bfloat16", "int16") else 2)
 
 
-def serialize_artifact(container, codec="brotli", per_group=False):
+def serialize_artifact(container, codec="brotli", per_group=False, shuffle=True):
     """Container -> bytes. Layout: header (magic, version, codec, stream table with lengths and
     crc32s, crc32 of the header), then the compressed streams. Stream 0 is the JSON description of
     every entry and array (dtype, shape, stream, offset); the arrays follow in one byte-shuffled
-    (stride 2) stream, or with per_group=True in one stream per element width (stride = width)."""
+    (stride 2) stream, or with per_group=True in one stream per element width (stride = width);
+    shuffle=False (baseline) stores the bytes as they are."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
     n_groups = 3 if per_group else 1
@@ -494,6 +516,8 @@ def serialize_artifact(container, codec="brotli", per_group=False):
                           "arrays": [placement[(name, k)] for k, v in entry.items() if isinstance(v, torch.Tensor)]})
     meta = json.dumps({"entries": described}, separators=(",", ":")).encode()
     strides = [1] + ([1, 2, 4] if per_group else [2])
+    if not shuffle:
+        strides = [1] * len(strides)
     raws = [meta] + [bytes(p) for p in payloads]
     table, bodies = b"", []
     for stride, raw in zip(strides, raws):
@@ -629,12 +653,12 @@ def atomic_write_bytes(path, data):
         raise
 
 
-def write_artifact(artifact_dir, container, code_path, *, codec="brotli", per_group=False,
+def write_artifact(artifact_dir, container, code_path, *, codec="brotli", per_group=False, shuffle=True,
                    model_filename="final_model.ptz", code_filename="train_gpt_packed.py",
                    limit_bytes=ARTIFACT_LIMIT_BYTES, log=print):
     """Writes the compressed model and the packed code (rank 0 only: the caller decides) and returns
     the summary.json fields code_bytes, model_bytes, artifact_bytes, artifact_limit_ok."""
-    blob = serialize_artifact(container, codec=codec, per_group=per_group)
+    blob = serialize_artifact(container, codec=codec, per_group=per_group, shuffle=shuffle)
     with open(code_path, encoding="utf-8") as handle:
         packed = pack_code(handle.read()).encode("utf-8")
     atomic_write_bytes(os.path.join(artifact_dir, model_filename), blob)

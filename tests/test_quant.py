@@ -15,8 +15,9 @@ sys.path.insert(0, REPO)
 from _sections.quant import (ArtifactError, QuantSettings, byte_shuffle, byte_unshuffle,  # noqa: E402
                              classify_tensor, collect_hessians, counted_code_bytes, dequantize_codes,
                              dequantize_state, deserialize_artifact, gptq_quantize, hessian_weighted_error,
-                             load_quantized_into, pack_code, quantize_model_state, rtn_quantize,
-                             sdclip_scales, serialize_artifact, write_artifact)
+                             load_quantized_into, pack_code, quant_settings_from_hparams,
+                             quantize_model_state, quantile_int8_quantize, rtn_quantize, sdclip_scales,
+                             serialize_artifact, write_artifact)
 
 
 def correlated_hessian(cols, tokens=4096, seed=0):
@@ -205,6 +206,30 @@ def test_tensors_are_classified_by_role_with_configurable_bits_and_clips():
     assert kinds["step_counter"][0] == "raw"
 
 
+def test_baseline_int8_scheme_uses_per_row_percentile_scales():
+    weight = random_weight(17, 4096)
+    weight[3, 17] = 5.0  # the row's largest entry maps to the top code
+    codes, scales = quantile_int8_quantize(weight)
+    assert codes.abs().max().item() == 127 and codes[3, 17].item() == 127
+    expected = (torch.quantile(weight.abs(), 0.9999984, dim=1) / 127).to(torch.float16)
+    assert torch.equal(scales, expected)
+    container = quantize_model_state({"blocks.0.mlp.fc.weight": weight}, {}, QuantSettings(method="int8"))
+    assert container["entries"]["blocks.0.mlp.fc.weight"]["bits"] == 8
+
+
+def test_preset_quant_settings_follow_the_published_systems():
+    train_gpt = pytest.importorskip("train_gpt")
+    settings = {name: quant_settings_from_hparams(train_gpt.Hyperparameters.from_env({"PRESET": name}))
+                for name in ("pr1855", "pr1736", "pr1493", "pr1274", "baseline")}
+    assert (settings["pr1855"].mlp_clip, settings["pr1855"].embed_bits, settings["pr1855"].embed_clip) == (11.5, 7, 14.0)
+    assert (settings["pr1855"].lqer_rank, settings["pr1855"].lqer_top_k) == (4, 3)
+    assert (settings["pr1736"].mlp_clip, settings["pr1736"].attn_clip, settings["pr1736"].embed_clip) == (12.0, 13.0, 15.0)
+    assert settings["pr1736"].lqer_rank == 0
+    assert (settings["pr1493"].embed_bits, settings["pr1493"].embed_clip, settings["pr1493"].matrix_clip) == (8, 20.0, 12.85)
+    assert (settings["pr1274"].mlp_bits, settings["pr1274"].attn_bits) == (5, 6)
+    assert settings["baseline"].method == "int8"
+
+
 def test_lqer_reduces_the_hessian_weighted_error_of_the_worst_tensors():
     state, hessians = toy_state(), toy_hessians()
     plain = dequantize_state(quantize_model_state(state, hessians, QuantSettings(embed_bits=4, mlp_bits=4, attn_bits=4)))
@@ -223,8 +248,8 @@ def test_serialization_round_trip_is_bit_exact_for_every_codec_and_layout():
     container = quantize_model_state(toy_state(), toy_hessians(), QuantSettings(lqer_rank=2, lqer_top_k=1))
     expected = dequantize_state(container)
     for codec in ("brotli", "lzma", "zlib"):
-        for per_group in (False, True):
-            restored = deserialize_artifact(serialize_artifact(container, codec=codec, per_group=per_group))
+        for per_group, shuffle in ((False, True), (True, True), (False, False)):
+            restored = deserialize_artifact(serialize_artifact(container, codec=codec, per_group=per_group, shuffle=shuffle))
             got = dequantize_state(restored)
             assert got.keys() == expected.keys()
             for name in expected:
