@@ -88,6 +88,15 @@ def run(mode, model, val, **kw):
     return MODES[mode](model, val, keep_token_scores=True, **kw)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is ~50x faster than two fighting over a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
@@ -193,8 +202,8 @@ def test_piece_byte_rule_gives_each_documents_utf8_length(sentencepiece_model):
     for text, start, end in zip(documents, starts, ends):
         assert counts[start] == 0  # BOS
         assert counts[start:end].sum() == len(text.encode("utf-8"))  # independent: the original text
-    emoji_bytes = [processor.id_to_piece(i) for i in processor.encode("\U0001F600")]
-    assert emoji_bytes == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]  # byte fallback really exercised
+    emoji_pieces = [processor.id_to_piece(i) for i in processor.encode("\U0001F600")]
+    assert [f"<0x{b:02X}>" for b in "\U0001F600".encode("utf-8")] == emoji_pieces[-4:]  # byte fallback used
 
 
 def test_piece_byte_rule_refuses_a_tokenizer_of_another_vocab_size(sentencepiece_model):
