@@ -1,4 +1,4 @@
-"""Documents -> CaseOps transform -> SentencePiece tokens -> challenge shards + val byte sidecars.
+r"""Documents -> CaseOps transform -> SentencePiece tokens -> challenge shards + val byte sidecars.
 
 This is the front end of every score the project reports, so it is built to be checked:
 - shards are byte-compatible with the challenge (256 x int32 header [20240520, 1, n_tokens, ...],
@@ -17,6 +17,15 @@ Usage:
   python prepare_caseops_data.py --docs docs.jsonl --out data/mine --vocab-size 4096
   # no download: docstrings of the Python standard library + the shipped 1024-vocab tokenizer
   python prepare_caseops_data.py --demo --out /tmp/caseops_demo
+
+Output (flat): fineweb_val_%06d.bin, fineweb_val_bytes_%06d.bin, fineweb_train_%06d.bin,
+tokenizer.model, val_doc_sha256.txt (one sha256 per val document, in order) and manifest.json:
+input (path, sha256, lines, docs, skipped bad lines), transform, tokenizer (sha256, normalizer
+settings read from the model, operator ids, and either the --sp path or the training documents and
+trainer settings), per-split docs/tokens/original bytes/shards, every file's sha256, the val hash
+file's sha256, train/val duplicates, overrides used, and verification (val_sidecar_mismatch_docs,
+roundtrip_failed_docs per split with examples). Exit status: 0 done, 2 bad input, 3 interrupted by
+the PREPARE_CASEOPS_ABORT_AFTER_SHARDS test hook.
 """
 
 from __future__ import annotations
@@ -741,7 +750,8 @@ class Progress:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--docs", help="input JSONL: one {\"text\": ...} object or JSON string per line")
     p.add_argument("--out", required=True, help="output directory (flat)")
     tok = p.add_mutually_exclusive_group()
