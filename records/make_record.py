@@ -9,9 +9,9 @@ directories written by train_gpt.py, and re-checks a folder the way a reviewer w
     python records/make_record.py validate records/track_10min_16mb/2026-01-01_My_run
 
 Each run directory holds `summary.json` (SPEC section 9), `train.log` (the human log) and the
-counted code (the packed, self-extracting `train_gpt.py` whose size is `code_bytes`). The folder
-gets, besides the challenge files, `summary_seed<N>.json` (each run's summary, verbatim),
-`data_manifest.json` (the data-prep manifest, when the runs name one) and `loss_curve.png`.
+counted code (the packed, self-extracting file whose size is `code_bytes`: `train_gpt_packed.py`);
+it becomes the folder's `train_gpt.py`. The folder also gets `summary_seed<N>.json` (each run's
+summary, verbatim), `data_manifest.json` (the data-prep manifest) and `loss_curve.png`.
 
 Statistics: a new record must beat the previous one by at least 0.005 nats at p < 0.01. Scores
 are bits per byte; they are turned into nats per token with the ratio val_loss / val_bpb that the
@@ -19,8 +19,8 @@ runs report (the same for every run on a fixed val set and tokenizer). The test 
 of the new seeds against a reference mean/std/n, one-sided, with the 0.005-nat margin in the
 null hypothesis (H0: improvement <= 0.005 nats).
 
-The numeric and parsing cores are pure functions (tests call them directly); only `assemble`,
-`validate_folder` and `main` touch the file system.
+The statistics, log parsing and manifest/config comparisons are pure functions that the tests
+call directly; reading runs, assembling and validating are the only parts that touch files.
 """
 
 from __future__ import annotations
@@ -710,7 +710,7 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: Path, tit
     for label, points in curves.items():
         finite = [(step, loss) for step, loss in points if math.isfinite(loss)]
         if finite:
-            axes.plot([s for s, _ in finite], [l for _, l in finite], label=label, linewidth=1.2)
+            axes.plot([step for step, _ in finite], [loss for _, loss in finite], label=label, linewidth=1.2)
     if not any(curves.values()):
         axes.text(0.5, 0.5, "no train_loss step lines in the logs", ha="center", transform=axes.transAxes)
     axes.set_xlabel("step")
@@ -850,14 +850,18 @@ def assemble(
         raise ValueError("the runs' counted code files differ: one record folder holds one train_gpt.py")
     reasons = non_record_reasons([run.summary for run in runs], non_record, non_record_reason)
     record_attempt = not reasons
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (use --force to overwrite)")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} exists and is not empty (use --force to overwrite)")
+        for pattern in GENERATED_FILES:  # no stale seed logs or plots from an earlier assembly
+            for stale in out.glob(pattern):
+                stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
     shutil.copyfile(runs[0].code_path, out / "train_gpt.py")
     for run in runs:
         (out / f"train_seed{run.seed}.log").write_text(run.log_text)
-        (out / f"summary_seed{run.seed}.json").write_text(json.dumps(run.summary, indent=2) + "\n")
+        shutil.copyfile(run.run_dir / "summary.json", out / f"summary_seed{run.seed}.json")
     manifest_run = next((run for run in runs if run.manifest_path), None)
     if manifest_run is not None:
         shutil.copyfile(manifest_run.manifest_path, out / "data_manifest.json")
@@ -881,10 +885,26 @@ def assemble(
         plot_loss_curves(curves, out / "loss_curve.png", f"{name}: train loss")
 
     checks = validate_folder(out)
-    submission["compliance"] = {check.name: check.status for check in checks}
+    status = {check.name: check.status for check in checks}
+    # the challenge's compliance flags (as in merged records), then every check by name
+    submission["compliance"] = {
+        "train_under_600s": status.get("train_time") == "PASS",
+        "eval_under_600s": status.get("eval_time") == "PASS",
+        "artifact_under_16mb": status.get("artifact_size") == "PASS",
+        "three_seeds": status.get("seeds") == "PASS",
+        "same_config_across_seeds": status.get("same_config") == "PASS",
+        "no_val_overlap": status.get("val_overlap") == "PASS",
+    }
+    submission["checks"] = status
     _write_json(out / "submission.json", submission)
     (out / "README.md").write_text(render_readme(submission, checks, plot, runs[0].summary.get("hyperparameters")))
     return checks
+
+
+GENERATED_FILES = (
+    "README.md", "submission.json", "train_gpt.py", "train_seed*.log", "summary_seed*.json",
+    "data_manifest.json", "loss_curve.png",
+)
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -1005,6 +1025,10 @@ def check_code_bytes(folder: Folder, code_bytes: int) -> Check:
         problems.append(f"submission bytes_code {folder.submission.get('bytes_code')} != file {code_bytes}")
     if folder.submission.get("code_sha256") not in (None, _sha256(folder.code_path)):
         problems.append("code_sha256 does not match train_gpt.py")
+    try:
+        compile(folder.code_path.read_bytes(), str(folder.code_path), "exec")
+    except (SyntaxError, ValueError) as error:
+        problems.append(f"train_gpt.py is not valid Python ({error})")
     for seed in folder.seeds:
         counted = folder.seed_results[seed].get("code_bytes")
         if counted is not None and counted != code_bytes:

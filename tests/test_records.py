@@ -378,6 +378,9 @@ def test_assemble_writes_a_challenge_folder_that_passes_its_own_checks(tmp_path)
     for key in ("author", "github_id", "name", "date", "track", "val_bpb", "val_bpb_std", "val_loss",
                 "seeds", "seed_results", "bytes_total", "bytes_code", "p_value", "compliance"):
         assert key in submission
+    assert submission["compliance"]["artifact_under_16mb"] is True
+    assert submission["compliance"]["no_val_overlap"] is True
+    assert submission["checks"]["code_bytes"] == "PASS"
     assert submission["seeds"] == [42, 0, 1234]
     assert submission["val_bpb"] == pytest.approx(1.100)
     assert submission["val_bpb_std"] == pytest.approx(0.001)
@@ -496,6 +499,15 @@ def test_code_bytes_are_recomputed_from_the_counted_file(tmp_path):
     assert checks["artifact_size"].status == "FAIL"  # code + model no longer equals the claim
 
 
+def test_counted_code_must_be_valid_python(tmp_path):
+    out = tmp_path / "folder"
+    make_record.assemble(three_runs(tmp_path), out, name="t", plot=False)
+    code = (out / "train_gpt.py").read_text()
+    (out / "train_gpt.py").write_text(code.replace("exec(", "exec(("))  # same size + 1, broken
+    check = by_name(make_record.validate_folder(out))["code_bytes"]
+    assert check.status == "FAIL" and "not valid Python" in check.detail
+
+
 def test_log_total_size_must_agree_with_code_plus_model(tmp_path):
     out = tmp_path / "folder"
     assemble_folder(three_runs(tmp_path), out, name="t")
@@ -538,6 +550,17 @@ def test_without_val_loss_the_ln2_assumption_is_recorded(tmp_path):
     assert submission["nats_per_bpb"] == pytest.approx(math.log(2))
     assert "assumed ln 2" in submission["nats_per_bpb_source"]
     assert "assumed ln 2" in (out / "README.md").read_text()
+
+
+def test_force_reassembly_leaves_no_stale_seed_files(tmp_path):
+    out = tmp_path / "folder"
+    assemble_folder(three_runs(tmp_path / "first"), out, name="t", plot=True)
+    runs = [make_run(tmp_path / "second", seed, 1.1) for seed in (7, 8, 9)]
+    checks = assemble_folder(runs, out, name="t", force=True)
+    logs = sorted(p.name for p in out.glob("train_seed*.log"))
+    assert logs == ["train_seed7.log", "train_seed8.log", "train_seed9.log"]
+    assert not (out / "loss_curve.png").exists()
+    assert make_record.failed(checks) == []
 
 
 def test_assemble_refuses_duplicate_seeds_and_a_non_empty_folder(tmp_path):
