@@ -1091,9 +1091,12 @@ def check_same_config(folder: Folder) -> Check:
         configs, source = [folder.summaries[seed]["hyperparameters"] for seed in folder.seeds], "summaries"
     else:
         return Check("same_config", "UNKNOWN", "no hyperparameters in the logs or summaries")
-    differences = config_differences(configs, allowed)
-    if differences:
-        return Check("same_config", "FAIL", "differ: " + _joined([f"{k}={v}" for k, v in differences.items()]))
+    problems = [f"differ: {key}={values}" for key, values in config_differences(configs, allowed).items()]
+    for seed, config in zip(folder.seeds, configs):  # each log is the run of the seed it is named for
+        if "seed" in config and str(config["seed"]) != seed:
+            problems.append(f"train_seed{seed}.log / summary ran seed {config['seed']}")
+    if problems:
+        return Check("same_config", "FAIL", _joined(problems))
     detail = f"{len(configs[0])} hyperparameters identical ({source}; may differ: {', '.join(allowed)})"
     return Check("same_config", "PASS", detail)
 
@@ -1159,6 +1162,8 @@ def read_folder(path: Path) -> tuple[Folder | None, Check]:
     missing = [p.name for p in [code_path, *logs.values()] if not p.is_file()]
     if missing or not seed_results:
         return None, Check("files", "FAIL", f"missing: {missing or 'seed_results'}")
+    if [str(seed) for seed in submission.get("seeds", [])] != list(seed_results):
+        return None, Check("files", "FAIL", f"seeds {submission.get('seeds')} != seed_results {list(seed_results)}")
     summaries = {}
     for seed in seed_results:
         summary_path = path / f"summary_seed{seed}.json"

@@ -489,6 +489,21 @@ def test_validation_fails_on_a_tampered_submission_json(tmp_path, tamper, failin
     assert make_record.main(["validate", str(out)]) == 1
 
 
+def test_a_log_renamed_to_another_seed_fails(tmp_path):
+    out = tmp_path / "folder"
+    make_record.assemble(three_runs(tmp_path), out, name="t", plot=False)
+    (out / "train_seed0.log").write_text((out / "train_seed42.log").read_text().replace("1.10000000", "1.10100000"))
+    check = by_name(make_record.validate_folder(out))["same_config"]
+    assert check.status == "FAIL" and "train_seed0.log / summary ran seed 42" in check.detail
+
+
+def test_seed_list_must_match_seed_results(tmp_path):
+    out = tmp_path / "folder"
+    make_record.assemble(three_runs(tmp_path), out, name="t", plot=False)
+    rewrite_submission(out, lambda s: s.update(seeds=[42, 0]))
+    assert make_record.validate_folder(out)[0].status == "FAIL"
+
+
 def test_code_bytes_are_recomputed_from_the_counted_file(tmp_path):
     out = tmp_path / "folder"
     assemble_folder(three_runs(tmp_path), out, name="t")
