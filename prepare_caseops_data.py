@@ -446,9 +446,11 @@ def process_document(ctx: WorkerContext, text: str, want_sidecar: bool, line_no:
     return DocResult(tokens, sidecar, roundtrip_ok, sidecar_ok, original_len, used_offsets)
 
 
-def process_chunk(chunk: tuple[list[str], list[bool], list[int]], ctx: WorkerContext | None = None) -> list[DocResult]:
-    texts, want_sidecar, line_numbers = chunk
+def process_chunk(chunk: tuple[list, list[bool], list[int]], ctx: WorkerContext | None = None) -> list[DocResult]:
+    """Documents given as texts or as raw JSONL lines (parsed here, off the main process)."""
+    docs, want_sidecar, line_numbers = chunk
     ctx = ctx or _WORKER
+    texts = [d if isinstance(d, str) else parse_line(d, ctx.docs_path, n) for d, n in zip(docs, line_numbers)]
     return [process_document(ctx, t, v, n) for t, v, n in zip(texts, want_sidecar, line_numbers)]
 
 
@@ -534,14 +536,15 @@ def scan_input(path: str, val_docs: int, skip_bad_lines: bool, max_duplicates_ke
                      duplicate_count)
 
 
-def iter_documents(path: str, bad_line_numbers: set[int], start_doc: int = 0):
-    """(doc index, line number, text) for every good line, from document start_doc on."""
+def iter_documents(path: str, bad_line_numbers: set[int], start_doc: int = 0, parse: bool = True):
+    """(doc index, line number, text) for every good line, from document start_doc on
+    (parse=False: the raw line instead of the text, for a worker to parse)."""
     doc_index = 0
     for line_no, raw in iter_raw_lines(path):
         if line_no in bad_line_numbers:
             continue
         if doc_index >= start_doc:
-            yield doc_index, line_no, parse_line(raw, path, line_no)
+            yield doc_index, line_no, (parse_line(raw, path, line_no) if parse else raw)
         doc_index += 1
 
 
@@ -954,19 +957,19 @@ def encode_documents(args, out_dir: Path, state: dict, stats: dict, model_bytes:
     progress = Progress(scan.docs, scan.doc_bytes, enabled=not args.quiet)
     done_bytes = stats["val"].original_bytes + stats["train"].original_bytes
 
-    def chunks():
-        texts, flags, lines, indices, size = [], [], [], [], 0
-        for doc_index, line_no, text in iter_documents(args.docs, bad_lines, start_doc):
-            texts.append(text)
+    def chunks():  # raw JSONL lines (validated by the scan); the workers parse them
+        raw_lines, flags, lines, indices, size = [], [], [], [], 0
+        for doc_index, line_no, raw in iter_documents(args.docs, bad_lines, start_doc, parse=False):
+            raw_lines.append(raw)
             flags.append(doc_index < args.val_docs)
             lines.append(line_no)
             indices.append(doc_index)
-            size += len(text)
-            if size >= 1 << 18 or len(texts) >= 512:  # ~256 KB: enough chunks to keep every worker busy
-                yield indices, (texts, flags, lines)
-                texts, flags, lines, indices, size = [], [], [], [], 0
-        if texts:
-            yield indices, (texts, flags, lines)
+            size += len(raw)
+            if size >= 1 << 18 or len(raw_lines) >= 512:  # ~256 KB: enough chunks to keep every worker busy
+                yield indices, (raw_lines, flags, lines)
+                raw_lines, flags, lines, indices, size = [], [], [], [], 0
+        if raw_lines:
+            yield indices, (raw_lines, flags, lines)
 
     def checkpoint(split: str, next_doc: int, offset: int, snapshot: dict) -> None:
         nonlocal shards_written
