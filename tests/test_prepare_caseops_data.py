@@ -378,6 +378,21 @@ def test_interrupted_run_resumes_without_redoing_shards_and_gives_identical_byte
     assert not (out / prep.STATE_NAME).exists()
 
 
+def test_resume_reuses_the_tokenizer_trained_by_the_interrupted_run(tmp_path, monkeypatch, capsys):
+    docs_path = write_jsonl(tmp_path / "d.jsonl", make_docs(60, seed=2))
+    args = ("--vocab-size", "400", "--val-docs", "10", "--shard-tokens", "500", "--workers", "1")
+    code, reference = run_prep(tmp_path, docs_path, "reference", *args)
+    assert code == 0
+    monkeypatch.setenv(prep.ABORT_ENV, "2")
+    assert run_prep(tmp_path, docs_path, "out", *args)[0] == 3
+    monkeypatch.delenv(prep.ABORT_ENV)
+    capsys.readouterr()
+    code, out = run_prep(tmp_path, docs_path, "out", *args)
+    assert code == 0 and "reusing the tokenizer" in capsys.readouterr().out
+    for path in list(reference.glob("fineweb_*.bin")) + [reference / "tokenizer.model"]:
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+
+
 def test_rerun_of_a_completed_run_is_a_verified_no_op(tmp_path, capsys):
     docs_path = write_jsonl(tmp_path / "d.jsonl", make_docs(8))
     args = ("--sp", str(DEMO_MODEL), "--val-docs", "4", "--workers", "1")
