@@ -573,8 +573,12 @@ def build_demo_corpus(max_bytes: int = DEMO_MAX_BYTES) -> list[str]:
                 continue
             module = path.relative_to(stdlib).with_suffix("").as_posix().replace("/", ".")
             for doc in _module_documents(module, tree, source):
+                try:
+                    size = len(doc.encode("utf-8"))
+                except UnicodeEncodeError:  # a string constant holding a lone surrogate
+                    continue
                 docs.append(doc)
-                total += len(doc.encode("utf-8"))
+                total += size
                 if total >= max_bytes:
                     return docs
     return docs
