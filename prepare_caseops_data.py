@@ -635,6 +635,7 @@ class SplitStats:
     roundtrip_failed: int = 0
     sidecar_mismatch: int = 0
     offsets_path_docs: int = 0
+    tokenless_docs: int = 0  # non-empty documents the tokenizer turned into no token at all
     roundtrip_failed_examples: list = field(default_factory=list)  # first few doc indices
 
     def add(self, doc_index: int, result: DocResult) -> None:
@@ -642,6 +643,7 @@ class SplitStats:
         self.tokens += result.tokens.size
         self.original_bytes += result.original_bytes
         self.offsets_path_docs += int(result.used_offsets)
+        self.tokenless_docs += int(result.tokens.size == 1 and result.original_bytes > 0)
         if not result.roundtrip_ok:
             self.roundtrip_failed += 1
             if len(self.roundtrip_failed_examples) < 20:
@@ -1082,6 +1084,9 @@ def build_manifest(args, scan: InputScan, sp, model_bytes: bytes, provenance: di
             "roundtrip_failed_examples": {"val": stats["val"].roundtrip_failed_examples,
                                           "train": stats["train"].roundtrip_failed_examples},
             "val_docs_attributed_from_tokenizer_offsets": stats["val"].offsets_path_docs,
+            # a normalizer can reduce a whitespace-only document to nothing: no token can carry its
+            # bytes, so it also counts as a sidecar mismatch (FineWeb has no such documents)
+            "tokenless_nonempty_docs": {"val": stats["val"].tokenless_docs, "train": stats["train"].tokenless_docs},
         },
         "environment": {"python": sys.version.split()[0], "sentencepiece": spm.__version__, "numpy": np.__version__},
     }

@@ -186,6 +186,47 @@ def test_normalizing_tokenizer_is_never_encoded_in_pieces(nfkc_model):
     assert not ctx.split_safe
 
 
+TEXT = st.text(alphabet=st.one_of(st.sampled_from("aAbBzZ  \n\t.'19\u2581") , st.sampled_from(OPS),
+                                  st.characters(codec="utf-8")), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(TEXT)
+def test_any_text_gets_exact_sidecar_with_the_lossless_tokenizer(text):
+    ctx = _demo_ctx()
+    result = prep.process_document(ctx, text, True, 1)
+    assert int(result.sidecar.sum()) == len(text.encode("utf-8")) and result.sidecar_ok
+    assert result.roundtrip_ok == ("\u2581" not in text)
+    if "\u2581" not in text:
+        assert result.sidecar[1:].tolist() == independent_sidecar(ctx.sp, text)
+
+
+@settings(max_examples=150, deadline=None)
+@given(TEXT)
+def test_any_text_gets_exact_sidecar_with_a_normalizing_tokenizer(nfkc_model, text):
+    ctx = _nfkc_ctx(nfkc_model)
+    result = prep.process_document(ctx, text, True, 1)
+    if result.tokens.size == 1 and text:  # normalized away entirely (whitespace only): nothing to carry it
+        assert not result.sidecar_ok and not ctx.sp.encode(lossless_caps.encode_lossless_caps_v2(text))
+    else:
+        assert int(result.sidecar.sum()) == len(text.encode("utf-8")) and result.sidecar_ok
+
+
+_CONTEXTS: dict = {}
+
+
+def _demo_ctx():
+    if "demo" not in _CONTEXTS:
+        _CONTEXTS["demo"] = prep.make_worker_context(DEMO_MODEL.read_bytes(), "caseops", "x.jsonl")
+    return _CONTEXTS["demo"]
+
+
+def _nfkc_ctx(path):
+    if path not in _CONTEXTS:
+        _CONTEXTS[path] = prep.make_worker_context(path.read_bytes(), "caseops", "x.jsonl")
+    return _CONTEXTS[path]
+
+
 # -----------------------------------------------------------------------------
 # End to end with the shipped lossless tokenizer
 
@@ -308,6 +349,7 @@ def test_normalizing_tokenizer_keeps_sidecar_exact_and_counts_non_roundtrip_docs
 
     manifest = json.loads((out / "manifest.json").read_text())
     verification = manifest["verification"]
+    assert verification["tokenless_nonempty_docs"] == {"val": 0, "train": 0}
     expected_val = sum(not round_trips(d) for d in docs[:15])
     assert expected_val >= 2  # the NFKC / whitespace documents really do not round-trip
     assert verification["roundtrip_failed_docs"] == {"val": expected_val,
@@ -330,6 +372,17 @@ def test_tokenizer_spec_file_trains_with_the_published_settings(tmp_path):
     assert tokenizer["add_dummy_prefix"] is False and tokenizer["operator_ids"] == [4, 5, 6, 7]
     assert tokenizer["trainer_settings"]["character_coverage"] == 0.999
     assert manifest["verification"]["val_sidecar_mismatch_docs"] == 0
+
+
+def test_document_normalized_to_nothing_is_reported_not_hidden(tmp_path, nfkc_model):
+    docs = ["words here", "   \t  ", "more words", "and more"]
+    code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", docs), "out", "--sp", str(nfkc_model),
+                         "--val-docs", "2", "--workers", "1")
+    assert code == 0
+    verification = json.loads((out / "manifest.json").read_text())["verification"]
+    assert verification["tokenless_nonempty_docs"] == {"val": 1, "train": 0}
+    assert verification["val_sidecar_mismatch_docs"] == 1
+    assert split_docs(read_split(out, "fineweb_val"))[1].tolist() == [1]
 
 
 # -----------------------------------------------------------------------------
