@@ -11,10 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+# Tiny models are dominated by per-op overhead; one intra-op thread avoids thread contention on a
+# shared 2-core machine (about 10x faster there). Override with TEST_TORCH_THREADS.
+torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS, BOS = 20240520, 1, 256, 1
 

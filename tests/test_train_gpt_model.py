@@ -196,6 +196,7 @@ def test_outputs_are_causal():
         assert torch.allclose(model.forward_logits(ids)[0, :50], model.forward_logits(changed)[0, :50], atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_cpu_backends_agree():
     h = tiny_h()
     ids = random_tokens(2, 128, bos_every=37)
