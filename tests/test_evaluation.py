@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from _sections.evaluation import (
-    BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, audit_token_nll, eval_plain, eval_sliding, eval_summary,
+    BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, audit_token_nll, chunked_ttt_config, eval_plain, eval_sliding, eval_summary,
     eval_ttt_chunked, eval_ttt_phased, find_documents, format_eval_line, load_val_data, make_val_data,
-    piece_byte_counts, piece_byte_tables, save_token_nll, sliding_windows, warm_up_on_random_tokens,
+    phased_ttt_config, piece_byte_counts, piece_byte_tables, save_token_nll, sliding_windows,
+    warm_up_on_random_tokens,
 )
 
 VOCAB = 40
@@ -349,6 +350,24 @@ def test_phased_documents_do_not_share_their_adapters(model, val):
     batched = eval_ttt_phased(model, val, PhasedTTTConfig(docs_per_batch=3, **config), keep_token_scores=True)
     alone, batched = nll_by_position(alone), nll_by_position(batched)
     assert max(abs(alone[p] - batched[p]) for p in alone) < TOLERANCE
+
+
+@pytest.mark.parametrize("preset, mode, expected", [
+    ("pr1493", "chunked", dict(epochs=3, chunk_tokens=32768, lr=0.005, momentum=0.9, grad_clip=1.0, stride=64)),
+    ("pr1755", "chunked", dict(epochs=3, chunk_tokens=32768)),
+    ("pr1812", "chunked", dict(epochs=4, chunk_tokens=65536)),
+    ("pr1736", "phased", dict(lora_rank=96, prefix_docs=2000, num_phases=3, chunk_size=48, context=2048,
+                              docs_per_batch=64, lora_lr=1e-4, beta1=0.0, beta2=0.999, weight_decay=0.5,
+                              global_lr=0.001, global_momentum=0.9, global_epochs=1, global_chunk_tokens=32768)),
+    ("pr1855", "phased", dict(lora_rank=80, prefix_docs=2500, beta2=0.99)),
+])
+def test_each_published_preset_selects_its_ttt_system(preset, mode, expected):
+    from train_gpt import Hyperparameters
+
+    h = Hyperparameters.from_env({"PRESET": preset})
+    assert h.ttt_enabled and h.ttt_mode == mode
+    config = chunked_ttt_config(h) if mode == "chunked" else phased_ttt_config(h)
+    assert {key: getattr(config, key) for key in expected} == expected
 
 
 # --- per-token output, summary, warm-up ---------------------------------------------------------

@@ -1,0 +1,149 @@
+"""Throughput of the evaluation modes on CPU, and how TTT time grows with the validation size.
+
+    python benchmarks/bench_eval.py                                   # random weights, synthetic docs
+    python benchmarks/bench_eval.py --data DIR --train-steps 300      # a small model trained on DIR
+                                                                      # (e.g. prepare_caseops_data.py --demo)
+
+Every mode scores the same tokens (every token after each document's BOS); tokens/s counts scored
+tokens. With --train-steps the model is first trained on DIR's train shard (AdamW, plain loop), so
+the TTT gains over plain eval are meaningful; they are reported as val_bpb deltas. The model is not
+quantized here: the gain is measured against plain eval of the same float weights.
+"""
+
+import argparse
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from _sections.evaluation import (  # noqa: E402
+    BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, eval_plain, eval_sliding, eval_ttt_chunked, eval_ttt_phased,
+    load_val_data, make_val_data, read_uint16_records,
+)
+from train_gpt import GPT, Hyperparameters  # noqa: E402
+
+
+def small_model(vocab_size, args):
+    h = Hyperparameters.from_env({
+        "PRESET": "tiny", "VOCAB_SIZE": str(vocab_size), "NUM_LAYERS": str(args.layers),
+        "MODEL_DIM": str(args.dim), "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "ROPE_DIMS": "8",
+        "LOOP_START": "1", "LOOP_END": "1", "NUM_LOOPS": "2", "PARALLEL_START_LAYER": str(args.layers - 1)})
+    torch.manual_seed(0)
+    model = GPT(h, attn_backend="sdpa")
+    model.set_recurrence(True)
+    return model
+
+
+def synthetic_val(num_docs, vocab_size, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens, byte_counts = [], []
+    for _ in range(num_docs):
+        length = int(rng.integers(50, 1500))
+        tokens += [BOS_ID] + rng.integers(2, vocab_size, length).tolist()
+        byte_counts += [0] + rng.integers(1, 6, length).tolist()
+    return make_val_data(np.array(tokens), np.array(byte_counts), vocab_size=vocab_size)
+
+
+def first_docs(val, num_docs):
+    end = int(val.doc_starts[num_docs]) if num_docs < val.num_docs else val.num_tokens
+    return make_val_data(val.tokens[:end].numpy(), val.byte_counts[:end].numpy())
+
+
+def train(model, data_dir, steps, seq_len, batch_rows):
+    tokens = np.concatenate([read_uint16_records(path).astype(np.int64)
+                             for path in sorted(glob.glob(os.path.join(data_dir, "fineweb_train_*.bin")))])
+    tokens = torch.from_numpy(tokens)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    for step in range(steps):
+        starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_rows,), generator=generator)
+        rows = torch.stack([tokens[s: s + seq_len + 1] for s in starts.tolist()])
+        for group in optimizer.param_groups:
+            group["lr"] = 3e-3 * min(1.0, (steps - step) / (0.3 * steps))
+        loss = model(rows[:, :-1], rows[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"train step {step}/{steps} loss {loss.item():.4f} t {time.perf_counter() - started:.0f}s", flush=True)
+    model.eval()
+
+
+def modes(args):
+    chunked = ChunkedTTTConfig(chunk_tokens=args.ttt_chunk, epochs=args.ttt_epochs, lr=args.ttt_lr,
+                               seq_len=args.seq_len, rows_per_step=16, context=args.seq_len, stride=args.stride,
+                               score_batch_size=args.batch)
+    phased = PhasedTTTConfig(lora_rank=8, lora_lr=args.lora_lr, chunk_size=48, context=args.seq_len,
+                             docs_per_batch=args.docs_per_batch, prefix_docs=args.prefix_docs, num_phases=3,
+                             global_lr=args.global_lr, global_chunk_tokens=args.ttt_chunk, global_seq_len=args.seq_len)
+    return {
+        "plain": lambda model, val: eval_plain(model, val, args.seq_len, args.batch),
+        "sliding": lambda model, val: eval_sliding(model, val, args.seq_len, args.stride, args.batch),
+        "ttt_chunked": lambda model, val: eval_ttt_chunked(model, val, chunked),
+        "ttt_phased": lambda model, val: eval_ttt_phased(model, val, phased),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="folder with fineweb_val_*.bin (+ byte sidecars) and fineweb_train_*.bin")
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--docs", type=int, default=64, help="val documents for the throughput table")
+    parser.add_argument("--sizes", default="16,32,64", help="val document counts for the TTT scaling table")
+    parser.add_argument("--train-steps", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--stride", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--ttt-chunk", type=int, default=4096)
+    parser.add_argument("--ttt-epochs", type=int, default=3)
+    parser.add_argument("--ttt-lr", type=float, default=0.005)
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--global-lr", type=float, default=0.001)
+    parser.add_argument("--docs-per-batch", type=int, default=16)
+    parser.add_argument("--prefix-docs", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.data:
+        full_val = load_val_data(os.path.join(args.data, "fineweb_val_[0-9]*.bin"), args.vocab_size)
+    else:
+        full_val = synthetic_val(max(args.docs, *map(int, args.sizes.split(","))), args.vocab_size)
+    model = small_model(args.vocab_size, args)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {args.layers} layers x {args.dim}, "
+          f"seq_len {args.seq_len}, torch threads {args.threads}")
+    if args.train_steps:
+        train(model, args.data, args.train_steps, args.seq_len, batch_rows=16)
+    model.eval()
+
+    val = first_docs(full_val, args.docs)
+    print(f"\nthroughput on {val.num_docs} docs, {val.num_tokens - val.num_docs} scored tokens")
+    print(f"{'mode':<12} {'val_bpb':>9} {'delta':>8} {'seconds':>8} {'tokens/s':>9}")
+    baseline = None
+    for name, run in modes(args).items():
+        result = run(model, val)
+        baseline = baseline if baseline is not None else result["val_bpb"]
+        print(f"{name:<12} {result['val_bpb']:9.4f} {result['val_bpb'] - baseline:+8.4f} "
+              f"{result['eval_time_s']:8.2f} {result['scored_tokens'] / result['eval_time_s']:9.0f}", flush=True)
+
+    print("\nTTT time vs validation size")
+    print(f"{'docs':>5} {'tokens':>7} {'chunked_s':>10} {'phased_s':>9} {'sliding_s':>10}")
+    for num_docs in map(int, args.sizes.split(",")):
+        subset = first_docs(full_val, num_docs)
+        runs = modes(args)
+        times = [runs[name](model, subset)["eval_time_s"] for name in ("ttt_chunked", "ttt_phased", "sliding")]
+        print(f"{subset.num_docs:5d} {subset.num_tokens:7d} {times[0]:10.2f} {times[1]:9.2f} {times[2]:10.2f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
