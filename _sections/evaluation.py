@@ -11,6 +11,7 @@
 # Work is split across ranks with torch.distributed (sums all-reduced); no files are shared.
 # -----------------------------------------------------------------------------
 
+import contextlib
 import glob
 import math
 import os
@@ -627,7 +628,8 @@ def eval_ttt_phased(model, val: ValData, cfg: PhasedTTTConfig, audit=None, time_
     device = val.tokens.device
     scores = TokenScores(val)
     prefix_docs = min(cfg.prefix_docs, val.num_docs)
-    phase_ends = [prefix_docs * (k + 1) // cfg.num_phases for k in range(cfg.num_phases)] if prefix_docs else []
+    num_phases = max(1, cfg.num_phases)
+    phase_ends = [prefix_docs * (k + 1) // num_phases for k in range(num_phases)] if prefix_docs else []
     group_bounds = list(zip([0] + phase_ends, phase_ends + [val.num_docs]))
     sites = tuple(site.strip() for site in cfg.lora_sites.split(",") if site.strip())
     global_updates, stopped_early = 0, False
@@ -778,3 +780,49 @@ def eval_summary(results: dict, eval_time_limit_s: float = 600.0) -> dict:
         "evals": {label: {key: value for key, value in result.items() if not key.startswith("token_")}
                   for label, result in results.items()},
     }
+
+
+# --- post-training entry point (train_gpt.post_training calls run after the quantization section) -
+
+
+def run(h, model, context, results: dict) -> dict:
+    """Report pre-quant, quantized, sliding-window and TTT val_bpb in that order; return the
+    summary.json fields. `model` holds the float EMA weights; the quantization section hands over
+    the dequantized model as results["quantized_model"] (taken out of results here, so it never
+    reaches summary.json). TTT adapts only while EVAL_MAX_SECONDS, minus the quantized evals'
+    time, lasts; it scores every token regardless. SAVE_TOKEN_NLL=1 writes the last mode's tokens."""
+    log, device, world_size = context.log, context.device, context.world_size
+    val = load_val_data(h.val_glob, h.vocab_size, h.tokenizer_path or None, h.val_max_docs).to(device)
+    log(f"val: {val.num_docs} documents, {val.num_tokens} tokens, {int(val.byte_counts.sum())} bytes")
+    batch_rows = eval_batch_rows(h, world_size)
+    quantized = results.pop("quantized_model", None)
+    save_tokens = bool(getattr(h, "save_token_nll", False))  # SAVE_TOKEN_NLL knob, once train_gpt defines it
+    planned = ["pre_quant"] + ([] if quantized is None else ["quantized"] + (
+        ["quantized_sliding_window"] if h.sliding_window_enabled else []) + (
+        [f"quantized_ttt_{h.ttt_mode}"] if h.ttt_enabled else []))
+    final_label = planned[-1]
+    evals = {}
+    use_bf16 = context.autocast == "bf16" and device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
+        for label in planned:
+            keep = save_tokens and label == final_label
+            if label == "pre_quant":
+                result = eval_plain(model, val, h.eval_seq_len, batch_rows, keep_token_scores=keep)
+            elif label == "quantized":
+                result = eval_plain(quantized, val, h.eval_seq_len, batch_rows, keep_token_scores=keep)
+            elif label == "quantized_sliding_window":
+                result = eval_sliding(quantized, val, h.eval_seq_len, h.sliding_stride, batch_rows,
+                                      keep_token_scores=keep)
+            else:
+                spent = sum(evals[name]["eval_time_s"] for name in evals if name != "pre_quant")
+                result = eval_ttt(h, quantized, val, time_budget_s=h.eval_max_seconds - spent,
+                                  keep_token_scores=keep)
+            evals[label] = result
+            log(format_eval_line(label, result))
+    if quantized is None:
+        log("evaluation: no results['quantized_model'] from the quantization section; quantized evals skipped")
+    if save_tokens and context.rank == 0:
+        path = os.path.join(context.artifact_dir, "token_nll.npz")
+        save_token_nll(path, evals[final_label], val.to("cpu"))
+        log(f"token_nll: {path} ({final_label}; recompute with audit_token_nll)")
+    return eval_summary(evals, h.eval_max_seconds)

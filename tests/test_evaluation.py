@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from _sections.evaluation import (
     BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, audit_token_nll, chunked_ttt_config, eval_plain, eval_sliding, eval_summary,
     eval_ttt_chunked, eval_ttt_phased, find_documents, format_eval_line, load_val_data, make_val_data,
-    phased_ttt_config, piece_byte_counts, piece_byte_tables, save_token_nll, sliding_windows,
-    warm_up_on_random_tokens,
+    phased_ttt_config, piece_byte_counts, piece_byte_tables, run as run_evaluation_section, save_token_nll,
+    sliding_windows, warm_up_on_random_tokens,
 )
 
 VOCAB = 40
@@ -403,6 +403,35 @@ def test_compile_warm_up_uses_random_tokens_and_leaves_weights_alone(model):
     warm_up_on_random_tokens(model, VOCAB, seq_len=16, batch_size=2)
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
     assert all(param.grad is None for param in model.parameters())
+
+
+@pytest.mark.parametrize("ttt_mode", ["phased", "chunked"])
+def test_post_training_run_reports_every_eval_in_order_and_saves_the_final_tokens(ttt_mode, model, tmp_path):
+    import copy
+    import types
+
+    from train_gpt import Hyperparameters
+
+    tokens, byte_counts = tiny_stream()
+    write_records(tmp_path / "fineweb_val_000000.bin", tokens)
+    write_records(tmp_path / "fineweb_val_bytes_000000.bin", byte_counts)
+    h = Hyperparameters.from_env({
+        "PRESET": "tiny", "VOCAB_SIZE": str(VOCAB), "DATA_PATH": str(tmp_path), "EVAL_SEQ_LEN": "24",
+        "EVAL_BATCH_TOKENS": "96", "SLIDING_STRIDE": "8", "TTT_MODE": ttt_mode, "TTT_CHUNK_TOKENS": "64",
+        "PHASED_TTT_PREFIX_DOCS": "4", "PHASED_TTT_DOCS_PER_BATCH": "4", "PHASED_TTT_CHUNK_TOKENS": "8",
+        "PHASED_TTT_GLOBAL_CHUNK_TOKENS": "64", "PHASED_TTT_LORA_RANK": "4"})
+    h.save_token_nll = True
+    lines = []
+    context = types.SimpleNamespace(log=lines.append, device=torch.device("cpu"), rank=0, world_size=1,
+                                    autocast="fp32", artifact_dir=str(tmp_path))
+    results = {"quantized_model": copy.deepcopy(model)}
+    summary = run_evaluation_section(h, model, context, results)
+    labels = [line.split()[0] for line in lines if " val_bpb:" in line]
+    assert labels == ["pre_quant", "quantized", "quantized_sliding_window", f"quantized_ttt_{ttt_mode}"]
+    assert "quantized_model" not in results
+    assert summary["ttt_mode"] == ttt_mode and summary["eval_time_ok"] is True
+    assert summary["ttt_val_bpb"] == summary["evals"][f"quantized_ttt_{ttt_mode}"]["val_bpb"]
+    assert audit_token_nll(str(tmp_path / "token_nll.npz"))["val_bpb"] == pytest.approx(summary["ttt_val_bpb"])
 
 
 # --- distributed: two Gloo processes give the single-process score ------------------------------
