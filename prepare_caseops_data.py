@@ -831,12 +831,12 @@ def prepare_tokenizer(args: argparse.Namespace, scan: InputScan, out_dir: Path, 
     n_train = scan.docs - args.val_docs
     if args.tokenizer_spec:
         try:
-            spec = json.loads(Path(args.tokenizer_spec).read_text(encoding="utf-8"))
-            overrides = spec["trainer_settings"]
-            assert isinstance(overrides, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            overrides = json.loads(Path(args.tokenizer_spec).read_text(encoding="utf-8"))["trainer_settings"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            overrides = exc
+        if not isinstance(overrides, dict):
             raise BadInputError(f"{args.tokenizer_spec}: not a tokenizer spec with a \"trainer_settings\" "
-                                f"object ({exc})") from exc
+                                f"object ({overrides!r})")
         settings.update(overrides)
         settings["vocab_size"] = args.vocab_size
     if args.tokenizer_train_docs is not None:
