@@ -67,13 +67,16 @@ def textbook_gptq(weight, hessian, bits, clip_sigmas, block_size=128, damp=0.01)
 
 
 def median_time(function, repeats=5):
+    """(median wall seconds, median CPU seconds of this process); CPU time is the steadier figure
+    when other processes share the cores."""
     function()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu_start)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def entropy_bits(codes):
@@ -94,7 +97,8 @@ def bench_gptq_speed():
         hessian = correlated_hessian(cols, tokens=4096)
         ours = median_time(lambda: gptq_quantize(weight, hessian, 6, 12.85))
         textbook = median_time(lambda: textbook_gptq(weight, hessian, 6, 12.85))
-        print(f"{rows:5d}x{cols:<5d} ours {ours:.3f} s  textbook {textbook:.3f} s  published target {target:.2f} s")
+        print(f"{rows:5d}x{cols:<5d} ours {ours[0]:.3f} s wall / {ours[1]:.3f} s CPU   textbook {textbook[0]:.3f} s / "
+              f"{textbook[1]:.3f} s   published target {target:.2f} s")
 
 
 def bench_quality():
@@ -111,12 +115,15 @@ def bench_quality():
     print(f"int6 codes: {8 * code_bytes / codes.numel():.3f} bits/weight after shuffle+brotli-11, "
           f"empirical entropy {entropy_bits(codes):.3f} (published 3.285 vs 3.225); "
           f"with fp16 scales {bits_per_weight_of(entries):.3f}")
-    print("== clip-sigma search at (about) equal bytes: error and bits/weight per clip")
-    for clip in (11.0, 12.0, 12.85, 14.0, 16.0):
-        codes, scales = gptq_quantize(weight, hessian, 6, clip)
-        error = hessian_weighted_error(weight, dequantize_codes(codes, scales), hessian)
-        size = bits_per_weight_of({"w": {"kind": "quant", "shape": [2048, 512], "bits": 6, "codes": codes, "scales": scales}})
-        print(f"  clip {clip:5.2f}: error {error:.3e}  {size:.3f} bits/weight  entropy {entropy_bits(codes):.3f}")
+    print("== rate-distortion: error vs stored bits/weight over clip sigmas (compare at equal bytes)")
+    for clip in (8.0, 10.0, 11.0, 12.0, 12.85, 14.0, 16.0):
+        row = []
+        for label, quantize in (("GPTQ", lambda c: gptq_quantize(weight, hessian, 6, c)), ("RTN", lambda c: rtn_quantize(weight, 6, c))):
+            codes, scales = quantize(clip)
+            error = hessian_weighted_error(weight, dequantize_codes(codes, scales), hessian)
+            size = bits_per_weight_of({"w": {"kind": "quant", "shape": [2048, 512], "bits": 6, "codes": codes, "scales": scales}})
+            row.append(f"{label} error {error:.3e} at {size:.3f} bits/weight")
+        print(f"  clip {clip:5.2f}: " + "   ".join(row))
 
 
 def record_model():
@@ -230,7 +237,10 @@ def bench_whole_model(quick):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
           "(other processes slow every figure alike; compare within one run)")

@@ -15,7 +15,7 @@ sys.path.insert(0, REPO)
 from _sections.quant import (ArtifactError, QuantSettings, byte_shuffle, byte_unshuffle,  # noqa: E402
                              classify_tensor, collect_hessians, counted_code_bytes, dequantize_codes,
                              dequantize_state, deserialize_artifact, gptq_quantize, hessian_weighted_error,
-                             load_quantized_into, pack_code, quant_settings_from_hparams,
+                             load_quantized_into, minify_source, pack_code, quant_settings_from_hparams,
                              quantize_model_state, quantile_int8_quantize, rtn_quantize, sdclip_scales,
                              serialize_artifact, write_artifact)
 
@@ -349,6 +349,15 @@ def test_packed_code_is_two_lines_and_behaves_like_the_original(tmp_path):
         want, got = run_python(str(original), *args, env=env), run_python(str(packed), *args, env=env)
         assert want.returncode == 0 and got.returncode == 0, got.stderr
         assert got.stdout == want.stdout and want.stdout
+
+
+def test_docstrings_are_dropped_unless_the_code_reads_them(tmp_path):
+    assert "sample training-like script" not in minify_source(SAMPLE_SCRIPT)
+    reads_doc = '"""Usage: run me."""\nprint(__doc__)  # __doc__ in a comment or "__doc__" in a string does not count\n'
+    assert "Usage: run me." in minify_source(reads_doc)
+    packed = tmp_path / "doc_packed.py"
+    packed.write_text(pack_code(reads_doc))
+    assert run_python(str(packed)).stdout == "Usage: run me.\n"
 
 
 def test_packed_train_gpt_defines_the_same_names(tmp_path):
