@@ -7,7 +7,9 @@
 # never is. Four modes share one model forward (`per_token_nll`): plain rows, sliding windows,
 # chunked score-first SGD TTT (PR 1493/1812) and phased per-document LoRA TTT (PR 1736). The TTT
 # drivers are written so that the order "score a token, then (maybe) train on it" is visible in one
-# short loop and can be recorded through an `audit(event, positions)` callback; the tests use it.
+# short loop and can be recorded through an `audit(event, positions)` callback; the tests use it:
+# ("score", stream positions whose NLL was just recorded), ("update", every stream position the
+# update's forward read).
 # Work is split across ranks with torch.distributed (sums all-reduced); no files are shared.
 # -----------------------------------------------------------------------------
 
