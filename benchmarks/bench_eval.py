@@ -6,8 +6,9 @@
 
 Every mode scores the same tokens (every token after each document's BOS); tokens/s counts scored
 tokens. With --train-steps the model is first trained on DIR's train shard (AdamW, plain loop), so
-the TTT gains over plain eval are meaningful; they are reported as val_bpb deltas. The model is not
-quantized here: the gain is measured against plain eval of the same float weights.
+the TTT gains over plain eval are meaningful; they are reported as val_bpb deltas. With --quantize
+the modes run on a round-to-nearest int6 copy (the quantization section's RTN path, no Hessians), so
+the deltas are over quantized plain eval; the float model's plain eval is printed as pre_quant.
 """
 
 import argparse
@@ -111,6 +112,7 @@ def main():
     parser.add_argument("--docs-per-batch", type=int, default=16)
     parser.add_argument("--prefix-docs", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantize", action="store_true", help="evaluate an RTN int6 copy (see docstring)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -128,6 +130,15 @@ def main():
     val = first_docs(full_val, args.docs)
     print(f"\nthroughput on {val.num_docs} docs, {val.num_tokens - val.num_docs} scored tokens")
     print(f"{'mode':<12} {'val_bpb':>9} {'delta':>8} {'seconds':>8} {'tokens/s':>9}")
+    if args.quantize:
+        import copy
+
+        from _sections.quant import QuantSettings, load_quantized_into, quantize_model_state
+
+        pre_quant = eval_plain(model, val, args.seq_len, args.batch)
+        print(f"{'pre_quant':<12} {pre_quant['val_bpb']:9.4f} {'':>8} {pre_quant['eval_time_s']:8.2f}")
+        settings = QuantSettings(method="rtn", small_numel=1024)
+        model = load_quantized_into(copy.deepcopy(model), quantize_model_state(model.state_dict(), {}, settings))
     baseline = None
     for name, run in modes(args).items():
         result = run(model, val)
