@@ -321,6 +321,15 @@ def env_var_table() -> list[dict[str, Any]]:
             for f in dataclasses.fields(Hyperparameters)]
 
 
+def env_var_markdown() -> str:
+    """The env-var table as Markdown (`python train_gpt.py --env-table`), grouped by section."""
+    rows = ["| variable | default | section | meaning |", "|---|---|---|---|"]
+    for row in sorted(env_var_table(), key=lambda r: ["run", "model", "optim", "quant", "eval"].index(r["section"])):
+        default = row["default"] if row["default"] != "" else '""'
+        rows.append(f"| `{row['env']}` | `{default}` | {row['section']} | {row['help']} |")
+    return "\n".join(rows)
+
+
 # Published systems (SPEC section 11) as (parent preset, field overrides). The dataclass defaults are
 # the record line (PR 1855), so `pr1855` has no overrides; the others undo or change its settings.
 PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
@@ -560,6 +569,9 @@ class DocumentLayout:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
     """Document-causal attention. q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]."""
     batch, seq_len, heads, head_dim = q.shape
+    # under autocast the normed q/k may be fp32 while v is bf16: every kernel wants one dtype
+    dtype = torch.bfloat16 if layout.backend == "fa3" and v.dtype == torch.float32 else v.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if layout.backend == "fa3":
         from flash_attn_interface import flash_attn_varlen_func
         out = flash_attn_varlen_func(q.reshape(batch * seq_len, heads, head_dim),
@@ -1432,4 +1444,7 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--env-table"]:
+        print(env_var_markdown())
+    else:
+        main()

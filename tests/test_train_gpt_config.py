@@ -107,3 +107,9 @@ def test_import_has_no_side_effects(tmp_path):
                             env={"PYTHONPATH": train_gpt.__file__.rsplit("/", 1)[0], "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert "clean" in result.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_env_table_markdown_lists_every_variable():
+    markdown = train_gpt.env_var_markdown()
+    assert markdown.count("\n") == len(train_gpt.env_var_table()) + 1
+    assert "| `PRESET` | `pr1855` | run |" in markdown
