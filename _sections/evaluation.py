@@ -539,7 +539,8 @@ class BatchedLoRA(nn.Module):
         down_init = {key: (torch.rand(dims[0], rank, generator=generator) * 2 - 1) / math.sqrt(dims[0])
                      for key, dims in sorted(site_dims.items(), key=lambda item: str(item[0]))}
         self.down = nn.ParameterDict({
-            self.index[key]: nn.Parameter(init.unsqueeze(0).repeat(batch_size, 1, 1)) for key, init in down_init.items()})
+            self.index[key]: nn.Parameter(init.unsqueeze(0).repeat(batch_size, 1, 1))
+            for key, init in down_init.items()})
         self.up = nn.ParameterDict({
             self.index[key]: nn.Parameter(torch.zeros(batch_size, rank, dims[1])) for key, dims in site_dims.items()})
 

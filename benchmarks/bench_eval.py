@@ -73,7 +73,8 @@ def train(model, data_dir, steps, seq_len, batch_rows):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % 50 == 0 or step == steps - 1:
-            print(f"train step {step}/{steps} loss {loss.item():.4f} t {time.perf_counter() - started:.0f}s", flush=True)
+            elapsed = time.perf_counter() - started
+            print(f"train step {step}/{steps} loss {loss.item():.4f} t {elapsed:.0f}s", flush=True)
     model.eval()
 
 

@@ -7,11 +7,10 @@ import socket
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from _sections.evaluation import (
-    BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, audit_token_nll, chunked_ttt_config, eval_plain, eval_sliding, eval_summary,
-    eval_ttt_chunked, eval_ttt_phased, find_documents, format_eval_line, load_val_data, make_val_data,
+    BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, audit_token_nll, chunked_ttt_config, eval_plain, eval_sliding,
+    eval_summary, eval_ttt_chunked, eval_ttt_phased, find_documents, format_eval_line, load_val_data, make_val_data,
     phased_ttt_config, piece_byte_counts, piece_byte_tables, run as run_evaluation_section, save_token_nll,
     sliding_windows, warm_up_on_random_tokens,
 )
@@ -183,7 +182,8 @@ def sentencepiece_model(tmp_path_factory):
     corpus.write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(300)), encoding="utf-8")
     sentencepiece.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=320, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False, bos_id=1, eos_id=2, pad_id=0, unk_id=3,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        bos_id=1, eos_id=2, pad_id=0, unk_id=3,
         minloglevel=2)
     return str(folder / "sp.model")
 
@@ -342,13 +342,14 @@ def test_changing_a_later_document_leaves_documents_scored_before_it_unchanged(m
     doc_start, doc_end = int(val.doc_starts[doc]), int(val.doc_starts[doc] + val.doc_lengths[doc])
     changed = nll_by_position(run(mode, model, changed_stream(val, doc_start + 1, doc_end, seed=4)))
     first_scored = min(order[p] for p in range(doc_start + 1, doc_end))
-    earlier_docs = [d for d in range(val.num_docs) if d != doc and all(
-        order[p] < first_scored for p in range(int(val.doc_starts[d]) + 1, int(val.doc_starts[d] + val.doc_lengths[d])))]
+    def targets_of(d):
+        return range(int(val.doc_starts[d]) + 1, int(val.doc_starts[d] + val.doc_lengths[d]))
+
+    earlier_docs = [d for d in range(val.num_docs) if d != doc and all(order[p] < first_scored for p in targets_of(d))]
     assert earlier_docs
     if mode in ("plain", "sliding"):  # without adaptation, no other document may change at all
         earlier_docs = [d for d in range(val.num_docs) if d != doc]
-    positions = [p for d in earlier_docs for p in range(int(val.doc_starts[d]) + 1,
-                                                         int(val.doc_starts[d] + val.doc_lengths[d]))]
+    positions = [p for d in earlier_docs for p in targets_of(d)]
     assert max(abs(original[p] - changed[p]) for p in positions) < TOLERANCE
 
 
