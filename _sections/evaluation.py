@@ -788,7 +788,7 @@ def eval_summary(results: dict, eval_time_limit_s: float = 600.0) -> dict:
 # --- post-training entry point (train_gpt.post_training calls run after the quantization section) -
 
 
-def run(h, model, context, results: dict) -> dict:
+def evaluate_after_training(h, model, context, results: dict) -> dict:
     """Report pre-quant, quantized, sliding-window and TTT val_bpb in that order; return the
     summary.json fields. `model` holds the float EMA weights; the quantization section hands over
     the dequantized model as results["quantized_model"] (taken out of results here, so it never
@@ -829,3 +829,6 @@ def run(h, model, context, results: dict) -> dict:
         save_token_nll(path, evals[final_label], val.to("cpu"))
         log(f"token_nll: {path} ({final_label}; recompute with audit_token_nll)")
     return eval_summary(evals, h.eval_max_seconds)
+
+
+run = evaluate_after_training  # train_gpt.post_training's section contract, until this file is inlined

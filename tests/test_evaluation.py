@@ -11,7 +11,7 @@ import torch
 from _sections.evaluation import (
     BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, audit_token_nll, chunked_ttt_config, eval_plain, eval_sliding,
     eval_summary, eval_ttt_chunked, eval_ttt_phased, find_documents, format_eval_line, load_val_data, make_val_data,
-    phased_ttt_config, piece_byte_counts, piece_byte_tables, run as run_evaluation_section, save_token_nll,
+    phased_ttt_config, piece_byte_counts, piece_byte_tables, evaluate_after_training, save_token_nll,
     sliding_windows, warm_up_on_random_tokens,
 )
 
@@ -436,7 +436,7 @@ def test_post_training_run_reports_every_eval_in_order_and_saves_the_final_token
     context = types.SimpleNamespace(log=lines.append, device=torch.device("cpu"), rank=0, world_size=1,
                                     autocast="fp32", artifact_dir=str(tmp_path))
     results = {"quantized_model": copy.deepcopy(model)}
-    summary = run_evaluation_section(h, model, context, results)
+    summary = evaluate_after_training(h, model, context, results)
     labels = [line.split()[0] for line in lines if " val_bpb:" in line]
     assert labels == ["pre_quant", "quantized", "quantized_sliding_window", f"quantized_ttt_{ttt_mode}"]
     assert "quantized_model" not in results
