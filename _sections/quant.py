@@ -30,6 +30,10 @@ import torch.nn.functional as F
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal, as in the challenge rules
 
 
+def _dtype_name(tensor):
+    return str(tensor.dtype).removeprefix("torch.")  # "float16", ...: the name stored in the artifact
+
+
 # --- Hessian collection --------------------------------------------------------------------------
 
 
@@ -365,7 +369,7 @@ def quantize_model_state(state_dict, hessians, settings, log=None):
         kind, bits, clip = classify_tensor(name, tensor, settings)
         if kind == "matrix" and settings.method == "int8":
             bits = 8
-        dtype_name = str(tensor.dtype).removeprefix("torch.")
+        dtype_name = _dtype_name(tensor)
         if kind == "raw":
             entries[name] = {"kind": "raw", "tensor": tensor.cpu().contiguous()}
         elif kind == "float":
@@ -394,7 +398,9 @@ def quantize_model_state(state_dict, hessians, settings, log=None):
             factor_a, factor_b = lqer_factors(error, settings.lqer_rank, hessians.get(name), settings.damp)
             for label, factor in (("a", factor_a.t()), ("b", factor_b)):  # groups run along rows/cols
                 codes, scale, low = quantize_groups_asymmetric(factor, settings.lqer_bits, settings.lqer_group_size)
-                entry[f"lqer_{label}_codes"], entry[f"lqer_{label}_scale"], entry[f"lqer_{label}_low"] = codes.cpu(), scale.cpu(), low.cpu()
+                entry[f"lqer_{label}_codes"] = codes.cpu()
+                entry[f"lqer_{label}_scale"] = scale.cpu()
+                entry[f"lqer_{label}_low"] = low.cpu()
             entry.update(lqer_rank=settings.lqer_rank, lqer_bits=settings.lqer_bits)
             if log is not None:
                 log(f"quant: LQER rank {settings.lqer_rank} on {name}")
@@ -405,14 +411,16 @@ def _dequantize_entry(entry):
     if entry["kind"] == "raw":
         return entry["tensor"].clone()
     if entry["kind"] == "float":
-        return entry["tensor"].to(getattr(torch, entry["dtype"]))
+        return entry["tensor"].to(_DTYPES[entry["dtype"]])
     weight = dequantize_codes(entry["codes"], entry["scales"])  # (rows, cols) float32
     if entry.get("lqer_rank"):
         rank, bits = entry["lqer_rank"], entry["lqer_bits"]
         rows, cols = weight.shape
-        factor_a = dequantize_groups_asymmetric(entry["lqer_a_codes"], entry["lqer_a_scale"], entry["lqer_a_low"], bits, rank * rows)
-        factor_b = dequantize_groups_asymmetric(entry["lqer_b_codes"], entry["lqer_b_scale"], entry["lqer_b_low"], bits, rank * cols)
-        weight = weight + factor_a.view(rank, rows).t() @ factor_b.view(rank, cols)
+        factor_a = dequantize_groups_asymmetric(entry["lqer_a_codes"], entry["lqer_a_scale"], entry["lqer_a_low"],
+                                                bits, rank * rows).view(rank, rows).t()  # (rows, r)
+        factor_b = dequantize_groups_asymmetric(entry["lqer_b_codes"], entry["lqer_b_scale"], entry["lqer_b_low"],
+                                                bits, rank * cols).view(rank, cols)  # (r, cols)
+        weight = weight + factor_a @ factor_b
     return weight.reshape(entry["shape"])
 
 
@@ -446,6 +454,9 @@ _STREAM = struct.Struct("<BQQI")  # shuffle stride, raw length, compressed lengt
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16,
            "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
+_NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "float64": np.float64,
+                  "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+                  "bool": np.bool_}  # numpy has no bfloat16: its bytes travel as int16
 
 
 class ArtifactError(ValueError):
@@ -495,7 +506,7 @@ def _tensor_bytes(tensor):
 
 def _array_group(dtype_name):
     """Per-group mode: one stream per element width (int8 codes, fp16 scales, ...)."""
-    return {"int8": 0, "uint8": 0, "bool": 0}.get(dtype_name, 1 if dtype_name in ("float16", "bfloat16", "int16") else 2)
+    return {"int8": 0, "uint8": 0, "bool": 0, "float16": 1, "bfloat16": 1, "int16": 1}.get(dtype_name, 2)
 
 
 def serialize_artifact(container, codec="brotli", per_group=False, shuffle=True):
@@ -512,13 +523,14 @@ def serialize_artifact(container, codec="brotli", per_group=False, shuffle=True)
     arrays = [(name, key, value) for name, entry in container["entries"].items()
               for key, value in entry.items() if isinstance(value, torch.Tensor)]
     # like with like: all codes together, then all scales, ...; helps the compressor's context
-    arrays.sort(key=lambda item: (_array_group(str(item[2].dtype).removeprefix("torch.")), item[1], item[0]))
+    arrays.sort(key=lambda item: (_array_group(_dtype_name(item[2])), item[1], item[0]))
     placement = {}
     for name, key, value in arrays:
-        dtype_name = str(value.dtype).removeprefix("torch.")
+        dtype_name = _dtype_name(value)
         stream = _array_group(dtype_name) if per_group else 0
         raw = _tensor_bytes(value)
-        placement[(name, key)] = [key, dtype_name, list(value.shape), stream + 1, len(payloads[stream]), len(raw)]
+        placement[(name, key)] = [key, dtype_name, list(value.shape), stream + 1, len(payloads[stream]),
+                                  len(raw)]
         payloads[stream] += raw
     for name, entry in container["entries"].items():
         attrs = {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)}
@@ -584,13 +596,12 @@ def deserialize_artifact(blob):
             dtype = _DTYPES.get(dtype_name)
             if dtype is None or not 0 < stream < len(raws):
                 raise ArtifactError(f"array {item['name']}.{key}: bad dtype {dtype_name!r} or stream {stream}")
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if int(np.prod(shape, dtype=np.int64)) * itemsize != nbytes or start < 0 or start + nbytes > len(raws[stream]):
+            storage = np.dtype(_NUMPY_STORAGE[dtype_name])
+            numel = int(np.prod(shape, dtype=np.int64))
+            if numel * storage.itemsize != nbytes or start < 0 or start + nbytes > len(raws[stream]):
                 raise ArtifactError(f"array {item['name']}.{key}: shape {shape} does not fit {nbytes} bytes at {start}")
-            storage = torch.int16 if dtype == torch.bfloat16 else dtype
-            array = torch.from_numpy(np.frombuffer(raws[stream], dtype=str(storage).removeprefix("torch.") if storage != torch.bool else np.bool_,
-                                                   count=nbytes // itemsize, offset=start).copy())
-            entry[key] = array.view(dtype).reshape(shape) if dtype == torch.bfloat16 else array.reshape(shape)
+            array = np.frombuffer(raws[stream], dtype=storage, count=numel, offset=start).copy()
+            entry[key] = torch.from_numpy(array).view(dtype).reshape(shape)  # view: int16 bits -> bfloat16
         entries[item["name"]] = entry
     return {"entries": entries}
 
