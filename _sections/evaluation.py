@@ -585,9 +585,10 @@ def _score_and_adapt_documents(model, val, doc_ids, cfg, site_dims, scores, audi
     device = val.tokens.device
     starts = torch.as_tensor(val.doc_starts[doc_ids], device=device)  # [B]
     target_counts = torch.as_tensor(val.doc_lengths[doc_ids] - 1, device=device)  # [B]
-    lora = BatchedLoRA(len(doc_ids), site_dims, cfg.lora_rank, cfg.lora_alpha).to(device)
-    optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr, betas=(cfg.beta1, cfg.beta2),
-                                  eps=1e-10, weight_decay=cfg.weight_decay)
+    lora = BatchedLoRA(len(doc_ids), site_dims, cfg.lora_rank, cfg.lora_alpha).to(device) if adapt else None
+    if adapt:
+        optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr, betas=(cfg.beta1, cfg.beta2),
+                                      eps=1e-10, weight_decay=cfg.weight_decay)
     num_chunks = -(-int(target_counts.max()) // cfg.chunk_size)
     for chunk_index in range(num_chunks):
         chunk_end = (chunk_index + 1) * cfg.chunk_size  # targets 1..chunk_end of each document seen
@@ -617,6 +618,23 @@ def _score_and_adapt_documents(model, val, doc_ids, cfg, site_dims, scores, audi
             if audit is not None:
                 read = inside & more_chunks_follow.unsqueeze(1)
                 audit("update", torch.cat([positions[read], positions[read] - 1]).unique().cpu().numpy())
+
+
+def _global_sgd(model, val, end_target, cfg, audit):
+    """All weights, SGD with momentum, over the targets [1, end_target) (the documents scored so
+    far) in chunks of global_chunk_tokens, one step per chunk, cosine learning rate over chunks."""
+    params = list(model.parameters())
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=cfg.global_lr, momentum=cfg.global_momentum)
+    chunk_starts = list(range(1, end_target, cfg.global_chunk_tokens))
+    for chunk_index, first_target in enumerate(chunk_starts):
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine(cfg.global_lr, chunk_index, len(chunk_starts))
+        chunk_end = min(first_target + cfg.global_chunk_tokens, end_target)
+        _train_on_targets(model, val, first_target, chunk_end, cfg.global_seq_len, rows_per_step=10**9,
+                          params=params, optimizer=optimizer, epochs=cfg.global_epochs,
+                          grad_clip=cfg.global_grad_clip, audit=audit)
 
 
 def eval_ttt_phased(model, val: ValData, cfg: PhasedTTTConfig, audit=None, time_budget_s=None,
@@ -654,19 +672,7 @@ def eval_ttt_phased(model, val: ValData, cfg: PhasedTTTConfig, audit=None, time_
             if _time_is_up(deadline, device):
                 stopped_early = True
                 continue
-            end_target = int(val.doc_starts[end_doc - 1] + val.doc_lengths[end_doc - 1])
-            params = list(model.parameters())
-            for param in params:
-                param.requires_grad_(True)
-            optimizer = torch.optim.SGD(params, lr=cfg.global_lr, momentum=cfg.global_momentum)
-            chunk_starts = list(range(1, end_target, cfg.global_chunk_tokens))
-            for chunk_index, first_target in enumerate(chunk_starts):
-                for group in optimizer.param_groups:
-                    group["lr"] = _cosine(cfg.global_lr, chunk_index, len(chunk_starts))
-                chunk_end = min(first_target + cfg.global_chunk_tokens, end_target)
-                _train_on_targets(model, val, first_target, chunk_end, cfg.global_seq_len,
-                                  rows_per_step=10**9, params=params, optimizer=optimizer,
-                                  epochs=cfg.global_epochs, grad_clip=cfg.global_grad_clip, audit=audit)
+            _global_sgd(model, val, int(val.doc_starts[end_doc - 1] + val.doc_lengths[end_doc - 1]), cfg, audit)
             global_updates += 1
     stopped_early = bool(_all_reduce_(torch.tensor([float(stopped_early)], device=device), dist.ReduceOp.MAX) > 0)
     return scores.summarize("ttt_phased", started_at, keep_token_scores, ttt_phases_trained=global_updates,
