@@ -1,7 +1,8 @@
 """Benchmark of the quantization section (prints figures, asserts nothing).
 
-    python benchmarks/bench_quant.py            # everything (a few minutes on 2 CPU cores)
-    python benchmarks/bench_quant.py --quick    # skip whole-model compression variants
+    python benchmarks/bench_quant.py                      # everything (~10 minutes on 2 CPU cores)
+    python benchmarks/bench_quant.py --quick              # skip whole-model compression variants
+    python benchmarks/bench_quant.py --penalty-seconds 90 # only: quantization penalty of a small trained GPT
 
 1. GPTQ time at int6 for the four published shapes, ours vs a textbook per-column implementation
    (cholesky_inverse + upper Cholesky, per-column updates on W, blocks of 128) timed in the same
@@ -234,16 +235,102 @@ def bench_whole_model(quick):
         print(f"  {options}: {len(blob):,} bytes ({8 * len(blob) / numel:.3f} bits/param) in {time.perf_counter() - start:.1f} s")
 
 
+def byte_corpus(limit_bytes):
+    """Bytes of the Python standard library's sources: real text, no download. Byte 1 (BOS) does not
+    occur in them, so every row is one document."""
+    import sysconfig
+
+    root, chunks, total = sysconfig.get_paths()["stdlib"], [], 0
+    for directory, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if name.endswith(".py") and total < limit_bytes:
+                with open(os.path.join(directory, name), "rb") as handle:
+                    chunks.append(handle.read())
+                total += len(chunks[-1])
+    data = torch.frombuffer(bytearray(b"".join(chunks)[:limit_bytes]), dtype=torch.uint8).long()
+    return data.clamp_min(2)  # keep ids 0/1 (pad/BOS) out of the text
+
+
+def bench_penalty(train_seconds):
+    """Quantization penalty (quantized minus pre-quant bits per byte) of a small GPT trained on CPU
+    on byte-level text: GPTQ, GPTQ + LQER and round-to-nearest, with their model bytes."""
+    import train_gpt
+
+    print(f"== quantization penalty, small GPT trained {train_seconds:.0f} s on CPU (byte-level stdlib text)")
+    h = train_gpt.Hyperparameters.from_env({"PRESET": "tiny", "VOCAB_SIZE": "256", "MODEL_DIM": "128",
+                                             "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2",
+                                             "PARALLEL_START_LAYER": "3", "QUANT_SMALL_TENSOR_NUMEL": "4096"})
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h, "sdpa")
+    model.set_recurrence(True)
+    data = byte_corpus(3_000_000)
+    train, val = data[: -200_000], data[-200_000:]
+    seq_len, batch = 128, 16
+    generator = torch.Generator().manual_seed(0)
+
+    def sample(source):
+        starts = torch.randint(0, len(source) - seq_len - 1, (batch,), generator=generator)
+        rows = torch.stack([source[s:s + seq_len + 1] for s in starts.tolist()])
+        return rows[:, :-1], rows[:, 1:]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    start, steps = time.perf_counter(), 0
+    model.train()
+    while time.perf_counter() - start < train_seconds:
+        inputs, targets = sample(train)
+        loss = model(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    model.eval()
+    val_rows = val[: (len(val) - 1) // seq_len * seq_len + 1]
+    val_inputs = val_rows[:-1].view(-1, seq_len)[:256]
+    val_targets = val_rows[1:].view(-1, seq_len)[:256]
+
+    def bits_per_byte(weights):
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            losses = [model(val_inputs[i:i + 32], val_targets[i:i + 32]).item() for i in range(0, len(val_inputs), 32)]
+        return statistics.mean(losses) / math.log(2)  # one token = one byte
+
+    trained = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    hessians = collect_hessians(model, [sample(train)[0] for _ in range(8)])  # training batches only
+    pre = bits_per_byte(trained)
+    print(f"{steps} steps, pre-quant val {pre:.4f} bits/byte")
+    base = dict(embed_bits=h.quant_embed_bits, embed_clip=h.quant_embed_clip_sigmas, mlp_clip=h.quant_mlp_clip_sigmas,
+                attn_clip=h.quant_attn_clip_sigmas, small_numel=h.quant_small_tensor_numel)
+    variants = {"GPTQ": QuantSettings(**base), "GPTQ + LQER r4 top3": QuantSettings(**base, lqer_rank=4, lqer_top_k=3),
+                "RTN (same clips)": QuantSettings(**base, method="rtn")}
+    for clip_scale in (0.85, 0.75):  # RTN with tighter clips spends more bytes
+        variants[f"RTN clips x{clip_scale}"] = QuantSettings(**{**base, "embed_clip": base["embed_clip"] * clip_scale,
+                                                                "mlp_clip": base["mlp_clip"] * clip_scale,
+                                                                "attn_clip": base["attn_clip"] * clip_scale}, method="rtn")
+    for label, settings in variants.items():
+        container = quantize_model_state(trained, hessians, settings)
+        model_bytes = len(serialize_artifact(container))
+        quantized = bits_per_byte(dequantize_state(container))
+        print(f"  {label:22s} val {quantized:.4f} bits/byte  penalty {quantized - pre:+.4f}  model {model_bytes:,} bytes")
+    model.load_state_dict(trained)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    # 1 by default: on a shared 2-core machine two OpenMP threads spin-wait against other processes
+    # and elementwise ops ran ~35x slower than with one thread (measured 12 ms vs 0.35 ms)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--penalty-seconds", type=float, default=0.0,
+                        help="also train a small GPT for this long and measure quantization penalties")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
           "(other processes slow every figure alike; compare within one run)")
+    if args.penalty_seconds:
+        bench_penalty(args.penalty_seconds)
+        return
     bench_gptq_speed()
     bench_quality()
     bench_whole_model(args.quick)
