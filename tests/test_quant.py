@@ -394,3 +394,23 @@ def test_write_artifact_reports_counted_sizes_and_upstream_log_lines(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == ["final_model.ptz", "train_gpt_packed.py"]  # no temp files
     small = write_artifact(str(tmp_path / "run"), container, str(code), limit_bytes=100, log=None)
     assert small["artifact_limit_ok"] is False
+
+
+def test_real_gpt_round_trips_through_the_artifact_with_every_matrix_calibrated():
+    train_gpt = pytest.importorskip("train_gpt")
+    h = train_gpt.Hyperparameters.from_env({"PRESET": "tiny"})
+    torch.manual_seed(0)
+    model, fresh = train_gpt.GPT(h), train_gpt.GPT(h)
+    model.set_recurrence(True)
+    fresh.set_recurrence(True)
+    calibration = [torch.randint(2, h.vocab_size, (2, 32))]  # stands in for training batches
+    counts, messages = {}, []
+    hessians = collect_hessians(model, calibration, call_counts=counts)
+    assert counts[f"blocks.{h.loop_start}.mlp.fc.weight"] == h.num_loops  # the looped block, every pass
+    assert "tok_emb.weight" in hessians  # tied head, through the lora hook at site "head"
+    container = quantize_model_state(model.state_dict(), hessians, quant_settings_from_hparams(h), log=messages.append)
+    assert not [m for m in messages if "no Hessian" in m]
+    load_quantized_into(fresh, deserialize_artifact(serialize_artifact(container)))
+    with torch.no_grad():
+        reference, restored = model.forward_logits(calibration[0]), fresh.forward_logits(calibration[0])
+    assert (reference - restored).abs().max().item() < 0.1
