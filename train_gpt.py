@@ -18,6 +18,7 @@ config, data, model, optimizers, training loop, quantization and artifact, evalu
 import copy
 import dataclasses
 import glob
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -1372,7 +1373,10 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     attn_backend = select_attention_backend(h.attn_backend, device)
     use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
     autocast = h.autocast if h.autocast != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    log(f"run_id:{h.run_id} preset:{h.preset} artifact_dir:{artifact_dir}")
+    with open(os.path.abspath(__file__), "rb") as handle:
+        source = handle.read()
+    log(f"run_id:{h.run_id} preset:{h.preset} artifact_dir:{artifact_dir} code:{len(source)} bytes "
+        f"sha256:{hashlib.sha256(source).hexdigest()[:16]}")
     log(f"env: python {platform.python_version()} torch {torch.__version__} device:{device} "
         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'} "
         f"world_size:{world_size} attention:{attn_backend} compile:{use_compile} autocast:{autocast}")

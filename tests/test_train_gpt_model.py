@@ -289,3 +289,16 @@ def test_bf16_autocast_on_cpu_runs_and_stays_close_to_fp32():
     loss.backward()
     assert abs(loss.item() - reference.item()) < 0.05
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_varlen_layout_marks_every_document_and_row_start():
+    """The FA3 layout (built on CPU here) splits at each BOS and at every row start."""
+    ids = torch.full((2, 8), 9)
+    ids[0, 3] = train_gpt.BOS_ID
+    ids[1, 0] = train_gpt.BOS_ID
+    ids[1, 6] = train_gpt.BOS_ID
+    layout = train_gpt.DocumentLayout.build(ids, "fa3")
+    assert layout.cu_seqlens.tolist() == [0, 3, 8, 14, 16] and layout.cu_seqlens.dtype == torch.int32
+    dense = train_gpt.DocumentLayout.build(ids, "plain").dense_mask
+    assert dense[0, 0, 4, 2].item() is False and dense[0, 0, 4, 3].item() is True
+    assert dense[1, 0, 7, 5].item() is False and dense[1, 0, 5, 0].item() is True

@@ -1,0 +1,137 @@
+"""CPU training throughput of train_gpt.py's model, as a fraction of this machine's matmul peak.
+
+Measures, in one run: the fp32 and bf16 matmul peak (square GEMMs), then tokens/s of the training
+forward + backward (the Muon/AdamW step is a fixed cost per optimizer step, reported separately) for the record shape (PR 1855 defaults, recurrence on and
+off), the naive-baseline shape (9x512, vocab 1024, MLP 2x, no recurrence/XSA/gates) and the tiny CPU
+shape. Model FLOPs per token are counted analytically (6 x matmul weights applied per token, looped
+layers counted per pass, + causal attention 6 x layers x seq_len x width); utilization = achieved
+model FLOP/s / measured peak. bf16 autocast is measured only where the bf16 peak beats fp32.
+
+    python benchmarks/bench_train.py            # about 2-3 minutes on 2 idle cores
+    python benchmarks/bench_train.py --quick    # record shape at seq 512, one timed step
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_gpt  # noqa: E402
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 1.5) -> float:
+    """Best FLOP/s over a few square GEMM sizes (larger sizes skipped once one GEMM is slow)."""
+    best = 0.0
+    for size in (512, 1024, 2048):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        start = time.perf_counter()
+        a @ b
+        if time.perf_counter() - start > seconds:  # a slow dtype on this CPU: one GEMM is enough
+            return max(best, 2 * size ** 3 / (time.perf_counter() - start))
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            count += 1
+        best = max(best, 2 * size ** 3 * count / (time.perf_counter() - start))
+    return best
+
+
+def model_flops_per_token(model: train_gpt.GPT, seq_len: int) -> dict:
+    """Training FLOPs per token by component: 6 x weights applied per token (looped layers once per
+    pass) for the block matrices and the tied head, + causal attention (QK^T and AV over an average
+    context of T/2, forward and backward: 6 x passes x T x width)."""
+    h = model.h
+    passes = sum(map(len, model.layer_order()))
+    block = model.blocks[0]
+    attn_weights = sum(m.weight.numel() for m in block.attn.modules() if isinstance(m, train_gpt.MatrixLinear))
+    mlp_weights = sum(m.weight.numel() for m in block.mlp.modules() if isinstance(m, train_gpt.MatrixLinear))
+    parts = {"attn_proj": 6 * passes * attn_weights, "mlp": 6 * passes * mlp_weights,
+             "head": 6 * h.vocab_size * h.model_dim, "attention": 6 * passes * seq_len * h.model_dim}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def bench_shape(name: str, env: dict, batch: int, steps: int, recurrence: bool, autocast: str,
+                time_optimizer: bool = True) -> dict:
+    h = train_gpt.Hyperparameters.from_env(env)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h, "sdpa")
+    model.set_recurrence(recurrence)
+    optimizer = train_gpt.TrainingOptimizer(model, h)
+    ids = torch.randint(8, h.vocab_size, (batch, h.train_seq_len))
+    ids[:, 0] = train_gpt.BOS_ID
+    device = torch.device("cpu")
+
+    def forward_backward() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        with train_gpt.compute_context(device, autocast):
+            loss = model(ids, ids)
+        loss.backward()
+        return time.perf_counter() - start
+
+    forward_backward()  # warm-up (allocations, first-call dispatch)
+    seconds = sum(forward_backward() for _ in range(steps)) / steps
+    optimizer_seconds = float("nan")
+    if time_optimizer:
+        start = time.perf_counter()
+        optimizer.step()  # Muon + AdamW: a fixed cost per optimizer step, independent of the batch
+        optimizer_seconds = time.perf_counter() - start
+    tokens = batch * h.train_seq_len
+    return dict(name=name, autocast=autocast, tokens_per_step=tokens, params=sum(p.numel() for p in model.parameters()),
+                layer_applications=sum(map(len, model.layer_order())),
+                flops=model_flops_per_token(model, h.train_seq_len),
+                tokens_per_s=tokens / seconds, optimizer_s=optimizer_seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller record batch and fewer steps")
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s")
+    dtypes = ["fp32"] + (["bf16"] if peak["bf16"] > peak["fp32"] else [])
+    if "bf16" not in dtypes:
+        print("bf16 autocast not measured on the big shapes: this CPU's bf16 matmul is slower than fp32")
+    record_seq = "512" if args.quick else "2048"
+    steps = 1 if args.quick else 2
+    shapes = [  # name, env, batch, timed steps, recurrence, time the optimizer step
+        ("record (pr1855, loop on)", dict(TRAIN_SEQ_LEN=record_seq), 1, steps, True, True),
+        ("record (pr1855, loop off)", dict(TRAIN_SEQ_LEN=record_seq), 1, steps, False, False),
+        ("naive baseline 9x512 v1024", dict(PRESET="baseline"), 2, steps, False, True),
+        ("tiny preset", dict(PRESET="tiny"), 16, 3, True, True),
+    ]
+    results = []
+    for name, env, batch, count, recurrence, time_optimizer in shapes:
+        # bf16 on the tiny shape is always measured, to show the CPU's bf16 speed on a real model
+        for autocast in dtypes + (["bf16"] if name.startswith("tiny") and "bf16" not in dtypes else []):
+            quick_bf16 = autocast == "bf16" and "bf16" not in dtypes
+            result = bench_shape(name, env, 4 if quick_bf16 else batch, 1 if quick_bf16 else count, recurrence,
+                                 autocast, time_optimizer and not quick_bf16)
+            result["flops_per_token"] = result["flops"]["total"]
+            utilization = result["tokens_per_s"] * result["flops_per_token"] / peak[autocast]
+            result["peak_fraction"] = utilization
+            results.append(result)
+            print(f"{name:28s} {autocast}: {result['tokens_per_s']:8.0f} tok/s fwd+bwd "
+                  f"(+ optimizer {result['optimizer_s'] * 1e3:6.0f} ms per step) "
+                  f"{result['flops_per_token'] / 1e6:7.1f} MFLOP/token, {result['layer_applications']} layer passes, "
+                  f"{result['params'] / 1e6:.2f}M params -> {100 * utilization:.1f}% of {autocast} peak", flush=True)
+    record = next(r for r in results if r["name"].startswith("record (pr1855, loop on)"))
+    baseline = next(r for r in results if r["name"].startswith("naive"))
+    print(f"record/baseline: {record['flops_per_token'] / baseline['flops_per_token']:.2f}x FLOPs per token, "
+          f"{baseline['tokens_per_s'] / record['tokens_per_s']:.2f}x the time per token")
+    print("FLOPs per token by component (MFLOP): " + ", ".join(
+        f"{part} {baseline['flops'][part] / 1e6:.1f} -> {record['flops'][part] / 1e6:.1f}"
+        for part in ("attn_proj", "mlp", "head", "attention")))
+    print("  record vs baseline at equal width 512: 17 layer passes (11 layers, 3-5 looped 3x) vs 9, MLP 4x vs 2x,"
+          " vocab 8192 vs 1024 in the tied head, context 2048 vs 1024; XSA, gates, smear, skips and lane mixes are"
+          " elementwise (no FLOPs counted) and show up only as the gap between FLOP ratio and time ratio")
+
+
+if __name__ == "__main__":
+    main()
