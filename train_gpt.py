@@ -70,6 +70,7 @@ class Hyperparameters:
     compile: str = knob("auto", "run", "torch.compile the model: auto (on for CUDA, off for CPU)|0|1")
     attn_backend: str = knob("auto", "run", "auto|fa3|flex|sdpa|plain attention kernel (auto: best available)")
     autocast: str = knob("auto", "run", "auto|bf16|fp32 compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    cpu_threads: int = knob(0, "run", "CPU intra-op threads; 0 = torch's default (small models run best on 1)")
     post_training_only: bool = knob(False, "run", "skip training; quantize/evaluate ARTIFACT_DIR/final_model.pt")
     post_training_enabled: bool = knob(True, "run", "run quantization and evaluation after training (0: train only)")
 
@@ -243,6 +244,7 @@ class Hyperparameters:
         for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                      "train_batch_tokens", "train_seq_len", "iterations", "num_loops", "muon_backend_steps"):
             require(getattr(self, name) > 0, f"{name.upper()} must be positive, got {getattr(self, name)}")
+        require(self.cpu_threads >= 0, f"CPU_THREADS={self.cpu_threads} must be >= 0")
         require(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
         require(self.vocab_size > BOS_ID, f"VOCAB_SIZE={self.vocab_size} must include the BOS id {BOS_ID}")
         require(self.model_dim % self.num_heads == 0,
@@ -364,7 +366,8 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "tiny": ("pr1855", dict(  # every record feature at CPU scale; about a minute on 2 cores
         num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, loop_start=2, loop_end=3,
         parallel_start_layer=4, train_seq_len=128, train_batch_tokens=4096, iterations=150,
-        max_wallclock_seconds=60.0, gptq_reserve_seconds=2.0, warmup_steps=2, muon_momentum_warmup_steps=30,
+        max_wallclock_seconds=45.0, gptq_reserve_seconds=2.0, warmup_steps=2, muon_momentum_warmup_steps=30,
+        ema_decay=0.9, cpu_threads=1,
         train_log_every=10, gptq_calibration_batches=2, val_max_docs=64, eval_seq_len=128,
         eval_batch_tokens=8192, eval_max_seconds=120.0, ttt_chunk_tokens=2048, phased_ttt_prefix_docs=16,
         phased_ttt_lora_rank=4, phased_ttt_docs_per_batch=8, phased_ttt_global_chunk_tokens=2048,
@@ -1201,27 +1204,33 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     stop_reason, loss_value, step = "iterations", float("nan"), 0
     synchronize()
     start = clock()
-    elapsed = 0.0
+    previous_top = start
     while step < h.iterations:
-        elapsed = clock() - start
-        if world > 1:  # every rank follows rank 0's clock so they stop at the same step
-            shared = torch.tensor([elapsed], dtype=torch.float64, device=device)
+        # A step starts only if the slowest recent iteration (measured top to top: step, EMA, logging,
+        # checkpoint) still fits in the budget. Rank 0 decides for everyone so all ranks stop together.
+        now = clock()
+        if step > 0:
+            step_durations.append(now - previous_top)
+        previous_top = now
+        elapsed, predicted = now - start, max(step_durations[-10:], default=0.0)
+        if world > 1:
+            shared = torch.tensor([elapsed, predicted], dtype=torch.float64, device=device)
             dist.broadcast(shared, src=0)
-            elapsed = float(shared)
-        if budget is not None:
-            predicted = max(step_durations[-10:]) if step_durations else 0.0
-            if elapsed + predicted > budget:
-                stop_reason = "wallclock"
-                break
-            progress = elapsed / budget
-        else:
-            progress = step / h.iterations
+            elapsed, predicted = shared.tolist()
+        progress = elapsed / budget if budget is not None else step / h.iterations
         if h.recurrence_enabled and not model.recurrence_active and progress >= h.enable_looping_at:
+            passes_before = sum(map(len, model.layer_order()))
             model.set_recurrence(True)
+            # looped steps are slower: rescale the measured durations by the number of layer passes
+            slowdown = sum(map(len, model.layer_order())) / passes_before
+            step_durations = [duration * slowdown for duration in step_durations]
+            predicted *= slowdown
             log(f"recurrence: on at step {step} (progress {progress:.3f}), layer order {model.layer_order()}")
+        if budget is not None and elapsed + predicted > budget:
+            stop_reason = "wallclock"
+            break
         optimizer.set_schedule(lr_multiplier(progress, h.warmdown_frac, h.min_lr), muon_momentum_at(step, h))
 
-        step_start = clock()
         loss_value = train_step(loader.next_step())
         if not math.isfinite(loss_value):
             # weights were not updated with this loss; the last checkpoint on disk is left untouched
@@ -1233,7 +1242,6 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
         if ema is not None:
             ema.update(model)
         synchronize()
-        step_durations.append(clock() - step_start)
         step += 1
         elapsed = clock() - start
 
@@ -1354,6 +1362,8 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     world_size = int(environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(environ.get("RANK", "0")), int(environ.get("LOCAL_RANK", "0"))
     device = resolve_device(h, local_rank)
+    if h.cpu_threads > 0:
+        torch.set_num_threads(h.cpu_threads)
     if world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 rank=rank, world_size=world_size, device_id=device if device.type == "cuda" else None)
@@ -1379,7 +1389,8 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         f"sha256:{hashlib.sha256(source).hexdigest()[:16]}")
     log(f"env: python {platform.python_version()} torch {torch.__version__} device:{device} "
         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'} "
-        f"world_size:{world_size} attention:{attn_backend} compile:{use_compile} autocast:{autocast}")
+        f"world_size:{world_size} attention:{attn_backend} compile:{use_compile} autocast:{autocast} "
+        f"cpu_threads:{torch.get_num_threads()}")
     for name, value in h.as_dict().items():
         log(f"hparam {name.upper()}={value}")
 

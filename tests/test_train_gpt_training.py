@@ -69,7 +69,7 @@ class ClockedLoader:
 @pytest.mark.parametrize("seconds_per_step, expected_steps", [(1.0, 7), (0.9, 7), (2.5, 2), (7.0, 1)])
 def test_wallclock_cap_is_absolute_with_a_fake_clock(tiny_dataset, seconds_per_step, expected_steps):
     h, model, optimizer, make_loader = setup(tiny_dataset, MAX_WALLCLOCK_SECONDS=10, GPTQ_RESERVE_SECONDS=3,
-                                             ITERATIONS=1000, WARMUP_STEPS=2)
+                                             ITERATIONS=1000, WARMUP_STEPS=2, NUM_LOOPS=1)
     clock = FakeClock()
     result = train_gpt.train_model(h, model, optimizer, lambda: ClockedLoader(make_loader(), clock, seconds_per_step),
                                    lambda line: None, clock=clock)
@@ -78,6 +78,30 @@ def test_wallclock_cap_is_absolute_with_a_fake_clock(tiny_dataset, seconds_per_s
     assert result.train_time_s + h.gptq_reserve_seconds <= h.max_wallclock_seconds
     assert result.warmup_time_s == pytest.approx(2 * seconds_per_step)
     assert train_gpt.training_budget_seconds(h) == 7
+
+
+class PassClockedLoader(ClockedLoader):
+    """Every step takes `seconds_per_pass` per layer pass: steps get slower when recurrence turns on."""
+
+    def __init__(self, loader, clock, seconds_per_pass, model):
+        super().__init__(loader, clock, 0.0)
+        self.seconds_per_pass, self.model = seconds_per_pass, model
+
+    def next_step(self):
+        self.clock.now += self.seconds_per_pass * sum(map(len, self.model.layer_order()))
+        return self.loader.next_step()
+
+
+def test_wallclock_cap_holds_when_recurrence_slows_steps_near_the_end(tiny_dataset):
+    """Steps take 0.6 s (6 passes) and 1.0 s once recurrence is on (10 passes). Recurrence switches on
+    at 6.0 s of a 6.9 s budget: the cap must predict the slower step (6.0 + 1.0 > 6.9) and stop."""
+    h, model, optimizer, make_loader = setup(tiny_dataset, MAX_WALLCLOCK_SECONDS=10, GPTQ_RESERVE_SECONDS=3.1,
+                                             ITERATIONS=1000, ENABLE_LOOPING_AT=0.85)
+    clock = FakeClock()
+    result = train_gpt.train_model(h, model, optimizer, lambda: PassClockedLoader(make_loader(), clock, 0.1, model),
+                                   lambda line: None, clock=clock)
+    assert model.recurrence_active and result.steps == 10
+    assert result.train_time_s + h.gptq_reserve_seconds <= h.max_wallclock_seconds
 
 
 def test_recurrence_switches_on_at_its_training_fraction(tiny_dataset):
