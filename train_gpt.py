@@ -770,7 +770,7 @@ class GPT(nn.Module):
     forward_logits, per_token_nll, set_recurrence; `lora` hooks at every adaptable linear.
     """
 
-    def __init__(self, h: Hyperparameters, attn_backend: str = "plain"):
+    def __init__(self, h: Hyperparameters, attn_backend: str = "sdpa"):
         super().__init__()
         if attn_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend {attn_backend!r} is not one of {ATTENTION_BACKENDS}")

@@ -104,7 +104,8 @@ def test_import_has_no_side_effects(tmp_path):
     code = ("import sys, torch, torch.distributed as dist; import train_gpt; "
             "assert not dist.is_initialized(); assert not torch.cuda.is_initialized(); print('clean')")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": train_gpt.__file__.rsplit("/", 1)[0], "PATH": "/usr/bin:/bin"})
+                            env={"PYTHONPATH": train_gpt.__file__.rsplit("/", 1)[0], "PATH": "/usr/bin:/bin",
+                                 "PYTHONDONTWRITEBYTECODE": "1"})
     assert result.returncode == 0, result.stderr
     assert "clean" in result.stdout and list(tmp_path.iterdir()) == []
 

@@ -235,3 +235,17 @@ def test_two_gloo_ranks_match_one_process(tiny_dataset, tmp_path):
     assert all(abs(a - b) < 2e-3 for a, b in zip(single, double)), (single, double)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2
+
+
+def test_tokenizer_with_a_different_vocab_size_is_rejected(tmp_path):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    corpus = [f"document number {i} about topic {i % 7} and more words" for i in range(200)]
+    prefix = str(tmp_path / "tok")
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=prefix, vocab_size=64,
+                                             model_type="bpe", minloglevel=2)
+    h = tiny_h(TOKENIZER_PATH=prefix + ".model", VOCAB_SIZE=512)
+    with pytest.raises(ValueError, match="TOKENIZER_PATH.*64 tokens but VOCAB_SIZE=512"):
+        train_gpt.check_tokenizer(h)
+    train_gpt.check_tokenizer(tiny_h(TOKENIZER_PATH=prefix + ".model", VOCAB_SIZE=64))
+    with pytest.raises(FileNotFoundError, match="TOKENIZER_PATH"):
+        train_gpt.check_tokenizer(tiny_h(TOKENIZER_PATH=str(tmp_path / "missing.model")))
