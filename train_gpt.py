@@ -61,7 +61,8 @@ class Hyperparameters:
     preset: str = knob("pr1855", "run", "published configuration to start from (see PRESETS)")
     run_id: str = knob("", "run", "run name; default: a fresh random id")
     seed: int = knob(1337, "run", "seed for initialization and data order")
-    data_path: str = knob("./data/datasets/fineweb10B_sp8192_caseops", "run", "folder with fineweb_{train,val}_*.bin shards")
+    data_path: str = knob("./data/datasets/fineweb10B_sp8192_caseops", "run",
+                          "folder with fineweb_{train,val}_*.bin shards")
     train_files: str = knob("", "run", "glob of train shards; default: DATA_PATH/fineweb_train_*.bin")
     val_files: str = knob("", "run", "glob of val shards; default: DATA_PATH/fineweb_val_[0-9]*.bin")
     tokenizer_path: str = knob("", "run", "SentencePiece model; its vocab size must equal VOCAB_SIZE")
@@ -123,7 +124,8 @@ class Hyperparameters:
     muon_polar_express: bool = knob(True, "optim", "Polar-Express Newton-Schulz coefficients (PR 1855)")
     muon_row_normalize: bool = knob(True, "optim", "MuonEq-R: normalize update rows before Newton-Schulz")
     muon_weight_decay: float = knob(0.095, "optim", "decoupled weight decay of Muon matrices")
-    muon_weight_decay_mlp: float = knob(-1.0, "optim", "weight decay of MLP matrices; <0 = MUON_WEIGHT_DECAY (PR 1812: 0.115)")
+    muon_weight_decay_mlp: float = knob(-1.0, "optim",
+                                        "weight decay of MLP matrices; <0 = MUON_WEIGHT_DECAY (PR 1812: 0.115)")
     embed_lr: float = knob(0.03, "optim", "AdamW learning rate of the tied embedding")
     embed_weight_decay: float = knob(0.085, "optim", "AdamW weight decay of the tied embedding")
     scalar_lr: float = knob(0.02, "optim", "AdamW learning rate of gains, gates, mixes and skip weights")

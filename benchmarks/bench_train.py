@@ -1,9 +1,9 @@
 """CPU training throughput of train_gpt.py's model, as a fraction of this machine's matmul peak.
 
 Measures, in one run: the fp32 and bf16 matmul peak (square GEMMs), then tokens/s of the training
-forward + backward (the Muon/AdamW step is a fixed cost per optimizer step, reported separately) for the record shape (PR 1855 defaults, recurrence on and
-off), the naive-baseline shape (9x512, vocab 1024, MLP 2x, no recurrence/XSA/gates) and the tiny CPU
-shape. Model FLOPs per token are counted analytically (6 x matmul weights applied per token, looped
+forward + backward for the record shape (PR 1855 defaults, recurrence on and off), the naive-baseline
+shape (9x512, vocab 1024, MLP 2x, no recurrence/XSA/gates) and the tiny CPU shape. The Muon/AdamW
+step is a fixed cost per optimizer step (independent of the batch), reported separately. Model FLOPs per token are counted analytically (6 x matmul weights applied per token, looped
 layers counted per pass, + causal attention 6 x layers x seq_len x width); utilization = achieved
 model FLOP/s / measured peak. bf16 autocast is measured only where the bf16 peak beats fp32.
 

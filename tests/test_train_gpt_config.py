@@ -14,7 +14,8 @@ from tg_helpers import tiny_h
 def test_default_is_the_record_configuration():
     h = train_gpt.Hyperparameters.from_env({})
     assert h.preset == "pr1855"
-    assert (h.vocab_size, h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult) == (8192, 11, 512, 8, 4, 4)
+    shape = (h.vocab_size, h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult)
+    assert shape == (8192, 11, 512, 8, 4, 4)
     assert (h.loop_start, h.loop_end, h.num_loops, h.enable_looping_at) == (3, 5, 3, 0.35)
     assert h.parallel_start_layer == 8 and h.smear_gate and h.sparse_attn_gate and h.muon_polar_express
     assert h.min_lr == 0.1 and h.warmdown_frac == 0.85 and h.train_batch_tokens == 786432
