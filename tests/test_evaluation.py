@@ -459,6 +459,7 @@ def _distributed_worker(rank, world_size, port, queue):
         if rank == 0:
             queue.put({mode: (r["val_bpb"], r["scored_tokens"], sorted(r["token_positions"].tolist()))
                        for mode, r in results.items()})
+        dist.barrier()  # neither rank tears down (rank 0 hosts the TCP store) while the other still works
     finally:
         dist.destroy_process_group()
 
