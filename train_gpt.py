@@ -15,22 +15,28 @@ import its functions on a CPU-only machine. Sections, in the order the data flow
 config, data, model, optimizers, training loop, quantization and artifact, evaluation and TTT, main.
 """
 
+import base64
+import contextlib
 import copy
 import dataclasses
 import glob
 import hashlib
-import importlib
 import importlib.util
 import json
+import lzma
 import math
 import os
 import platform
+import struct
 import sys
+import tempfile
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
+import brotli
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -143,6 +149,8 @@ class Hyperparameters:
     gptq_calibration_batches: int = knob(16, "quant", "training batches used for GPTQ Hessians")
     gptq_calibration_source: str = knob("train", "quant", "train | generated (model-sampled sequences, PR 1274)")
     gptq_reserve_seconds: float = knob(4.0, "quant", "part of MAX_WALLCLOCK_SECONDS kept for GPTQ calibration")
+    gptq_generated_seq_len: int = knob(512, "quant", "length of each model-sampled calibration sequence")
+    gptq_generated_temperature: float = knob(0.8, "quant", "sampling temperature of generated calibration")
     gptq_damp: float = knob(0.01, "quant", "GPTQ Hessian damping (fraction of the mean diagonal)")
     gptq_block_size: int = knob(128, "quant", "GPTQ column block size")
     quant_matrix_bits: int = knob(6, "quant", "bits of attention/MLP matrices")
@@ -170,6 +178,7 @@ class Hyperparameters:
     eval_max_seconds: float = knob(600.0, "eval", "evaluation time limit checked in the summary")
     sliding_window_enabled: bool = knob(True, "eval", "report quantized sliding-window val_bpb")
     sliding_stride: int = knob(64, "eval", "sliding-window stride")
+    save_token_nll: bool = knob(False, "eval", "write token_nll.npz: every scored token of the final eval mode")
     ttt_enabled: bool = knob(True, "eval", "run test-time training")
     ttt_mode: str = knob("phased", "eval", "phased (LoRA, PR 1736) | chunked (score-first SGD, PR 1493)")
     ttt_lr: float = knob(0.005, "eval", "chunked TTT: SGD learning rate")
@@ -177,9 +186,12 @@ class Hyperparameters:
     ttt_epochs: int = knob(3, "eval", "chunked TTT: epochs per chunk")
     ttt_chunk_tokens: int = knob(32768, "eval", "chunked TTT: tokens per chunk")
     ttt_grad_clip: float = knob(1.0, "eval", "chunked TTT: gradient clip")
+    ttt_params: str = knob("all", "eval", "chunked TTT: weights that adapt, all or comma-separated name parts")
     phased_ttt_prefix_docs: int = knob(2500, "eval", "phased TTT: scored documents split into phases")
     phased_ttt_num_phases: int = knob(3, "eval", "phased TTT: global-SGD phases")
     phased_ttt_lora_rank: int = knob(80, "eval", "phased TTT: LoRA rank")
+    phased_ttt_lora_sites: str = knob("q,k,v,o,mlp_in,mlp_out,head", "eval",
+                                      "phased TTT: linears that get a LoRA (q,k,v,o,mlp_in,mlp_out,head)")
     phased_ttt_lr: float = knob(1e-4, "eval", "phased TTT: LoRA Adam learning rate")
     phased_ttt_beta1: float = knob(0.0, "eval", "phased TTT: LoRA Adam beta1")
     phased_ttt_beta2: float = knob(0.99, "eval", "phased TTT: LoRA Adam beta2")
@@ -247,6 +259,14 @@ class Hyperparameters:
                      "train_batch_tokens", "train_seq_len", "iterations", "num_loops", "muon_backend_steps"):
             require(getattr(self, name) > 0, f"{name.upper()} must be positive, got {getattr(self, name)}")
         require(self.cpu_threads >= 0, f"CPU_THREADS={self.cpu_threads} must be >= 0")
+        require(self.gptq_calibration_batches >= 0, f"GPTQ_CALIBRATION_BATCHES={self.gptq_calibration_batches} < 0")
+        require(self.gptq_generated_seq_len >= 2 and self.gptq_generated_temperature > 0,
+                f"GPTQ_GENERATED_SEQ_LEN={self.gptq_generated_seq_len} must be >= 2 and GPTQ_GENERATED_TEMPERATURE="
+                f"{self.gptq_generated_temperature} > 0")
+        sites = [site.strip() for site in self.phased_ttt_lora_sites.split(",") if site.strip()]
+        require(bool(sites) and all(site in LORA_SITES for site in sites),
+                f"PHASED_TTT_LORA_SITES={self.phased_ttt_lora_sites!r}: use a comma-separated subset of "
+                f"{','.join(LORA_SITES)}")
         require(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
         require(self.vocab_size > BOS_ID, f"VOCAB_SIZE={self.vocab_size} must include the BOS id {BOS_ID}")
         require(self.model_dim % self.num_heads == 0,
@@ -366,7 +386,8 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         quant_scheme="int8", quant_compressor="zlib", quant_byte_shuffle=False, sliding_window_enabled=False,
         ttt_enabled=False, gptq_reserve_seconds=0.0)),
     "tiny": ("pr1855", dict(  # every record feature at CPU scale; about a minute on 2 cores
-        num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, loop_start=2, loop_end=3,
+        vocab_size=1024, num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, loop_start=2,
+        loop_end=3,
         parallel_start_layer=4, train_seq_len=128, train_batch_tokens=4096, iterations=150,
         max_wallclock_seconds=45.0, gptq_reserve_seconds=2.0, warmup_steps=2, muon_momentum_warmup_steps=30,
         ema_decay=0.9, cpu_threads=1,
@@ -1266,17 +1287,1609 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
 # -----------------------------------------------------------------------------
 # Quantization and artifact
 #
-# GPTQ (SDClip scales, Hessians from training batches), optional LQER, byte shuffle + brotli, and the
-# self-extracting counted code (SPEC section 7). Developed in _sections/quant.py and merged here.
+# The submission is counted code + compressed model, at most 16,000,000 bytes. After training, the
+# EMA weights are quantized with GPTQ (Frantar et al. 2022, arXiv:2210.17323): Hessians
+# H = E[x x^T] of each matrix's inputs come from a few TRAINING batches (never validation data),
+# and each row is rounded column by column while the rounding error is pushed onto the columns not
+# yet rounded. Per-row scales are "SDClip" (clip_sigmas * row_std / clip_range). An optional LQER
+# low-rank term (arXiv:2402.02446; PR 1855) corrects the largest errors. The container is stored as
+# a small JSON header + raw arrays (no pickle, so loading runs no code), byte-shuffled and
+# compressed with brotli-11; the code is minified, lzma'd and base85-wrapped into a 2-line script.
 # -----------------------------------------------------------------------------
+
+ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal, as in the challenge rules
+
+
+def _dtype_name(tensor):
+    return str(tensor.dtype).removeprefix("torch.")  # "float16", ...: the name stored in the artifact
+
+
+# --- Hessian collection --------------------------------------------------------------------------
+
+
+class _HeadInputTap:
+    """Passed as the model's `lora` argument: records the input of the output head (site "head")
+    and adds nothing (returns None), so the tied embedding gets the Hessian of its output use."""
+
+    def __init__(self, record):
+        self.record = record
+
+    def __call__(self, site, layer_index, x):
+        if site == "head":
+            self.record(x)
+        return None
+
+
+def _default_forward(model, input_ids, head_tap):
+    model.forward_logits(input_ids, lora=head_tap)
+
+
+@torch.no_grad()
+def collect_hessians(model, batches, *, tied_head_name="tok_emb.weight", head_input_module=None,
+                     run_forward=None, accumulate_dtype=torch.float32, call_counts=None):
+    """Hessians H = mean over tokens of x x^T for the input x of every nn.Linear (key: the module's
+    weight name in model.state_dict()) and of the output head of the tied embedding.
+
+    `batches` must be TRAINING batches (LongTensor[B, T] input ids, or (input_ids, targets) pairs):
+    calibration on validation tokens would leak them before they are scored. Pass the uncompiled
+    module: hooks fire on every call, so a looped layer accumulates every pass (its count of calls
+    is written to `call_counts[name]` if a dict is given). The head input is read either from the
+    output of the module named `head_input_module`, or (default) through the model's `lora` hook at
+    site "head" via `run_forward(model, input_ids, head_tap)`. Under torch.distributed the sums are
+    all-reduced, so every rank returns the same Hessians."""
+    sums, rows, calls = {}, {}, {}
+
+    def accumulate(key, x):
+        x = x.detach().reshape(-1, x.shape[-1]).to(accumulate_dtype)  # (tokens, in_features)
+        if key not in sums:
+            sums[key] = torch.zeros(x.shape[1], x.shape[1], dtype=accumulate_dtype, device=x.device)
+            rows[key], calls[key] = 0, 0
+        sums[key].addmm_(x.t(), x)
+        rows[key] += x.shape[0]
+        calls[key] += 1
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            key = f"{name}.weight" if name else "weight"
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, inputs, key=key: accumulate(key, inputs[0])))
+    if head_input_module is not None:
+        head = dict(model.named_modules())[head_input_module]
+        handles.append(head.register_forward_hook(
+            lambda mod, inputs, output: accumulate(tied_head_name, output)))
+        head_tap = None
+    else:
+        head_tap = _HeadInputTap(lambda x: accumulate(tied_head_name, x))
+    run_forward = run_forward or _default_forward
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            input_ids = batch[0] if isinstance(batch, (tuple, list)) else batch
+            run_forward(model, input_ids.to(device), head_tap)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    hessians = {}
+    for key in sorted(sums):  # same order on every rank, so the all-reduces pair up
+        total = sums[key]
+        count = torch.tensor([float(rows[key])], dtype=torch.float64, device=total.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        hessians[key] = (total / count.item()).float()
+    if call_counts is not None:
+        call_counts.update(calls)
+    return hessians
+
+
+# --- GPTQ on one matrix --------------------------------------------------------------------------
+
+
+def sdclip_scales(weight, bits, clip_sigmas):
+    """Per-row step size "SDClip": clip_sigmas * row_std / clip_range, stored as fp16 (floored at
+    2^-24, the smallest fp16 subnormal, so an all-zero row still has a usable step)."""
+    clip_range = 2 ** (bits - 1) - 1
+    row_std = weight.float().std(dim=1)
+    return (clip_sigmas * row_std / clip_range).clamp_min(2.0 ** -24).to(torch.float16)
+
+
+def rtn_quantize(weight, bits, clip_sigmas, scales=None):
+    """Round-to-nearest with the same SDClip scales: codes int8 [rows, cols], scales fp16 [rows]."""
+    clip_range = 2 ** (bits - 1) - 1
+    if scales is None:
+        scales = sdclip_scales(weight, bits, clip_sigmas)
+    step = scales.float()[:, None]
+    codes = torch.clamp(torch.round(weight.float() / step), -clip_range, clip_range)
+    return codes.to(torch.int8), scales
+
+
+def absmax_quantize(weight, bits):
+    """Per-row symmetric quantization with scale max|w| / clip_range (attention-gate weights:
+    tiny matrices whose largest entries matter, so nothing is clipped)."""
+    clip_range = 2 ** (bits - 1) - 1
+    scales = (weight.float().abs().amax(dim=1) / clip_range).clamp_min(2.0 ** -24).to(torch.float16)
+    return rtn_quantize(weight, bits, 0.0, scales=scales)
+
+
+def quantile_int8_quantize(weight, percentile=99.99984):
+    """The challenge baseline's scheme: per-row int8, scale = (row's |w| percentile) / 127."""
+    clip = torch.quantile(weight.float().abs(), percentile / 100.0, dim=1)
+    scales = (clip / 127.0).clamp_min(2.0 ** -24).to(torch.float16)
+    return rtn_quantize(weight, 8, 0.0, scales=scales)
+
+
+def _propagation_matrix(hessian, damp):
+    """GPTQ's error propagation without inverting H. The textbook form rounds column j and then
+    subtracts e_j * U[j, j+1:] from the later columns, e_j = (w_j - q_j) / U[j, j], where U is the
+    upper Cholesky factor of H^-1 = U^T U. With R = U^-1 (upper, H = R R^T) the same update is
+    w_i += (w0_j - q_j) * R[j, i] / R[i, i] with w0 the ORIGINAL weights (expand w0 - q = E U
+    column by column), and R is one
+    Cholesky factorization of H with rows and columns reversed: about 6x cheaper than cholesky +
+    cholesky_inverse + cholesky for 2048 columns. Returns R / diag(R) (column-scaled), upper.
+    Damping (fraction of mean(diag H)) grows tenfold until H is positive definite."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    mean_diag = hessian.diagonal().mean().clamp_min(1e-12)
+    reversed_hessian = hessian.flip(0, 1)
+    for attempt in range(6):
+        lower, info = torch.linalg.cholesky_ex(reversed_hessian + (damp * 10 ** attempt) * mean_diag * eye)
+        if info.item() == 0:
+            upper = lower.flip(0, 1)  # R, with R R^T = H + damping
+            return upper / upper.diagonal()[None, :]
+    raise RuntimeError("GPTQ: Hessian is not positive definite even with 1e5x damping")
+
+
+_SUB_BLOCK = 16  # columns per rank-1 panel inside a GPTQ block; the rest of the block gets one matmul
+
+
+@torch.no_grad()
+def gptq_quantize(weight, hessian, bits, clip_sigmas, block_size=128, damp=0.01, scales=None):
+    """GPTQ with SDClip scales. weight [rows, cols], hessian [cols, cols] -> (codes int8
+    [rows, cols] in [-clip_range, clip_range], scales fp16 [rows]); dequant = codes * scales[:, None].
+
+    Columns go in descending order of diag(H) (most-used inputs first, the "act-order" of the GPTQ
+    code), with 1% damping. The rounding residual of a column is pushed by rank-1 updates within its
+    panel of 16 columns, by one matrix product onto the rest of its block of `block_size` columns,
+    and by one matrix product per block onto the later columns; the same arithmetic as the
+    column-by-column algorithm, with less memory traffic. We work on W^T so that a column is a
+    contiguous vector."""
+    rows, cols = weight.shape
+    clip_range = 2 ** (bits - 1) - 1
+    if scales is None:
+        scales = sdclip_scales(weight, bits, clip_sigmas)
+    step = scales.float().to(weight.device)  # (rows,)
+    hessian = hessian.detach().to(device=weight.device, dtype=torch.float32).clone()
+    dead = hessian.diagonal() <= 0  # inputs never seen in calibration: their weights are free
+    hessian.diagonal()[dead] = 1.0
+    order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
+    propagate = _propagation_matrix(hessian[order][:, order], damp)  # (cols, cols) upper
+    work = weight.detach().float()[:, order].t().contiguous()  # (cols, rows), column j = work[j]
+    work[dead[order]] = 0.0
+    original = work.clone()  # (cols, rows): residuals are taken against the original weights
+    codes_t = torch.empty_like(work)  # (cols, rows)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        residuals = torch.empty_like(work[start:end])  # (B, rows): w0 - q * s of each column
+        for sub_start in range(start, end, _SUB_BLOCK):  # rank-1 updates stay inside a cache-sized panel
+            sub_end = min(sub_start + _SUB_BLOCK, end)
+            panel = work[sub_start:sub_end]  # (b, rows) view
+            for j in range(sub_end - sub_start):
+                column, code, residual = panel[j], codes_t[sub_start + j], residuals[sub_start - start + j]
+                torch.div(column, step, out=code)
+                code.round_().clamp_(-clip_range, clip_range)
+                torch.addcmul(original[sub_start + j], code, step, value=-1.0, out=residual)
+                if j + 1 < sub_end - sub_start:
+                    panel[j + 1:].addr_(propagate[sub_start + j, sub_start + j + 1:sub_end], residual)
+            if sub_end < end:
+                work[sub_end:end].addmm_(propagate[sub_start:sub_end, sub_end:end].t(),
+                                         residuals[sub_start - start:sub_end - start])
+        if end < cols:
+            work[end:].addmm_(propagate[start:end, end:].t(), residuals)
+    codes = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
+    codes[:, order] = codes_t.t().to(torch.int8)
+    return codes, scales
+
+
+def dequantize_codes(codes, scales):
+    return codes.float() * scales.float()[:, None]
+
+
+def hessian_weighted_error(weight, approx, hessian, relative=True):
+    """tr(E H E^T), E = weight - approx: the squared error of the layer's output summed over
+    features, averaged over calibration inputs; divided by tr(W H W^T) when relative (0 for an
+    all-zero weight quantized exactly)."""
+    hessian = hessian.float().to(weight.device)
+    error = weight.float() - approx.float().to(weight.device)
+    absolute = ((error @ hessian) * error).sum().item()
+    if not relative:
+        return absolute
+    reference = ((weight.float() @ hessian) * weight.float()).sum().item()
+    return absolute / reference if reference > 0 else (0.0 if absolute == 0 else float("inf"))
+
+
+# --- LQER: low-rank correction of the quantization error -----------------------------------------
+
+
+def quantize_groups_asymmetric(values, bits=4, group_size=64):
+    """Asymmetric per-group quantization of a flattened tensor: code = round((x - min) / scale) in
+    [0, 2^bits - 1], scale = (max - min) / (2^bits - 1), both fp16; two 4-bit codes per byte."""
+    levels = 2 ** bits - 1
+    flat = values.detach().float().reshape(-1)
+    groups = F.pad(flat, (0, (-flat.numel()) % group_size)).view(-1, group_size)  # (G, group)
+    low = groups.amin(dim=1).to(torch.float16)
+    scale = ((groups.amax(dim=1) - low.float()) / levels).clamp_min(2.0 ** -24).to(torch.float16)
+    codes = ((groups - low.float()[:, None]) / scale.float()[:, None]).round().clamp(0, levels)
+    codes = codes.to(torch.uint8)
+    if bits <= 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)  # group_size is even
+    return codes.contiguous(), scale, low
+
+
+def dequantize_groups_asymmetric(codes, scale, low, bits, numel):
+    if bits <= 4:
+        codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
+    values = codes.float() * scale.float()[:, None] + low.float()[:, None]
+    return values.reshape(-1)[:numel]
+
+
+def lqer_factors(error, rank, hessian=None, damp=0.01):
+    """Rank-r A [rows, r], B [r, cols] with A @ B ~ error. With a Hessian the fit minimizes the
+    output error ||(E - AB) L||_F where H = L L^T (SVD of E L, then B <- B L^-1); sqrt of the
+    singular values goes to each factor so both have similar ranges for int4."""
+    error = error.float()
+    lower = None
+    if hessian is not None:
+        hessian = hessian.float().to(error.device)
+        eye = torch.eye(hessian.shape[0], device=error.device)
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * hessian.diagonal().mean().clamp_min(1e-12) * eye)
+        if info.item() != 0:
+            lower = None
+    target = error @ lower if lower is not None else error
+    left, singular, right_t = torch.linalg.svd(target, full_matrices=False)
+    root = singular[:rank].sqrt()
+    factor_a = left[:, :rank] * root[None, :]  # (rows, r)
+    factor_b = root[:, None] * right_t[:rank]  # (r, cols)
+    if lower is not None:
+        factor_b = torch.linalg.solve_triangular(lower, factor_b, upper=False, left=False)
+    return factor_a, factor_b
+
+
+# --- Whole-model quantization --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class QuantSettings:
+    """Per-class bit widths and SDClip sigmas; the caller fills these from Hyperparameters (presets
+    included). Defaults are the PR 1736 record settings."""
+    method: str = "gptq"  # "gptq" | "rtn" (round-to-nearest, same scales) | "int8" (baseline per-row)
+    matrix_bits: int = 6
+    matrix_clip: float = 12.85
+    mlp_bits: int = 6
+    mlp_clip: float = 12.0
+    attn_bits: int = 6
+    attn_clip: float = 13.0
+    embed_bits: int = 7
+    embed_clip: float = 15.0
+    embed_name: str = "tok_emb.weight"
+    gate_bits: int = 8  # attention-gate weights, per-row absmax; 0 = treat as any other tensor
+    gate_patterns: tuple = ("attn.gate", "attn_gate")
+    mlp_patterns: tuple = ("mlp",)
+    attn_patterns: tuple = ("attn",)
+    small_numel: int = 65_536  # float tensors up to this size are kept in fp16
+    block_size: int = 128
+    damp: float = 0.01
+    lqer_rank: int = 0  # 0 = off; PR 1855: rank 4 on the top 3 tensors
+    lqer_top_k: int = 3
+    lqer_bits: int = 4
+    lqer_group_size: int = 64
+
+
+def quant_settings_from_hparams(h):
+    """QuantSettings from the run's Hyperparameters (duck-typed: only the quant_*/gptq_*/lqer_*
+    fields are read). Attention matrices use QUANT_MATRIX_BITS."""
+    return QuantSettings(
+        method="int8" if h.quant_scheme == "int8" else "gptq",
+        matrix_bits=h.quant_matrix_bits, matrix_clip=h.quant_matrix_clip_sigmas,
+        mlp_bits=h.quant_mlp_bits, mlp_clip=h.quant_mlp_clip_sigmas,
+        attn_bits=h.quant_matrix_bits, attn_clip=h.quant_attn_clip_sigmas,
+        embed_bits=h.quant_embed_bits, embed_clip=h.quant_embed_clip_sigmas,
+        gate_bits=h.quant_gate_bits, small_numel=h.quant_small_tensor_numel,
+        block_size=h.gptq_block_size, damp=h.gptq_damp,
+        lqer_rank=h.lqer_rank if h.lqer_enabled else 0, lqer_top_k=h.lqer_top_k,
+        lqer_bits=h.lqer_bits, lqer_group_size=h.lqer_group_size)
+
+
+def classify_tensor(name, tensor, settings):
+    """-> (kind, bits, clip_sigmas): "raw" (non-float, stored as is), "float" (fp16), "gate"
+    (int8 per-row absmax) or "matrix" (GPTQ/RTN with SDClip)."""
+    if not tensor.is_floating_point():
+        return "raw", 0, 0.0
+    if settings.gate_bits and tensor.ndim == 2 and any(p in name for p in settings.gate_patterns):
+        return "gate", settings.gate_bits, 0.0
+    if tensor.ndim < 2 or tensor.numel() <= settings.small_numel:
+        return "float", 16, 0.0
+    if name == settings.embed_name:
+        return "matrix", settings.embed_bits, settings.embed_clip
+    if any(p in name for p in settings.mlp_patterns):
+        return "matrix", settings.mlp_bits, settings.mlp_clip
+    if any(p in name for p in settings.attn_patterns):
+        return "matrix", settings.attn_bits, settings.attn_clip
+    return "matrix", settings.matrix_bits, settings.matrix_clip
+
+
+def _quantize_matrix(weight, hessian, bits, clip, settings):
+    if settings.method == "int8":
+        return quantile_int8_quantize(weight)
+    if hessian is None or settings.method == "rtn":
+        return rtn_quantize(weight, bits, clip)
+    return gptq_quantize(weight, hessian, bits, clip, settings.block_size, settings.damp)
+
+
+@torch.no_grad()
+def quantize_model_state(state_dict, hessians, settings, log=None):
+    """state_dict (name -> tensor) + Hessians (name -> [cols, cols]) -> container
+    {"entries": {name: entry}}; each entry is a flat dict of attributes (str/int/float/list) and
+    tensors. Matrices without a Hessian fall back to round-to-nearest (logged)."""
+    entries, errors = {}, {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach()
+        kind, bits, clip = classify_tensor(name, tensor, settings)
+        if kind == "matrix" and settings.method == "int8":
+            bits = 8
+        dtype_name = _dtype_name(tensor)
+        if kind == "raw":
+            entries[name] = {"kind": "raw", "tensor": tensor.cpu().contiguous()}
+        elif kind == "float":
+            entries[name] = {"kind": "float", "dtype": dtype_name, "tensor": tensor.cpu().to(torch.float16)}
+        else:
+            shape = list(tensor.shape)
+            weight = tensor.float().reshape(shape[0], -1)
+            hessian = hessians.get(name) if kind == "matrix" else None
+            if kind == "matrix" and hessian is None and settings.method == "gptq" and log is not None:
+                log(f"quant: no Hessian for {name}, using round-to-nearest")
+            if kind == "gate":
+                codes, scales = absmax_quantize(weight, bits)
+            else:
+                codes, scales = _quantize_matrix(weight, hessian, bits, clip, settings)
+            entries[name] = {"kind": "quant", "dtype": dtype_name, "shape": shape, "bits": bits,
+                             "codes": codes.cpu(), "scales": scales.cpu()}
+            if kind == "matrix" and settings.lqer_rank > 0:
+                approx = dequantize_codes(codes, scales)
+                errors[name] = (hessian_weighted_error(weight, approx, hessian, relative=False)
+                                if hessian is not None else (weight - approx).square().sum().item())
+    if settings.lqer_rank > 0:
+        for name in sorted(errors, key=errors.get, reverse=True)[:settings.lqer_top_k]:
+            entry = entries[name]
+            weight = state_dict[name].detach().float().reshape(entry["shape"][0], -1)
+            error = weight - dequantize_codes(entry["codes"], entry["scales"]).to(weight.device)
+            factor_a, factor_b = lqer_factors(error, settings.lqer_rank, hessians.get(name), settings.damp)
+            for label, factor in (("a", factor_a.t()), ("b", factor_b)):  # groups run along rows/cols
+                codes, scale, low = quantize_groups_asymmetric(factor, settings.lqer_bits, settings.lqer_group_size)
+                entry[f"lqer_{label}_codes"] = codes.cpu()
+                entry[f"lqer_{label}_scale"] = scale.cpu()
+                entry[f"lqer_{label}_low"] = low.cpu()
+            entry.update(lqer_rank=settings.lqer_rank, lqer_bits=settings.lqer_bits)
+            if log is not None:
+                log(f"quant: LQER rank {settings.lqer_rank} on {name}")
+    return {"entries": entries}
+
+
+def _dequantize_entry(entry):
+    if entry["kind"] == "raw":
+        return entry["tensor"].clone()
+    if entry["kind"] == "float":
+        return entry["tensor"].to(_DTYPES[entry["dtype"]])
+    weight = dequantize_codes(entry["codes"], entry["scales"])  # (rows, cols) float32
+    if entry.get("lqer_rank"):
+        rank, bits = entry["lqer_rank"], entry["lqer_bits"]
+        rows, cols = weight.shape
+        factor_a = dequantize_groups_asymmetric(entry["lqer_a_codes"], entry["lqer_a_scale"], entry["lqer_a_low"],
+                                                bits, rank * rows).view(rank, rows).t()  # (rows, r)
+        factor_b = dequantize_groups_asymmetric(entry["lqer_b_codes"], entry["lqer_b_scale"], entry["lqer_b_low"],
+                                                bits, rank * cols).view(rank, cols)  # (r, cols)
+        weight = weight + factor_a @ factor_b
+    return weight.reshape(entry["shape"])
+
+
+def dequantize_state(container):
+    """Container -> state_dict of float tensors (quantized matrices as float32, fp16-stored tensors
+    back in their original dtype, raw tensors unchanged)."""
+    return {name: _dequantize_entry(entry) for name, entry in container["entries"].items()}
+
+
+@torch.no_grad()
+def load_quantized_into(model, container):
+    """Dequantize and copy into `model` in place (dtype and device of its own tensors); the key sets
+    must match exactly."""
+    state = dequantize_state(container)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"quantized state does not match the model: missing {missing}, unexpected {unexpected}")
+    for name, tensor in own.items():
+        tensor.copy_(state[name].reshape(tensor.shape))
+    return model
+
+
+# --- Serialization: JSON header + raw arrays, byte shuffle, brotli -------------------------------
+
+ARTIFACT_MAGIC = b"PGQZ"
+ARTIFACT_VERSION = 1
+CODECS = {"brotli": 0, "lzma": 1, "zlib": 2}
+_HEADER = struct.Struct("<4sBBBB")  # magic, version, codec id, number of streams, reserved
+_STREAM = struct.Struct("<BQQI")  # shuffle stride, raw length, compressed length, crc32 of raw
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16,
+           "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
+_NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "float64": np.float64,
+                  "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+                  "bool": np.bool_}  # numpy has no bfloat16: its bytes travel as int16
+
+
+class ArtifactError(ValueError):
+    """A model artifact that is not ours, of another version, truncated or corrupted."""
+
+
+def byte_shuffle(data, stride):
+    """Byte i*stride+k goes to plane k: the high and low bytes of fp16 values end up in separate
+    runs, which compress better. A tail shorter than `stride` stays in place."""
+    if stride <= 1:
+        return bytes(data)
+    body = len(data) - len(data) % stride
+    array = np.frombuffer(data, dtype=np.uint8, count=body)
+    return array.reshape(-1, stride).T.tobytes() + bytes(data[body:])
+
+
+def byte_unshuffle(data, stride):
+    if stride <= 1:
+        return bytes(data)
+    body = len(data) - len(data) % stride
+    array = np.frombuffer(data, dtype=np.uint8, count=body)
+    return array.reshape(stride, -1).T.tobytes() + bytes(data[body:])
+
+
+def _compress(data, codec):
+    if codec == "brotli":
+        return brotli.compress(data, quality=11, lgwin=24)
+    if codec == "lzma":
+        return lzma.compress(data, format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
+    return zlib.compress(data, 9)
+
+
+def _decompress(data, codec):
+    if codec == "brotli":
+        return brotli.decompress(data)
+    if codec == "lzma":
+        return lzma.decompress(data, format=lzma.FORMAT_ALONE)
+    return zlib.decompress(data)
+
+
+def _tensor_bytes(tensor):
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)  # numpy has no bfloat16; same bytes
+    return tensor.numpy().tobytes()
+
+
+def _array_group(dtype_name):
+    """Per-group mode: one stream per element width (int8 codes, fp16 scales, ...)."""
+    return {"int8": 0, "uint8": 0, "bool": 0, "float16": 1, "bfloat16": 1, "int16": 1}.get(dtype_name, 2)
+
+
+def serialize_artifact(container, codec="brotli", per_group=False, shuffle=True):
+    """Container -> bytes. Layout: header (magic, version, codec, stream table with lengths and
+    crc32s, crc32 of the header), then the compressed streams. Stream 0 is the JSON description of
+    every entry and array (dtype, shape, stream, offset); the arrays follow in one byte-shuffled
+    (stride 2) stream, or with per_group=True in one stream per element width (stride = width);
+    shuffle=False (baseline) stores the bytes as they are."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
+    n_groups = 3 if per_group else 1
+    payloads = [bytearray() for _ in range(n_groups)]
+    described = []
+    arrays = [(name, key, value) for name, entry in container["entries"].items()
+              for key, value in entry.items() if isinstance(value, torch.Tensor)]
+    # like with like: all codes together, then all scales, ...; helps the compressor's context
+    arrays.sort(key=lambda item: (_array_group(_dtype_name(item[2])), item[1], item[0]))
+    placement = {}
+    for name, key, value in arrays:
+        dtype_name = _dtype_name(value)
+        stream = _array_group(dtype_name) if per_group else 0
+        raw = _tensor_bytes(value)
+        placement[(name, key)] = [key, dtype_name, list(value.shape), stream + 1, len(payloads[stream]),
+                                  len(raw)]
+        payloads[stream] += raw
+    for name, entry in container["entries"].items():
+        attrs = {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)}
+        described.append({"name": name, "attrs": attrs,
+                          "arrays": [placement[(name, k)] for k, v in entry.items() if isinstance(v, torch.Tensor)]})
+    meta = json.dumps({"entries": described}, separators=(",", ":")).encode()
+    strides = [1] + ([1, 2, 4] if per_group else [2])
+    if not shuffle:
+        strides = [1] * len(strides)
+    raws = [meta] + [bytes(p) for p in payloads]
+    table, bodies = b"", []
+    for stride, raw in zip(strides, raws):
+        body = _compress(byte_shuffle(raw, stride), codec)
+        table += _STREAM.pack(stride, len(raw), len(body), zlib.crc32(raw))
+        bodies.append(body)
+    header = _HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, CODECS[codec], len(raws), 0) + table
+    return header + struct.pack("<I", zlib.crc32(header)) + b"".join(bodies)
+
+
+def deserialize_artifact(blob):
+    """Bytes -> container; raises ArtifactError naming what is wrong (magic, version, codec,
+    truncation, header or stream checksum, array bounds). Never unpickles anything."""
+    blob = memoryview(blob)
+    if len(blob) < _HEADER.size:
+        raise ArtifactError(f"artifact truncated: {len(blob)} bytes, the header alone needs {_HEADER.size}")
+    magic, version, codec_id, n_streams, _ = _HEADER.unpack_from(blob, 0)
+    if magic != ARTIFACT_MAGIC:
+        raise ArtifactError(f"not a quantized model artifact: magic {bytes(magic)!r}, expected {ARTIFACT_MAGIC!r}")
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(f"unsupported artifact version {version} (this code reads version {ARTIFACT_VERSION})")
+    codec = {v: k for k, v in CODECS.items()}.get(codec_id)
+    if codec is None:
+        raise ArtifactError(f"unknown codec id {codec_id} in artifact header")
+    header_size = _HEADER.size + n_streams * _STREAM.size
+    if len(blob) < header_size + 4:
+        raise ArtifactError(f"artifact truncated: {len(blob)} bytes, its header needs {header_size + 4}")
+    (header_crc,) = struct.unpack_from("<I", blob, header_size)
+    if zlib.crc32(blob[:header_size]) != header_crc:
+        raise ArtifactError("artifact header checksum mismatch (corrupted header)")
+    streams = [_STREAM.unpack_from(blob, _HEADER.size + i * _STREAM.size) for i in range(n_streams)]
+    expected = header_size + 4 + sum(s[2] for s in streams)
+    if len(blob) != expected:
+        raise ArtifactError(f"artifact length {len(blob)} bytes, header says {expected}: "
+                            + ("truncated" if len(blob) < expected else "trailing bytes"))
+    raws, offset = [], header_size + 4
+    for index, (stride, raw_len, body_len, crc) in enumerate(streams):
+        try:
+            raw = byte_unshuffle(_decompress(bytes(blob[offset:offset + body_len]), codec), stride)
+        except Exception as exc:  # brotli.error / lzma.LZMAError / zlib.error
+            raise ArtifactError(f"artifact stream {index} does not decompress ({codec}): {exc}") from exc
+        if len(raw) != raw_len or zlib.crc32(raw) != crc:
+            raise ArtifactError(f"artifact stream {index} checksum mismatch (corrupted data)")
+        raws.append(raw)
+        offset += body_len
+    try:
+        described = json.loads(raws[0].decode())["entries"]
+    except (UnicodeDecodeError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"artifact description is not valid: {exc}") from exc
+    entries = {}
+    for item in described:
+        entry = dict(item["attrs"])
+        for key, dtype_name, shape, stream, start, nbytes in item["arrays"]:
+            dtype = _DTYPES.get(dtype_name)
+            if dtype is None or not 0 < stream < len(raws):
+                raise ArtifactError(f"array {item['name']}.{key}: bad dtype {dtype_name!r} or stream {stream}")
+            storage = np.dtype(_NUMPY_STORAGE[dtype_name])
+            numel = int(np.prod(shape, dtype=np.int64))
+            if numel * storage.itemsize != nbytes or start < 0 or start + nbytes > len(raws[stream]):
+                raise ArtifactError(f"array {item['name']}.{key}: shape {shape} does not fit {nbytes} bytes at {start}")
+            array = np.frombuffer(raws[stream], dtype=storage, count=numel, offset=start).copy()
+            entry[key] = torch.from_numpy(array).view(dtype).reshape(shape)  # view: int16 bits -> bfloat16
+        entries[item["name"]] = entry
+    return {"entries": entries}
+
+
+# --- Counted code and the artifact files ---------------------------------------------------------
+
+
+def _reads_docstrings(source):
+    """True if the code reads __doc__ (e.g. as --help text); a mention in a string does not count."""
+    import ast
+
+    return any((isinstance(node, ast.Name) and node.id == "__doc__")
+               or (isinstance(node, ast.Attribute) and node.attr == "__doc__") for node in ast.walk(ast.parse(source)))
+
+
+def minify_source(source):
+    import python_minifier  # only needed when packing; keeps import of this script light
+
+    return python_minifier.minify(
+        source,
+        # annotations are not behaviour, except class-level ones: @dataclass fields are annotations
+        remove_annotations=python_minifier.RemoveAnnotationsOptions(
+            remove_variable_annotations=True, remove_return_annotations=True,
+            remove_argument_annotations=True, remove_class_attribute_annotations=False),
+        # docstrings are prose; kept only if the script reads __doc__ (e.g. as --help text)
+        remove_literal_statements=not _reads_docstrings(source),
+        # off: lzma already shares repeated strings; hoisting them into names made the lzma stream
+        # ~100 bytes larger on train_gpt.py (14,736 vs 14,633)
+        hoist_literals=False,
+        # function-local names only (saves ~600 compressed bytes on train_gpt.py); keyword-callable
+        # argument names and class attributes
+        # (dataclass fields, looked up by string from env names) are never renamed
+        rename_locals=True,
+        # off: tests, tools and the lead import module-level names (GPT, Hyperparameters, ...)
+        rename_globals=False,
+        # off: asserts and `if __debug__` checks are behaviour
+        remove_asserts=False,
+        remove_debug=False,
+        # safe rewrites with identical behaviour (`class A(object)` -> `class A`, `return None`
+        # -> `return`, `raise E()` -> `raise E`, constant folding, `pass` removal, import merging)
+        remove_pass=True, combine_imports=True, remove_object_base=True, convert_posargs_to_args=True,
+        remove_explicit_return_none=True, remove_builtin_exception_brackets=True, constant_folding=True,
+        # the wrapper is exec'd, a shebang in it would be dead text
+        preserve_shebang=False,
+    )
+
+
+PACKED_PREFIX = "import lzma as _L,base64 as _B\nexec(_L.decompress(_B.b85decode(\""
+
+
+def pack_code(source):
+    """Counted form of a script: minified, lzma (.lzma "alone" container: 13-byte header, ~50 bytes
+    less than .xz, read back by lzma.decompress's format auto-detection), base85, in a two-line file
+    that execs it. exec runs in the wrapper's own globals, so `__name__ == "__main__"` and module-level
+    names behave as in the original. A script that is already packed is returned unchanged, so a run
+    of the packed script reports (and writes) the same counted code as the run that produced it."""
+    if source.startswith(PACKED_PREFIX) and source.count("\n") == 2:
+        return source
+    compressed = lzma.compress(minify_source(source).encode(), format=lzma.FORMAT_ALONE,
+                               preset=9 | lzma.PRESET_EXTREME)
+    encoded = base64.b85encode(compressed).decode("ascii")  # alphabet has no quote or backslash
+    # underscore aliases: the wrapper adds no public name to the module's namespace
+    return f'{PACKED_PREFIX}{encoded}")))\n'
+
+
+def counted_code_bytes(path):
+    with open(path, encoding="utf-8") as handle:
+        return len(pack_code(handle.read()).encode("utf-8"))
+
+
+def atomic_write_bytes(path, data):
+    """Write to a temporary file in the same directory, fsync, then rename over `path`: a reader
+    never sees a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def write_artifact(artifact_dir, container, code_path, *, codec="brotli", per_group=False, shuffle=True,
+                   model_filename="final_model.ptz", code_filename="train_gpt_packed.py",
+                   limit_bytes=ARTIFACT_LIMIT_BYTES, log=print):
+    """Writes the compressed model and the packed code (rank 0 only: the caller decides) and returns
+    the summary.json fields code_bytes, model_bytes, artifact_bytes, artifact_limit_ok."""
+    blob = serialize_artifact(container, codec=codec, per_group=per_group, shuffle=shuffle)
+    with open(code_path, encoding="utf-8") as handle:
+        packed = pack_code(handle.read()).encode("utf-8")
+    atomic_write_bytes(os.path.join(artifact_dir, model_filename), blob)
+    atomic_write_bytes(os.path.join(artifact_dir, code_filename), packed)
+    sizes = {"code_bytes": len(packed), "model_bytes": len(blob), "artifact_bytes": len(packed) + len(blob)}
+    sizes["artifact_limit_ok"] = sizes["artifact_bytes"] <= limit_bytes
+    if log is not None:
+        log(f"Code size (minified+lzma+base85): {sizes['code_bytes']} bytes")
+        log(f"Serialized model quantized+{codec}: {sizes['model_bytes']} bytes")
+        log(f"Total submission size quantized+{codec}: {sizes['artifact_bytes']} bytes"
+            + ("" if sizes["artifact_limit_ok"] else f" EXCEEDS LIMIT {limit_bytes}"))
+    return sizes
+
+
+def read_artifact(path):
+    with open(path, "rb") as handle:
+        return deserialize_artifact(handle.read())
+
+
+# --- The quantization step of a run --------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_sequences(model, rows, length, temperature, generator):
+    """Model-generated calibration text (PR 1274): `rows` sequences of `length` tokens sampled from
+    the model itself, each starting with BOS. Uses no data at all, so it cannot leak validation tokens.
+    Every step re-runs the prefix (no KV cache): calibration is short, the forward stays the shared one."""
+    device = next(model.parameters()).device
+    tokens = torch.full((rows, 1), BOS_ID, dtype=torch.long, device=device)
+    for _ in range(length - 1):
+        logits = model.forward_logits(tokens)[:, -1].float()
+        probabilities = torch.softmax(logits / temperature, dim=-1)
+        following = torch.multinomial(probabilities.cpu(), 1, generator=generator).to(device)
+        tokens = torch.cat([tokens, following], dim=1)
+    return tokens
+
+
+def calibration_batches(h, model, context, time_left):
+    """Yield GPTQ calibration inputs: this rank's TRAINING micro-batches (a fresh stream from the start
+    of the training data; validation data is never read here), or model-sampled sequences with
+    GPTQ_CALIBRATION_SOURCE=generated. Stops early, before a batch that would not fit `time_left()`, so
+    training plus calibration never exceeds MAX_WALLCLOCK_SECONDS (the challenge counts calibration as
+    training). Every rank yields the same number of batches, because collect_hessians all-reduces."""
+    rank, world = distributed_info()
+    if h.gptq_calibration_source == "generated":
+        generator = torch.Generator().manual_seed(h.seed * 1000 + rank)
+        rows = h.batch_layout(world)[1]
+        produce = lambda: sample_sequences(model, rows, h.gptq_generated_seq_len, h.gptq_generated_temperature,
+                                           generator)
+    else:
+        loader = context.make_train_loader()
+        pending = []
+
+        def produce():
+            if not pending:
+                pending.extend(inputs for inputs, _ in loader.next_step())
+            return pending.pop(0)
+    slowest = 0.0
+    for index in range(h.gptq_calibration_batches):
+        remaining = time_left()
+        if world > 1:  # rank 0 decides, so all ranks take part in the same all-reduces
+            shared = torch.tensor([remaining], dtype=torch.float64, device=context.device)
+            dist.broadcast(shared, src=0)
+            remaining = float(shared)
+        if remaining < 2 * slowest:  # 2x: the batch itself and the Hessian update after it
+            context.log(f"quant: calibration stopped after {index} of {h.gptq_calibration_batches} batches "
+                        f"(wallclock cap)")
+            return
+        started = context.clock()
+        batch = produce()
+        yield batch
+        slowest = max(slowest, context.clock() - started)
+
+
+def quantize_and_write_artifact(h, model, context):
+    """Collect Hessians, quantize the (EMA) weights, write the artifact (rank 0), then load the model
+    back FROM THE WRITTEN FILE on every rank: what is evaluated is exactly what is submitted.
+    Returns summary fields plus results["quantized_model"] for the evaluation section."""
+    log, rank, world = context.log, context.rank, context.world_size
+    model.set_recurrence(h.recurrence_enabled)  # looped layers must see their looped inputs
+    settings = quant_settings_from_hparams(h)
+    start = context.clock()
+    if h.max_wallclock_seconds > 0 and context.training_start is not None:
+        # what the timed training loop left of the cap (compile warm-up is not timed, as upstream)
+        deadline = start + h.max_wallclock_seconds - context.train_time_s
+        time_left = lambda: deadline - context.clock()
+    else:
+        time_left = lambda: math.inf
+    hessians, call_counts = {}, {}
+    if settings.method == "gptq":
+        hessians = collect_hessians(model, calibration_batches(h, model, context, time_left), call_counts=call_counts)
+    calibration_time = context.clock() - start
+    used = max(call_counts.values(), default=0)
+    log(f"quant: {h.gptq_calibration_source} calibration, {len(hessians)} Hessians from up to {used} forward calls "
+        f"in {calibration_time:.2f}s")
+    fields = {"gptq_calibration_time_s": round(calibration_time, 3)}
+    if context.training_start is not None:
+        total = context.train_time_s + calibration_time
+        budget_ok = h.max_wallclock_seconds <= 0 or total <= h.max_wallclock_seconds
+        fields.update(train_plus_calibration_s=round(total, 3), train_time_ok=budget_ok)
+        log(f"train_time + calibration: {total:.2f}s (cap {h.max_wallclock_seconds:.0f}s, ok:{budget_ok})")
+
+    path = os.path.join(context.artifact_dir, "final_model.ptz")
+    sizes = [None]
+    if rank == 0:
+        quant_start = context.clock()
+        container = quantize_model_state(model.state_dict(), hessians, settings, log=log)
+        sizes[0] = write_artifact(context.artifact_dir, container, os.path.abspath(__file__),
+                                  codec=h.quant_compressor, shuffle=h.quant_byte_shuffle,
+                                  limit_bytes=h.artifact_limit_bytes, log=log)
+        sizes[0]["quantize_time_s"] = round(context.clock() - quant_start, 3)
+    if world > 1:
+        dist.broadcast_object_list(sizes, src=0)  # also a barrier: the file exists once this returns
+    quantized = copy.deepcopy(model)
+    load_quantized_into(quantized, read_artifact(path))
+    quantized.set_recurrence(h.recurrence_enabled)
+    return dict(fields, **sizes[0], quantized_model=quantized)
 
 
 # -----------------------------------------------------------------------------
-# Evaluation and test-time training
+# Evaluation and test-time training (TTT)
 #
-# Pre-quant, quantized, sliding-window and TTT val_bpb on the byte sidecar (SPEC section 8), each path
-# score-before-update. Developed in _sections/evaluation.py and merged here.
+# The score is bits per byte of the ORIGINAL text, so tokenizers of any vocabulary compare fairly:
+# sum of per-token NLL (nats) over scored tokens / ln 2 / sum of those tokens' original UTF-8 bytes
+# (SPEC 2). Every document starts with BOS (id 1); every token after it is scored exactly once, BOS
+# never is. Four modes share one model forward (`per_token_nll`): plain rows, sliding windows,
+# chunked score-first SGD TTT (PR 1493/1812) and phased per-document LoRA TTT (PR 1736). The TTT
+# drivers are written so that the order "score a token, then (maybe) train on it" is visible in one
+# short loop and can be recorded through an `audit(event, positions)` callback; the tests use it:
+# ("score", stream positions whose NLL was just recorded), ("update", every stream position the
+# update's forward read).
+# Work is split across ranks with torch.distributed (sums all-reduced); no files are shared.
 # -----------------------------------------------------------------------------
+
+LORA_SITES = ("q", "k", "v", "o", "mlp_in", "mlp_out", "head")
+
+
+# --- validation data: tokens, byte counts per token, document boundaries ---------------------
+
+
+def val_sidecar_path(shard_path: str) -> str:
+    """fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin (same folder)."""
+    folder, name = os.path.split(shard_path)
+    if not name.startswith("fineweb_val_"):
+        raise ValueError(f"{shard_path}: val shards must be named fineweb_val_%06d.bin")
+    return os.path.join(folder, "fineweb_val_bytes_" + name[len("fineweb_val_"):])
+
+
+def piece_byte_tables(sentencepiece_model, vocab_size: int):
+    """Per-token byte tables of the SentencePiece byte rule (SPEC 2), for shards without a sidecar.
+
+    Returns (base_bytes int64[V], has_leading_space bool[V], is_boundary bool[V]): a token counts
+    base_bytes (piece UTF-8 length without the leading "\u2581"; byte-fallback pieces 1), plus 1
+    if it has a leading space and the previous token is not a boundary (control/unknown/unused,
+    which includes BOS). `sentencepiece_model` is a path or a SentencePieceProcessor.
+    """
+    if isinstance(sentencepiece_model, (str, os.PathLike)):
+        import sentencepiece  # lazy: only needed for challenge shards without a byte sidecar
+
+        sentencepiece_model = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_model))
+    processor = sentencepiece_model
+    if processor.vocab_size() != vocab_size:
+        raise ValueError(f"tokenizer has {processor.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    base_bytes = np.zeros(vocab_size, dtype=np.int64)
+    has_leading_space = np.zeros(vocab_size, dtype=bool)
+    is_boundary = np.ones(vocab_size, dtype=bool)
+    for token_id in range(vocab_size):
+        if processor.is_control(token_id) or processor.is_unknown(token_id) or processor.is_unused(token_id):
+            continue  # boundary token, 0 bytes
+        is_boundary[token_id] = False
+        if processor.is_byte(token_id):
+            base_bytes[token_id] = 1
+            continue
+        piece = processor.id_to_piece(token_id)
+        if piece.startswith("\u2581"):
+            has_leading_space[token_id] = True
+            piece = piece[1:]
+        base_bytes[token_id] = len(piece.encode("utf-8"))
+    return base_bytes, has_leading_space, is_boundary
+
+
+def piece_byte_counts(tokens: np.ndarray, tables) -> np.ndarray:
+    """Bytes attributed to each token of a stream by the piece rule (the first token's predecessor
+    counts as a boundary)."""
+    base_bytes, has_leading_space, is_boundary = tables
+    tokens = np.asarray(tokens, dtype=np.int64)
+    previous_is_boundary = np.ones(tokens.shape, dtype=bool)
+    previous_is_boundary[1:] = is_boundary[tokens[:-1]]
+    return base_bytes[tokens] + (has_leading_space[tokens] & ~previous_is_boundary)
+
+
+def find_documents(tokens: np.ndarray):
+    """(starts, lengths) of the documents of a stream; each starts at a BOS and includes it."""
+    tokens = np.asarray(tokens)
+    starts = np.flatnonzero(tokens == BOS_ID)
+    if starts.size == 0:
+        raise ValueError(
+            "validation stream has no BOS (id 1) markers: documents cannot be found. Rebuild the val "
+            "shards with a BOS before every document (prepare_caseops_data.py does this).")
+    if starts[0] != 0:
+        raise ValueError(f"validation stream must start with BOS (id 1); first token is {int(tokens[0])}")
+    lengths = np.diff(np.append(starts, tokens.size))
+    return starts.astype(np.int64), lengths.astype(np.int64)
+
+
+@dataclass
+class ValData:
+    tokens: torch.Tensor  # int64 [N], the concatenated documents
+    byte_counts: torch.Tensor  # int64 [N], original UTF-8 bytes attributed to each token (BOS: 0)
+    doc_starts: np.ndarray  # int64 [D], stream position of each document's BOS
+    doc_lengths: np.ndarray  # int64 [D], tokens per document including its BOS
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.doc_starts.size)
+
+    def to(self, device) -> "ValData":
+        return ValData(self.tokens.to(device), self.byte_counts.to(device), self.doc_starts, self.doc_lengths)
+
+
+def make_val_data(tokens, byte_counts, vocab_size: int | None = None, max_docs: int | None = None) -> ValData:
+    """Validate a token stream and its per-token byte counts; optionally keep only the first max_docs."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    byte_counts = np.asarray(byte_counts, dtype=np.int64)
+    if tokens.shape != byte_counts.shape:
+        raise ValueError(f"{tokens.size} tokens but {byte_counts.size} byte counts")
+    if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"val token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+    doc_starts, doc_lengths = find_documents(tokens)
+    if max_docs is not None and max_docs < doc_starts.size:
+        end = int(doc_starts[max_docs])
+        tokens, byte_counts = tokens[:end], byte_counts[:end]
+        doc_starts, doc_lengths = doc_starts[:max_docs], doc_lengths[:max_docs]
+    return ValData(torch.from_numpy(tokens.copy()), torch.from_numpy(byte_counts.copy()), doc_starts, doc_lengths)
+
+
+def load_val_data(pattern: str, vocab_size: int, tokenizer_path: str | None = None,
+                  max_docs: int | None = None) -> ValData:
+    """Load val shards (sorted glob) with their byte sidecars, or the piece rule when none exists."""
+    shard_paths = sorted(glob.glob(pattern))
+    if not shard_paths:
+        raise FileNotFoundError(f"no validation shards match {pattern!r} (DATA_PATH)")
+    sidecars = [val_sidecar_path(path) for path in shard_paths]
+    present = [os.path.exists(path) for path in sidecars]
+    if any(present) and not all(present):
+        missing = [path for path, ok in zip(sidecars, present) if not ok]
+        raise FileNotFoundError(f"byte sidecar missing for some val shards: {missing}")
+    token_parts, byte_parts = [], []
+    for shard_path, sidecar_path, has_sidecar in zip(shard_paths, sidecars, present):
+        shard_tokens = read_shard(shard_path)
+        token_parts.append(shard_tokens)
+        if has_sidecar:
+            shard_bytes = read_shard(sidecar_path)
+            if shard_bytes.size != shard_tokens.size:
+                raise ValueError(f"{sidecar_path}: {shard_bytes.size} byte entries but its shard "
+                                 f"{shard_path} has {shard_tokens.size} tokens")
+            byte_parts.append(shard_bytes)
+    tokens = np.concatenate(token_parts).astype(np.int64)
+    if all(present):
+        byte_counts = np.concatenate(byte_parts).astype(np.int64)
+    elif tokenizer_path:
+        byte_counts = piece_byte_counts(tokens, piece_byte_tables(tokenizer_path, vocab_size))
+    else:
+        raise FileNotFoundError("val shards have no byte sidecar and no TOKENIZER_PATH was given for the piece rule")
+    return make_val_data(tokens, byte_counts, vocab_size=vocab_size, max_docs=max_docs)
+
+
+# --- score accounting: float64 sums, all-reduced across ranks ---------------------------------
+
+
+def bits_per_byte(nll_sum_nats: float, byte_sum: float) -> float:
+    return float(nll_sum_nats) / math.log(2.0) / float(byte_sum)
+
+
+def _all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def _all_gather_1d(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of any length from every rank (rank order)."""
+    rank, world = distributed_info()
+    if world == 1:
+        return tensor
+    length = torch.tensor([tensor.numel()], device=tensor.device, dtype=torch.int64)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    longest = int(max(int(x) for x in lengths))
+    padded = torch.zeros(longest, device=tensor.device, dtype=tensor.dtype)
+    padded[: tensor.numel()] = tensor
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, lengths)])
+
+
+class TokenScores:
+    """The NLL of every token this rank scored, keyed by stream position (the target's index)."""
+
+    def __init__(self, val: ValData):
+        self.val = val
+        self.positions: list[torch.Tensor] = []
+        self.nlls: list[torch.Tensor] = []
+
+    def add(self, positions: torch.Tensor, nll: torch.Tensor) -> None:
+        self.positions.append(positions.detach().reshape(-1))
+        self.nlls.append(nll.detach().reshape(-1).float())
+
+    def summarize(self, mode: str, started_at: float, keep_token_scores: bool = False, **extra) -> dict:
+        """All-reduce (nll_sum, tokens, bytes) in float64 and return the mode's result dict."""
+        device = self.val.tokens.device
+        positions = torch.cat(self.positions) if self.positions else torch.zeros(0, dtype=torch.int64, device=device)
+        nll = torch.cat(self.nlls) if self.nlls else torch.zeros(0, dtype=torch.float32, device=device)
+        sums = torch.stack([
+            nll.to(torch.float64).sum(),
+            torch.tensor(float(positions.numel()), dtype=torch.float64, device=device),
+            self.val.byte_counts[positions].to(torch.float64).sum(),
+        ])
+        _all_reduce_(sums)
+        nll_sum, token_count, byte_sum = (float(x) for x in sums.tolist())
+        if token_count == 0 or byte_sum == 0:
+            raise ValueError(f"{mode}: nothing was scored ({int(token_count)} tokens, {int(byte_sum)} bytes)")
+        result = {
+            "mode": mode,
+            "val_loss": nll_sum / token_count,
+            "val_bpb": bits_per_byte(nll_sum, byte_sum),
+            "scored_tokens": int(token_count),
+            "scored_bytes": int(byte_sum),
+            "eval_time_s": time.perf_counter() - started_at,
+            **extra,
+        }
+        if keep_token_scores:  # every rank receives every rank's tokens (for SAVE_TOKEN_NLL and audits)
+            result["token_positions"] = _all_gather_1d(positions).cpu().numpy()
+            result["token_nll"] = _all_gather_1d(nll).cpu().numpy()
+        return result
+
+
+def _time_is_up(deadline: float | None, device) -> bool:
+    """True once the eval budget is spent; all ranks agree (any rank over -> all stop)."""
+    if deadline is None:
+        return False
+    over = torch.tensor([1.0 if time.perf_counter() > deadline else 0.0], device=device)
+    return bool(_all_reduce_(over, dist.ReduceOp.MAX) > 0)
+
+
+# --- windows: which tokens a forward sees, and which of its targets it scores -----------------
+# A window is (input_start, input_length, first_scored): inputs tokens[s : s+n], targets
+# tokens[s+1 : s+n+1]; targets at window index >= first_scored are scored (BOS targets never).
+
+
+def plain_windows(num_tokens: int, seq_len: int) -> np.ndarray:
+    """Non-overlapping rows of seq_len inputs; every target scored with the context before it in its row."""
+    starts = np.arange(0, num_tokens - 1, seq_len, dtype=np.int64)
+    lengths = np.minimum(seq_len, num_tokens - 1 - starts)
+    return np.stack([starts, lengths, np.zeros_like(starts)], axis=1)
+
+
+def sliding_windows(first_target: int, end_target: int, context: int, stride: int) -> np.ndarray:
+    """Windows scoring targets [first_target, end_target) in blocks of `stride`, each block seen
+    with up to `context` tokens of left context (the first block grows to use all of it)."""
+    if end_target <= first_target:
+        return np.zeros((0, 3), dtype=np.int64)
+    first_end = min(max(first_target + stride, context + 1), end_target)
+    block_ends = np.append(np.arange(first_end, end_target, stride, dtype=np.int64), end_target)
+    block_ends = np.unique(block_ends)
+    block_starts = np.concatenate([[first_target], block_ends[:-1]])
+    input_starts = np.maximum(0, block_ends - 1 - context)
+    return np.stack([input_starts, block_ends - 1 - input_starts, block_starts - 1 - input_starts], axis=1)
+
+
+def _window_positions(windows: np.ndarray) -> np.ndarray:
+    """All stream positions (inputs and targets) that a set of windows reads."""
+    return np.unique(np.concatenate([np.arange(s, s + n + 1) for s, n, _ in windows]))
+
+
+def _rank_slice(items, rank: int, world: int):
+    """Contiguous share of a sequence for one rank."""
+    count = len(items)
+    return items[count * rank // world: count * (rank + 1) // world]
+
+
+def _gather_windows(val: ValData, windows: np.ndarray):
+    """Batch of windows -> (inputs, targets, positions, scored_mask), padded with BOS; shapes [B, W]."""
+    device = val.tokens.device
+    windows_t = torch.as_tensor(windows, dtype=torch.int64, device=device)
+    starts, lengths, first_scored = windows_t[:, 0:1], windows_t[:, 1:2], windows_t[:, 2:3]
+    width = int(lengths.max())
+    offsets = torch.arange(width, device=device).unsqueeze(0)  # [1, W]
+    inside = offsets < lengths  # [B, W]
+    input_positions = (starts + offsets).clamp(max=val.num_tokens - 2)
+    inputs = torch.where(inside, val.tokens[input_positions], BOS_ID)
+    targets = torch.where(inside, val.tokens[input_positions + 1], BOS_ID)
+    scored = inside & (offsets >= first_scored) & (targets != BOS_ID)
+    return inputs, targets, input_positions + 1, scored
+
+
+@torch.no_grad()
+def _score_windows(model, val, windows, batch_size, scores: TokenScores, audit=None, lora=None):
+    for begin in range(0, len(windows), batch_size):
+        inputs, targets, positions, scored = _gather_windows(val, windows[begin: begin + batch_size])
+        nll = model.per_token_nll(inputs, targets, lora=lora)  # [B, W] nats
+        scores.add(positions[scored], nll[scored])
+        if audit is not None:
+            audit("score", positions[scored].cpu().numpy())
+
+
+# --- plain and sliding-window evaluation ------------------------------------------------------
+
+
+def eval_plain(model, val: ValData, seq_len: int, batch_size: int = 16, audit=None,
+               keep_token_scores: bool = False) -> dict:
+    """Rows of seq_len tokens (documents packed back to back); each target scored once."""
+    started_at = time.perf_counter()
+    rank, world = distributed_info()
+    model.eval()
+    scores = TokenScores(val)
+    windows = _rank_slice(plain_windows(val.num_tokens, seq_len), rank, world)
+    _score_windows(model, val, windows, batch_size, scores, audit)
+    return scores.summarize("plain", started_at, keep_token_scores)
+
+
+def eval_sliding(model, val: ValData, context: int = 2048, stride: int = 64, batch_size: int = 16,
+                 audit=None, keep_token_scores: bool = False) -> dict:
+    """Overlapping windows of `context` tokens advancing by `stride`; only new targets scored."""
+    started_at = time.perf_counter()
+    rank, world = distributed_info()
+    model.eval()
+    scores = TokenScores(val)
+    windows = _rank_slice(sliding_windows(1, val.num_tokens, context, stride), rank, world)
+    _score_windows(model, val, windows, batch_size, scores, audit)
+    return scores.summarize("sliding", started_at, keep_token_scores, context=context, stride=stride)
+
+
+# --- weight training on already-scored tokens (chunked TTT and the phase boundaries) ----------
+
+
+def select_parameters(model: nn.Module, which: str = "all") -> list:
+    """"all", or comma-separated substrings of parameter names (e.g. "blocks.9,blocks.10")."""
+    named = list(model.named_parameters())
+    if which.strip() == "all":
+        return [param for _, param in named]
+    patterns = [pattern.strip() for pattern in which.split(",") if pattern.strip()]
+    chosen = [param for name, param in named if any(pattern in name for pattern in patterns)]
+    if not chosen:
+        raise ValueError(f"TTT_PARAMS={which!r} matches no parameter name")
+    return chosen
+
+
+def _cosine(base_lr: float, index: int, count: int) -> float:
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * index / max(count, 1)))
+
+
+def _train_on_targets(model, val, first_target, end_target, seq_len, rows_per_step, params, optimizer,
+                      epochs=1, grad_clip=0.0, audit=None):
+    """SGD steps on the targets [first_target, end_target), rows of seq_len. A step's loss is the
+    mean over the global batch of rows (each rank's share summed, gradients all-reduced), so any
+    number of ranks takes the same steps as one process."""
+    rank, world = distributed_info()
+    windows = plain_windows(end_target - first_target + 1, seq_len)
+    windows[:, 0] += first_target - 1
+    for _ in range(epochs):
+        for begin in range(0, len(windows), rows_per_step):
+            step_windows = windows[begin: begin + rows_per_step]
+            _, all_targets, _, all_scored = _gather_windows(val, step_windows)
+            token_count = max(int(all_scored.sum()), 1)
+            my_windows = _rank_slice(step_windows, rank, world)
+            optimizer.zero_grad(set_to_none=True)
+            if len(my_windows):
+                inputs, targets, positions, used = _gather_windows(val, my_windows)
+                with torch.enable_grad():
+                    nll = model.per_token_nll(inputs, targets)
+                    (nll[used].sum() / token_count).backward()
+                if audit is not None:  # every stream position this step's forward read
+                    audit("update", _window_positions(my_windows))
+            _all_reduce_grads(params)
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+
+
+def _all_reduce_grads(params) -> None:
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    if distributed_info()[1] == 1:
+        return
+    flat = torch.cat([param.grad.reshape(-1) for param in params])
+    _all_reduce_(flat)
+    offset = 0
+    for param in params:
+        param.grad.copy_(flat[offset: offset + param.numel()].view_as(param))
+        offset += param.numel()
+
+
+class _WeightsRestored:
+    """Context: TTT changes weights in place; put them (and requires_grad) back afterwards."""
+
+    def __init__(self, model, enabled=True):
+        self.model, self.enabled = model, enabled
+
+    def __enter__(self):
+        self.flags = [(param, param.requires_grad) for param in self.model.parameters()]
+        if self.enabled:
+            self.saved = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.model.load_state_dict(self.saved)
+        for param, flag in self.flags:
+            param.requires_grad_(flag)
+            param.grad = None
+
+
+# --- chunked score-first SGD TTT (PR 1493 / 1812 / 1755) ---------------------------------------
+
+
+@dataclass
+class ChunkedTTTConfig:
+    chunk_tokens: int = 32768  # targets per chunk (65536 in PR 1812)
+    epochs: int = 3  # passes over each scored chunk (4 in PR 1812)
+    lr: float = 0.005
+    momentum: float = 0.9
+    grad_clip: float = 1.0
+    params: str = "all"  # which weights adapt: "all" or name substrings
+    seq_len: int = 2048  # training row length
+    rows_per_step: int = 32  # rows of seq_len per SGD step (all ranks together)
+    context: int = 2048  # sliding-window scoring
+    stride: int = 64
+    score_batch_size: int = 16
+
+
+def eval_ttt_chunked(model, val: ValData, cfg: ChunkedTTTConfig, audit=None, time_budget_s=None,
+                     keep_token_scores=False, restore_weights=True) -> dict:
+    """Score chunk c with sliding windows (no_grad), THEN train on chunk c; the last chunk is
+    never trained on. The learning rate follows a cosine across chunks."""
+    started_at = time.perf_counter()
+    deadline = None if time_budget_s is None else started_at + time_budget_s
+    rank, world = distributed_info()
+    scores = TokenScores(val)
+    chunk_starts = list(range(1, val.num_tokens, cfg.chunk_tokens))
+    updates, stopped_early = 0, False
+    with _WeightsRestored(model, restore_weights):
+        model.eval()
+        params = select_parameters(model, cfg.params)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for param in params:
+            param.requires_grad_(True)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+        for chunk_index, first_target in enumerate(chunk_starts):
+            end_target = min(first_target + cfg.chunk_tokens, val.num_tokens)
+            # 1) score every target of the chunk with the weights trained on earlier chunks only
+            windows = sliding_windows(first_target, end_target, cfg.context, cfg.stride)
+            _score_windows(model, val, _rank_slice(windows, rank, world), cfg.score_batch_size, scores, audit)
+            # 2) then adapt on the chunk just scored (not the last one, and not past the budget)
+            if chunk_index == len(chunk_starts) - 1 or cfg.epochs <= 0:
+                continue
+            if _time_is_up(deadline, val.tokens.device):
+                stopped_early = True
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = _cosine(cfg.lr, chunk_index, len(chunk_starts) - 1)
+            _train_on_targets(model, val, first_target, end_target, cfg.seq_len, cfg.rows_per_step,
+                              params, optimizer, cfg.epochs, cfg.grad_clip, audit)
+            updates += 1
+    return scores.summarize("ttt_chunked", started_at, keep_token_scores, ttt_chunks=len(chunk_starts),
+                            ttt_chunks_trained=updates, ttt_stopped_by_budget=stopped_early)
+
+
+# --- phased per-document LoRA TTT (PR 1736) ----------------------------------------------------
+
+
+def lora_site_dims(model, sites=LORA_SITES) -> dict:
+    """{(site, layer_index): (in_dim, out_dim)} of the model's adaptable linears, found by one
+    probe forward on a short random row: in_dim from the hook's input, out_dim from the module with
+    a 2-D weight that was called on that same input just before (the head: the logits' width)."""
+    device = next(model.parameters()).device
+    last_output_width = {}
+
+    def remember(module, args, output):
+        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            last_output_width[id(args[0])] = output.shape[-1]
+
+    handles = [module.register_forward_hook(remember) for module in model.modules()
+               if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2]
+    dims = {}
+
+    def probe(site, layer_index, x):
+        if site in sites:
+            dims[(site, layer_index)] = (x.shape[-1], last_output_width.get(id(x)))
+        last_output_width.clear()
+        return None
+
+    try:
+        with torch.no_grad():
+            row = torch.full((1, 8), 2, dtype=torch.int64, device=device)
+            row[0, 0] = BOS_ID
+            logits = model.forward_logits(row, lora=probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for key, (in_dim, out_dim) in dims.items():
+        if key[0] == "head":
+            dims[key] = (in_dim, logits.shape[-1])
+        elif out_dim is None:
+            raise RuntimeError(f"cannot infer the output width of LoRA site {key}; pass site dims explicitly")
+    return dims
+
+
+class BatchedLoRA(nn.Module):
+    """One rank-r adapter per batch element (= per document) at every site: delta = x A_b B_b.
+    B starts at zero, so a fresh adapter leaves the model unchanged."""
+
+    def __init__(self, batch_size: int, site_dims: dict, rank: int, alpha: float | None = None, seed: int = 0):
+        super().__init__()
+        self.scale = (alpha if alpha is not None else rank) / rank
+        self.index = {key: str(i) for i, key in enumerate(sorted(site_dims, key=str))}
+        # every document starts from the same A (seeded), so a score never depends on which batch,
+        # rank or random state a document happened to get
+        generator = torch.Generator().manual_seed(seed)
+        down_init = {key: (torch.rand(dims[0], rank, generator=generator) * 2 - 1) / math.sqrt(dims[0])
+                     for key, dims in sorted(site_dims.items(), key=lambda item: str(item[0]))}
+        self.down = nn.ParameterDict({
+            self.index[key]: nn.Parameter(init.unsqueeze(0).repeat(batch_size, 1, 1))
+            for key, init in down_init.items()})
+        self.up = nn.ParameterDict({
+            self.index[key]: nn.Parameter(torch.zeros(batch_size, rank, dims[1])) for key, dims in site_dims.items()})
+
+    def forward(self, site, layer_index, x):  # x: [B, T, in] -> [B, T, out] or None
+        name = self.index.get((site, layer_index))
+        if name is None:
+            return None
+        return torch.bmm(torch.bmm(x, self.down[name].to(x.dtype)), self.up[name].to(x.dtype)) * self.scale
+
+
+@dataclass
+class PhasedTTTConfig:
+    lora_rank: int = 96  # 80 in PR 1855
+    lora_alpha: float | None = None  # scale alpha/rank; None -> 1
+    lora_sites: str = "q,k,v,o,mlp_in,mlp_out,head"
+    lora_lr: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.999  # 0.99 in PR 1855
+    weight_decay: float = 0.5
+    chunk_size: int = 48  # targets scored, then trained on, per step of a document
+    context: int = 2048  # left context window of each chunk
+    docs_per_batch: int = 64
+    prefix_docs: int = 2000  # 2500 in PR 1855
+    num_phases: int = 3
+    global_lr: float = 0.001
+    global_momentum: float = 0.9
+    global_epochs: int = 1
+    global_chunk_tokens: int = 32768
+    global_seq_len: int = 2048
+    global_grad_clip: float = 1.0
+
+
+def _document_batches(doc_ids: np.ndarray, doc_lengths: np.ndarray, docs_per_batch: int) -> list:
+    """Longest documents first (so a batch's documents have similar lengths), docs_per_batch each."""
+    order = doc_ids[np.argsort(-doc_lengths[doc_ids], kind="stable")]
+    return [order[i: i + docs_per_batch] for i in range(0, len(order), docs_per_batch)]
+
+
+def _score_and_adapt_documents(model, val, doc_ids, cfg, site_dims, scores, audit, adapt):
+    """Score a batch of documents chunk by chunk, each with its own fresh LoRA; after scoring a
+    chunk, take one Adam step per document on that chunk (documents never share an adapter)."""
+    device = val.tokens.device
+    starts = torch.as_tensor(val.doc_starts[doc_ids], device=device)  # [B]
+    target_counts = torch.as_tensor(val.doc_lengths[doc_ids] - 1, device=device)  # [B]
+    lora = BatchedLoRA(len(doc_ids), site_dims, cfg.lora_rank, cfg.lora_alpha).to(device) if adapt else None
+    if adapt:
+        optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr, betas=(cfg.beta1, cfg.beta2),
+                                      eps=1e-10, weight_decay=cfg.weight_decay)
+    num_chunks = -(-int(target_counts.max()) // cfg.chunk_size)
+    for chunk_index in range(num_chunks):
+        chunk_end = (chunk_index + 1) * cfg.chunk_size  # targets 1..chunk_end of each document seen
+        window_start = max(0, chunk_end - cfg.context)  # document-relative index of the first input
+        width = chunk_end - window_start
+        target_index = window_start + 1 + torch.arange(width, device=device).unsqueeze(0)  # [1, W]
+        inside = target_index <= target_counts.unsqueeze(1)  # [B, W]
+        positions = (starts.unsqueeze(1) + target_index).clamp(max=val.num_tokens - 1)
+        inputs = torch.where(inside, val.tokens[positions - 1], BOS_ID)
+        targets = torch.where(inside, val.tokens[positions], BOS_ID)
+        in_chunk = inside & (target_index > chunk_index * cfg.chunk_size)  # [B, W]
+        more_chunks_follow = target_counts > chunk_end  # [B]: this document is trained on the chunk
+        train_now = adapt and bool(more_chunks_follow.any())
+        with torch.set_grad_enabled(train_now):
+            nll = model.per_token_nll(inputs, targets, lora=lora)  # [B, W]
+        # 1) score: the chunk's NLL is recorded before any update that sees these tokens
+        scores.add(positions[in_chunk], nll[in_chunk])
+        if audit is not None:
+            audit("score", positions[in_chunk].cpu().numpy())
+        # 2) update: one step per document on the chunk it just scored
+        if train_now:
+            chunk_mask = in_chunk.to(nll.dtype)
+            per_doc = (nll * chunk_mask).sum(1) / chunk_mask.sum(1).clamp_min(1.0)
+            optimizer.zero_grad(set_to_none=True)
+            (per_doc * more_chunks_follow.to(nll.dtype)).sum().backward()
+            optimizer.step()
+            if audit is not None:
+                read = inside & more_chunks_follow.unsqueeze(1)
+                audit("update", torch.cat([positions[read], positions[read] - 1]).unique().cpu().numpy())
+
+
+def _global_sgd(model, val, end_target, cfg, audit):
+    """All weights, SGD with momentum, over the targets [1, end_target) (the documents scored so
+    far) in chunks of global_chunk_tokens, one step per chunk, cosine learning rate over chunks."""
+    params = list(model.parameters())
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=cfg.global_lr, momentum=cfg.global_momentum)
+    chunk_starts = list(range(1, end_target, cfg.global_chunk_tokens))
+    for chunk_index, first_target in enumerate(chunk_starts):
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine(cfg.global_lr, chunk_index, len(chunk_starts))
+        chunk_end = min(first_target + cfg.global_chunk_tokens, end_target)
+        _train_on_targets(model, val, first_target, chunk_end, cfg.global_seq_len, rows_per_step=10**9,
+                          params=params, optimizer=optimizer, epochs=cfg.global_epochs,
+                          grad_clip=cfg.global_grad_clip, audit=audit)
+
+
+def eval_ttt_phased(model, val: ValData, cfg: PhasedTTTConfig, audit=None, time_budget_s=None,
+                    keep_token_scores=False, restore_weights=True, site_dims=None) -> dict:
+    """The first prefix_docs documents (stream order) form num_phases groups; the rest is a last
+    group. Each group is scored with per-document LoRA TTT; after each prefix group, all weights
+    are trained with SGD on every document scored so far. Past the time budget nothing adapts
+    any more, but every token is still scored."""
+    started_at = time.perf_counter()
+    deadline = None if time_budget_s is None else started_at + time_budget_s
+    rank, world = distributed_info()
+    device = val.tokens.device
+    scores = TokenScores(val)
+    prefix_docs = min(cfg.prefix_docs, val.num_docs)
+    num_phases = max(1, cfg.num_phases)
+    phase_ends = [prefix_docs * (k + 1) // num_phases for k in range(num_phases)] if prefix_docs else []
+    group_bounds = list(zip([0] + phase_ends, phase_ends + [val.num_docs]))
+    sites = tuple(site.strip() for site in cfg.lora_sites.split(",") if site.strip())
+    global_updates, stopped_early = 0, False
+    with _WeightsRestored(model, restore_weights):
+        model.eval()
+        site_dims = site_dims or lora_site_dims(model, sites=sites)
+        for group_index, (first_doc, end_doc) in enumerate(group_bounds):
+            # 1) score the group's documents (length-sorted batches, round-robin over ranks)
+            for param in model.parameters():
+                param.requires_grad_(False)
+            batches = _document_batches(np.arange(first_doc, end_doc), val.doc_lengths, cfg.docs_per_batch)
+            for doc_ids in batches[rank::world]:
+                adapt = deadline is None or time.perf_counter() < deadline
+                stopped_early |= not adapt
+                _score_and_adapt_documents(model, val, doc_ids, cfg, site_dims, scores, audit, adapt)
+            # 2) phase boundary: global SGD over all documents scored so far (prefix phases only)
+            if group_index >= len(phase_ends) or end_doc == 0 or cfg.global_epochs <= 0:
+                continue
+            if _time_is_up(deadline, device):
+                stopped_early = True
+                continue
+            _global_sgd(model, val, int(val.doc_starts[end_doc - 1] + val.doc_lengths[end_doc - 1]), cfg, audit)
+            global_updates += 1
+    stopped_early = bool(_all_reduce_(torch.tensor([float(stopped_early)], device=device), dist.ReduceOp.MAX) > 0)
+    return scores.summarize("ttt_phased", started_at, keep_token_scores, ttt_phases_trained=global_updates,
+                            ttt_prefix_docs=prefix_docs, ttt_stopped_by_budget=stopped_early)
+
+
+# --- settings from Hyperparameters (train_gpt.py field names) ---------------------------------
+
+
+def eval_batch_rows(h, world_size: int = 1) -> int:
+    """Rows of EVAL_SEQ_LEN per forward on one rank (EVAL_BATCH_TOKENS counts all ranks)."""
+    return max(1, h.eval_batch_tokens // (world_size * h.eval_seq_len))
+
+
+def chunked_ttt_config(h, world_size: int = 1) -> ChunkedTTTConfig:
+    return ChunkedTTTConfig(
+        chunk_tokens=h.ttt_chunk_tokens, epochs=h.ttt_epochs, lr=h.ttt_lr, momentum=h.ttt_momentum,
+        grad_clip=h.ttt_grad_clip, params=h.ttt_params, seq_len=h.eval_seq_len, context=h.eval_seq_len, stride=h.sliding_stride,
+        score_batch_size=eval_batch_rows(h, world_size))
+
+
+def phased_ttt_config(h) -> PhasedTTTConfig:
+    return PhasedTTTConfig(
+        lora_rank=h.phased_ttt_lora_rank, lora_sites=h.phased_ttt_lora_sites, lora_lr=h.phased_ttt_lr, beta1=h.phased_ttt_beta1,
+        beta2=h.phased_ttt_beta2, weight_decay=h.phased_ttt_weight_decay, chunk_size=h.phased_ttt_chunk_tokens,
+        context=h.eval_seq_len, docs_per_batch=h.phased_ttt_docs_per_batch, prefix_docs=h.phased_ttt_prefix_docs,
+        num_phases=h.phased_ttt_num_phases, global_lr=h.phased_ttt_global_lr,
+        global_momentum=h.phased_ttt_global_momentum, global_epochs=h.phased_ttt_global_epochs,
+        global_chunk_tokens=h.phased_ttt_global_chunk_tokens, global_seq_len=h.eval_seq_len)
+
+
+def eval_ttt(h, model, val: ValData, time_budget_s=None, audit=None, keep_token_scores=False) -> dict:
+    """The TTT mode TTT_MODE selects (phased | chunked), configured from h."""
+    if h.ttt_mode == "phased":
+        return eval_ttt_phased(model, val, phased_ttt_config(h), audit, time_budget_s, keep_token_scores)
+    return eval_ttt_chunked(model, val, chunked_ttt_config(h, distributed_info()[1]), audit, time_budget_s,
+                            keep_token_scores)
+
+
+# --- compile warm-up, per-token output and audit, log lines and summary -----------------------
+
+
+def warm_up_on_random_tokens(model, vocab_size: int, seq_len: int, batch_size: int = 1, lora=None,
+                             seed: int = 0) -> None:
+    """Run the eval forward (and a backward, for TTT kernels) on random tokens, never val data;
+    gradients are discarded and no weight changes."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(2, vocab_size, (batch_size, seq_len + 1), generator=generator).to(device)
+    inputs[:, 0] = BOS_ID
+    with torch.no_grad():
+        model.per_token_nll(inputs[:, :-1], inputs[:, 1:], lora=lora)
+    with torch.enable_grad():
+        model.per_token_nll(inputs[:, :-1], inputs[:, 1:], lora=lora).mean().backward()
+    model.zero_grad(set_to_none=True)
+    if lora is not None:
+        lora.zero_grad(set_to_none=True)
+
+
+def save_token_nll(path: str, result: dict, val: ValData) -> None:
+    """Write each scored token of a result (run with keep_token_scores=True) as .npz: stream
+    position, token id, NLL (nats), original bytes, document index, position in the document."""
+    positions = np.asarray(result["token_positions"], dtype=np.int64)
+    order = np.argsort(positions, kind="stable")
+    positions = positions[order]
+    doc_index = np.searchsorted(val.doc_starts, positions, side="right") - 1
+    temporary = path + ".partial.npz"  # next to the target, renamed into place (atomic)
+    np.savez_compressed(
+        temporary, mode=np.array(result["mode"]), stream_position=positions,
+        token_id=val.tokens.cpu().numpy()[positions], nll=np.asarray(result["token_nll"], dtype=np.float32)[order],
+        byte_count=val.byte_counts.cpu().numpy()[positions], doc_index=doc_index,
+        position_in_doc=positions - val.doc_starts[doc_index],
+        reported=np.array([result["val_loss"], result["val_bpb"], result["scored_tokens"], result["scored_bytes"]]))
+    os.replace(temporary, path)
+
+
+def audit_token_nll(path: str) -> dict:
+    """Recompute the score of a save_token_nll file; refuses duplicated positions and BOS targets."""
+    with np.load(path) as saved:
+        positions, nll, byte_count = saved["stream_position"], saved["nll"], saved["byte_count"]
+        if np.unique(positions).size != positions.size:
+            raise ValueError(f"{path}: a token is scored more than once")
+        if np.any(saved["position_in_doc"] <= 0) or np.any(saved["token_id"] == BOS_ID):
+            raise ValueError(f"{path}: a BOS is scored")
+        nll_sum = float(nll.astype(np.float64).sum())
+        byte_sum = float(byte_count.astype(np.float64).sum())
+        return {"mode": str(saved["mode"]), "val_loss": nll_sum / positions.size,
+                "val_bpb": bits_per_byte(nll_sum, byte_sum), "scored_tokens": int(positions.size),
+                "scored_bytes": int(byte_sum), "documents": int(np.unique(saved["doc_index"]).size)}
+
+
+def format_eval_line(label: str, result: dict) -> str:
+    """Upstream-style log line, e.g. `quantized_ttt_phased val_loss:... val_bpb:... eval_time:...ms`."""
+    return (f"{label} val_loss:{result['val_loss']:.8f} val_bpb:{result['val_bpb']:.8f} "
+            f"scored_tokens:{result['scored_tokens']} scored_bytes:{result['scored_bytes']} "
+            f"eval_time:{1000.0 * result['eval_time_s']:.0f}ms")
+
+
+def eval_summary(results: dict, eval_time_limit_s: float = 600.0) -> dict:
+    """summary.json fields from {label: result} with labels pre_quant, quantized,
+    quantized_sliding_window, quantized_ttt_chunked / quantized_ttt_phased (any may be absent).
+    eval_time_s counts what the challenge times: the quantized evals that produce the final score."""
+    def bpb(label):
+        return results[label]["val_bpb"] if label in results else None
+
+    ttt_label = next((label for label in ("quantized_ttt_phased", "quantized_ttt_chunked") if label in results), None)
+    timed = [label for label in ("quantized", "quantized_sliding_window", ttt_label) if label in results]
+    eval_time_s = sum(results[label]["eval_time_s"] for label in timed)
+    return {
+        "pre_quant_val_bpb": bpb("pre_quant"), "quant_val_bpb": bpb("quantized"),
+        "sliding_val_bpb": bpb("quantized_sliding_window"), "ttt_val_bpb": bpb(ttt_label) if ttt_label else None,
+        "ttt_mode": ttt_label.removeprefix("quantized_ttt_") if ttt_label else None,
+        "eval_time_s": eval_time_s, "eval_time_ok": eval_time_s <= eval_time_limit_s,
+        "evals": {label: {key: value for key, value in result.items() if not key.startswith("token_")}
+                  for label, result in results.items()},
+    }
+
+
+# --- post-training entry point (train_gpt.post_training calls run after the quantization section) -
+
+
+def evaluate_after_training(h, model, context, results: dict) -> dict:
+    """Report pre-quant, quantized, sliding-window and TTT val_bpb in that order; return the
+    summary.json fields. `model` holds the float EMA weights; the quantization section hands over
+    the dequantized model as results["quantized_model"] (taken out of results here, so it never
+    reaches summary.json). TTT adapts only while EVAL_MAX_SECONDS, minus the quantized evals'
+    time, lasts; it scores every token regardless. SAVE_TOKEN_NLL=1 writes the last mode's tokens."""
+    log, device, world_size = context.log, context.device, context.world_size
+    val = load_val_data(h.val_glob, h.vocab_size, h.tokenizer_path or None, h.val_max_docs).to(device)
+    log(f"val: {val.num_docs} documents, {val.num_tokens} tokens, {int(val.byte_counts.sum())} bytes")
+    batch_rows = eval_batch_rows(h, world_size)
+    quantized = results.pop("quantized_model", None)
+    save_tokens = h.save_token_nll
+    planned = ["pre_quant"] + ([] if quantized is None else ["quantized"] + (
+        ["quantized_sliding_window"] if h.sliding_window_enabled else []) + (
+        [f"quantized_ttt_{h.ttt_mode}"] if h.ttt_enabled else []))
+    final_label = planned[-1]
+    evals = {}
+    use_bf16 = context.autocast == "bf16" and device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
+        for label in planned:
+            keep = save_tokens and label == final_label
+            if label == "pre_quant":
+                result = eval_plain(model, val, h.eval_seq_len, batch_rows, keep_token_scores=keep)
+            elif label == "quantized":
+                result = eval_plain(quantized, val, h.eval_seq_len, batch_rows, keep_token_scores=keep)
+            elif label == "quantized_sliding_window":
+                result = eval_sliding(quantized, val, h.eval_seq_len, h.sliding_stride, batch_rows,
+                                      keep_token_scores=keep)
+            else:
+                spent = sum(evals[name]["eval_time_s"] for name in evals if name != "pre_quant")
+                result = eval_ttt(h, quantized, val, time_budget_s=h.eval_max_seconds - spent,
+                                  keep_token_scores=keep)
+            evals[label] = result
+            log(format_eval_line(label, result))
+    if quantized is None:
+        log("evaluation: no results['quantized_model'] from the quantization section; quantized evals skipped")
+    if save_tokens and context.rank == 0:
+        path = os.path.join(context.artifact_dir, "token_nll.npz")
+        save_token_nll(path, evals[final_label], val.to("cpu"))
+        log(f"token_nll: {path} ({final_label}; recompute with audit_token_nll)")
+    return eval_summary(evals, h.eval_max_seconds)
 
 
 # -----------------------------------------------------------------------------
@@ -1286,9 +2899,6 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
 # post-training sections, and write summary.json (SPEC section 9). With POST_TRAINING_ONLY=1 a run
 # re-quantizes and re-evaluates its saved checkpoint without retraining.
 # -----------------------------------------------------------------------------
-
-POST_TRAINING_SECTIONS = ("_sections.quant", "_sections.evaluation")
-
 
 @dataclass
 class RunContext:
@@ -1306,19 +2916,10 @@ class RunContext:
 
 
 def post_training(h: Hyperparameters, model: GPT, context: RunContext) -> dict[str, Any]:
-    """Run quantization, then evaluation. Each section module exposes `run(h, model, context, results)
-    -> dict` of summary fields; a missing module is skipped (they are merged into this file later)."""
-    results: dict[str, Any] = {}
-    for module_name in POST_TRAINING_SECTIONS:
-        try:
-            found = importlib.util.find_spec(module_name) is not None
-        except ModuleNotFoundError:
-            found = False
-        run = getattr(importlib.import_module(module_name), "run", None) if found else None
-        if run is None:
-            context.log(f"post_training: {module_name}.run not present, skipped")
-            continue
-        results.update(run(h, model, context, results) or {})
+    """Quantize and write the artifact, then evaluate (pre-quant on `model`, the rest on the weights
+    read back from the artifact). Returns the summary.json fields of both."""
+    results = quantize_and_write_artifact(h, model, context)
+    results.update(evaluate_after_training(h, model, context, results))
     return results
 
 

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from _sections.evaluation import (  # noqa: E402
+from train_gpt import (  # noqa: E402
     BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, eval_plain, eval_sliding, eval_ttt_chunked, eval_ttt_phased,
-    load_val_data, make_val_data, read_uint16_records,
+    load_val_data, make_val_data, read_shard,
 )
 from train_gpt import GPT, Hyperparameters  # noqa: E402
 
@@ -56,7 +56,7 @@ def first_docs(val, num_docs):
 
 
 def train(model, data_dir, steps, seq_len, batch_rows):
-    tokens = np.concatenate([read_uint16_records(path).astype(np.int64)
+    tokens = np.concatenate([read_shard(path).astype(np.int64)
                              for path in sorted(glob.glob(os.path.join(data_dir, "fineweb_train_*.bin")))])
     tokens = torch.from_numpy(tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
@@ -134,7 +134,7 @@ def main():
     if args.quantize:
         import copy
 
-        from _sections.quant import QuantSettings, load_quantized_into, quantize_model_state
+        from train_gpt import QuantSettings, load_quantized_into, quantize_model_state
 
         pre_quant = eval_plain(model, val, args.seq_len, args.batch)
         print(f"{'pre_quant':<12} {pre_quant['val_bpb']:9.4f} {'':>8} {pre_quant['eval_time_s']:8.2f}")

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _sections.quant import (QuantSettings, collect_hessians, dequantize_codes, dequantize_state,  # noqa: E402
+from train_gpt import (QuantSettings, collect_hessians, dequantize_codes, dequantize_state,  # noqa: E402
                              gptq_quantize, hessian_weighted_error, quantize_model_state, rtn_quantize,
                              serialize_artifact)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _sections.evaluation import (
+from train_gpt import (
     BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, audit_token_nll, chunked_ttt_config, eval_plain, eval_sliding,
     eval_summary, eval_ttt_chunked, eval_ttt_phased, find_documents, format_eval_line, load_val_data, make_val_data,
     phased_ttt_config, piece_byte_counts, piece_byte_tables, evaluate_after_training, save_token_nll,

@@ -3,8 +3,10 @@ compile warm-up is undone exactly, checkpoints are atomic, main() writes its out
 ranks follow the same loss curve as one process."""
 
 import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -197,20 +199,127 @@ def test_main_fails_early_on_missing_data(tmp_path):
         train_gpt.main(dict(TINY_MAIN_ENV, DATA_PATH=str(tmp_path / "nothing"), ARTIFACT_DIR=str(tmp_path / "run")))
 
 
-def test_post_training_skips_missing_sections_and_merges_results(monkeypatch, tmp_path):
-    import importlib.machinery
-    import types
-    section = types.ModuleType("fake_section")
-    section.__spec__ = importlib.machinery.ModuleSpec("fake_section", None)
-    section.run = lambda h, model, context, results: {"quant_val_bpb": 1.5, "seen": sorted(results)}
-    monkeypatch.setitem(sys.modules, "fake_section", section)
-    monkeypatch.setattr(train_gpt, "POST_TRAINING_SECTIONS", ("no_such_section_module", "fake_section"))
-    lines = []
-    context = train_gpt.RunContext(str(tmp_path), lines.append, torch.device("cpu"), 0, 1, "fp32", None,
-                                   lambda: 0.0, None, 0.0)
-    results = train_gpt.post_training(tiny_h(), None, context)
-    assert results == {"quant_val_bpb": 1.5, "seen": []}
-    assert any("no_such_section_module" in line and "skipped" in line for line in lines)
+POST_TRAINING_ENV = dict(POST_TRAINING_ENABLED="1", GPTQ_CALIBRATION_BATCHES="2", VAL_MAX_DOCS="12",
+                         EVAL_SEQ_LEN="128", EVAL_BATCH_TOKENS="1024", SLIDING_STRIDE="64", TTT_MODE="chunked",
+                         TTT_CHUNK_TOKENS="512", TTT_EPOCHS="1", SAVE_TOKEN_NLL="1", QUANT_SMALL_TENSOR_NUMEL="1024")
+
+
+def test_post_training_evaluates_exactly_the_artifact_it_wrote(tiny_dataset, tmp_path, monkeypatch):
+    """A full run: quantize, write the counted artifact, evaluate. Validation shards are read only once
+    evaluation starts (never by training or GPTQ calibration); the quantized score is reproduced from
+    the artifact file alone; the saved per-token NLLs reproduce the final score."""
+    reads = []
+    real_read_shard, real_evaluate = train_gpt.read_shard, train_gpt.evaluate_after_training
+    monkeypatch.setattr(train_gpt, "read_shard", lambda path: reads.append(os.path.basename(path)) or
+                        real_read_shard(path))
+
+    def evaluate(*args, **kwargs):
+        reads.append("<evaluation starts>")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_gpt, "evaluate_after_training", evaluate)
+    artifact_dir = tmp_path / "run"
+    env = dict(TINY_MAIN_ENV, **POST_TRAINING_ENV, DATA_PATH=tiny_dataset.path, ARTIFACT_DIR=str(artifact_dir))
+    summary = train_gpt.main(env)
+
+    before_eval = reads[:reads.index("<evaluation starts>")]
+    assert before_eval and all(name.startswith("fineweb_train_") for name in before_eval), reads
+    assert any(name.startswith("fineweb_val_") for name in reads[len(before_eval):])
+
+    model_file, code_file = artifact_dir / "final_model.ptz", artifact_dir / "train_gpt_packed.py"
+    assert summary["model_bytes"] == model_file.stat().st_size
+    assert summary["code_bytes"] == code_file.stat().st_size == train_gpt.counted_code_bytes(train_gpt.__file__)
+    assert summary["artifact_bytes"] == summary["model_bytes"] + summary["code_bytes"]
+    assert summary["artifact_limit_ok"] is True and "quantized_model" not in summary
+    assert summary["train_time_ok"] is True and summary["gptq_calibration_time_s"] >= 0
+    log = (artifact_dir / "train.log").read_text()
+    assert f"Serialized model quantized+brotli: {summary['model_bytes']} bytes" in log
+    assert f"Total submission size quantized+brotli: {summary['artifact_bytes']} bytes" in log
+
+    # the quantized score, recomputed from nothing but the artifact file and the val shards
+    h = train_gpt.Hyperparameters.from_env(env)
+    model = train_gpt.GPT(h, "sdpa")
+    train_gpt.load_quantized_into(model, train_gpt.read_artifact(str(model_file)))
+    model.set_recurrence(h.recurrence_enabled)
+    val = train_gpt.load_val_data(h.val_glob, h.vocab_size, None, h.val_max_docs)
+    again = train_gpt.eval_plain(model, val, h.eval_seq_len, train_gpt.eval_batch_rows(h))
+    assert again["val_bpb"] == pytest.approx(summary["quant_val_bpb"], rel=1e-9, abs=1e-9)
+    assert summary["pre_quant_val_bpb"] != summary["quant_val_bpb"]
+    audited = train_gpt.audit_token_nll(str(artifact_dir / "token_nll.npz"))
+    assert audited["val_bpb"] == pytest.approx(summary["ttt_val_bpb"], rel=1e-6)
+    assert audited["scored_tokens"] == int(val.num_tokens) - val.num_docs  # every non-BOS token, once
+
+
+    # the counted (packed) script is a working train_gpt.py: re-quantizing and re-evaluating the saved
+    # checkpoint with it gives the same artifact and scores, and it counts itself as the same code
+    rerun_dir = tmp_path / "rerun"
+    rerun_dir.mkdir()
+    shutil.copy(artifact_dir / "final_model.pt", rerun_dir / "final_model.pt")
+    full_env = dict(os.environ, **dict(env, ARTIFACT_DIR=str(rerun_dir), POST_TRAINING_ONLY="1", OMP_NUM_THREADS="1"))
+    result = subprocess.run([sys.executable, str(code_file)], env=full_env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rerun = json.loads((rerun_dir / "summary.json").read_text())
+    assert (rerun_dir / "final_model.ptz").read_bytes() == model_file.read_bytes()
+    assert (rerun_dir / "train_gpt_packed.py").read_bytes() == code_file.read_bytes()
+    for key in ("pre_quant_val_bpb", "quant_val_bpb", "sliding_val_bpb", "code_bytes", "artifact_bytes"):
+        assert rerun[key] == pytest.approx(summary[key], rel=1e-9), key
+
+
+class SteppingLoader:
+    """A training stream whose every step takes `seconds` of fake time."""
+
+    def __init__(self, clock, seconds):
+        self.clock, self.seconds, self.steps = clock, seconds, 0
+
+    def next_step(self):
+        self.clock.now += self.seconds
+        self.steps += 1
+        return [(torch.full((1, 8), 5), torch.full((1, 8), 5))]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("time_left,expected", [(100.0, 6), (3.5, 2), (0.5, 1), (-1.0, 0)])
+def test_gptq_calibration_stops_at_the_wallclock_cap(time_left, expected):
+    """Calibration counts as training: a batch is taken only while two of the slowest batch still fit."""
+    clock = FakeClock()
+    loader = SteppingLoader(clock, 1.0)
+    h = tiny_h(GPTQ_CALIBRATION_BATCHES=6)
+    context = train_gpt.RunContext("", lambda line: None, torch.device("cpu"), 0, 1, "fp32", lambda: loader, clock,
+                                   0.0, 0.0)
+    deadline = clock() + time_left
+    batches = list(train_gpt.calibration_batches(h, None, context, lambda: deadline - clock()))
+    assert len(batches) == expected == loader.steps
+    assert all(batch.shape == (1, 8) for batch in batches)  # inputs only, from the training stream
+    if time_left >= 2.0:  # once one batch was timed, the cap holds exactly
+        assert clock() <= deadline
+    # with less than one batch of time left the first batch (cost still unknown) is taken only if the
+    # deadline has not passed; GPTQ_RESERVE_SECONDS exists so this does not happen in a real run
+
+
+def test_generated_calibration_samples_from_the_model_without_data():
+    h = tiny_h(GPTQ_CALIBRATION_SOURCE="generated", GPTQ_CALIBRATION_BATCHES=2, GPTQ_GENERATED_SEQ_LEN=12,
+               TRAIN_BATCH_TOKENS=256, GRAD_ACCUM_STEPS=1)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h, "sdpa").eval()
+    context = train_gpt.RunContext("", lambda line: None, torch.device("cpu"), 0, 1, "fp32",
+                                   lambda: pytest.fail("generated calibration must not read data"),
+                                   FakeClock(), None, 0.0)
+    first = list(train_gpt.calibration_batches(h, model, context, lambda: math.inf))
+    second = list(train_gpt.calibration_batches(h, model, context, lambda: math.inf))
+    assert len(first) == 2 and all(batch.shape == (h.batch_layout(1)[1], 12) for batch in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # seeded by SEED and rank
+    assert all(bool((batch[:, 0] == train_gpt.BOS_ID).all()) and int(batch.max()) < h.vocab_size for batch in first)
+    assert len({tuple(row.tolist()) for batch in first for row in batch}) > 1
+    hessians = train_gpt.collect_hessians(model, first)
+    assert "tok_emb.weight" in hessians and len(hessians) > 3
 
 
 def run_script(launcher, env, cwd):
