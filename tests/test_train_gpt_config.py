@@ -1,6 +1,8 @@
 """Hyperparameters: presets, env overrides, validation errors, the env-var table."""
 
 import dataclasses
+import os
+import re
 import subprocess
 import sys
 
@@ -113,5 +115,20 @@ def test_import_has_no_side_effects(tmp_path):
 
 def test_env_table_markdown_lists_every_variable():
     markdown = train_gpt.env_var_markdown()
-    assert markdown.count("\n") == len(train_gpt.env_var_table()) + 1
-    assert "| `PRESET` | `pr1855` | run |" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == sorted((r["env"] for r in train_gpt.env_var_table()),
+                                                         key=[r["env"] for r in train_gpt.env_var_table()].index)
+    assert "| `PRESET` | `pr1855` |" in markdown
+    # every row has exactly 3 cells: a | inside a default or a help text is escaped
+    assert all(len(re.split(r"(?<!\\)\|", row)) == 5 for row in rows)
+    assert markdown.count("### ") == len(train_gpt.ENV_SECTION_TITLES)
+
+
+def test_readme_env_table_is_the_generated_one():
+    """The README's table never drifts: it must equal `python train_gpt.py --env-table`."""
+    readme = open(os.path.join(os.path.dirname(train_gpt.__file__), "README.md"), encoding="utf-8").read()
+    begin, end = "<!-- env-table:begin -->\n", "\n<!-- env-table:end -->"
+    assert begin in readme and end in readme, "README.md lacks the env-table markers"
+    table = readme[readme.index(begin) + len(begin):readme.index(end)]
+    assert table.strip() == train_gpt.env_var_markdown().strip(), (
+        "README env table is stale: replace it with the output of `python train_gpt.py --env-table`")
