@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import sys
@@ -42,6 +45,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -309,6 +313,9 @@ def _normalizer_spec(model_bytes: bytes) -> dict:
 # pieces' surfaces tile that input, so each piece starts where the previous surfaces end (a cumulative
 # sum of a per-id surface-length table). Otherwise (a normalizing tokenizer changed the text, or a
 # literal U+2581) the begins come from SentencePiece's own offsets into its input.
+# All per-document work (parsing, CaseOps, tokenizing, round trip, sidecar) happens here, in the
+# workers; a chunk's result goes back as a few flat arrays, and the main process only slices them into
+# shards. Each worker is one single-threaded process (sp.encode of one text uses one thread).
 
 
 @dataclass
@@ -446,18 +453,61 @@ def process_document(ctx: WorkerContext, text: str, want_sidecar: bool, line_no:
     return DocResult(tokens, sidecar, roundtrip_ok, sidecar_ok, original_len, used_offsets)
 
 
-def process_chunk(chunk: tuple[list, list[bool], list[int]], ctx: WorkerContext | None = None) -> list[DocResult]:
-    """Documents given as texts or as raw JSONL lines (parsed here, off the main process)."""
-    docs, want_sidecar, line_numbers = chunk
+@dataclass
+class ChunkResult:
+    """The documents of one chunk as a few flat arrays: what a worker sends back (one pickle of a
+    handful of arrays per chunk, not an object per document)."""
+    tokens: np.ndarray  # (tokens,) uint16: every document's BOS + ids, in order
+    sidecar: np.ndarray  # (val tokens,) uint16: original bytes per token of the val documents, which
+    #                      come first in a chunk (val is a prefix of the input), so it aligns with `tokens`
+    doc_tokens: np.ndarray  # (docs,) int64 tokens per document, BOS included (so always >= 1)
+    original_bytes: np.ndarray  # (docs,) int64 UTF-8 bytes of each original document
+    roundtrip_ok: np.ndarray  # (docs,) bool
+    sidecar_ok: np.ndarray  # (docs,) bool (True for train documents)
+    used_offsets: np.ndarray  # (docs,) bool
+
+
+def encode_texts(ctx: WorkerContext, texts: list[str], want_sidecar: list[bool],
+                 line_numbers: list[int]) -> ChunkResult:
+    """process_document on each text, packed into a ChunkResult (sidecar documents must come first)."""
+    results = [process_document(ctx, t, v, n) for t, v, n in zip(texts, want_sidecar, line_numbers)]
+    sidecars = [r.sidecar for r in results if r.sidecar is not None]
+    assert all(r.sidecar is not None for r in results[: len(sidecars)]), "val documents must lead a chunk"
+    return ChunkResult(
+        tokens=np.concatenate([r.tokens for r in results]) if results else np.zeros(0, np.uint16),
+        sidecar=np.concatenate(sidecars) if sidecars else np.zeros(0, np.uint16),
+        doc_tokens=np.array([r.tokens.size for r in results], dtype=np.int64),
+        original_bytes=np.array([r.original_bytes for r in results], dtype=np.int64),
+        roundtrip_ok=np.array([r.roundtrip_ok for r in results], dtype=bool),
+        sidecar_ok=np.array([r.sidecar_ok for r in results], dtype=bool),
+        used_offsets=np.array([r.used_offsets for r in results], dtype=bool))
+
+
+def encode_chunk(task: ChunkTask, ctx: WorkerContext | None = None) -> ChunkResult:
+    """Read one chunk of the input (the worker reads the file itself: only the task's few integers go
+    to the worker), parse its lines and encode its documents. Lines the scan found bad are skipped
+    here too (only with --skip-bad-lines: otherwise the scan has already stopped the run)."""
     ctx = ctx or _WORKER
-    texts = [d if isinstance(d, str) else parse_line(d, ctx.docs_path, n) for d, n in zip(docs, line_numbers)]
-    return [process_document(ctx, t, v, n) for t, v, n in zip(texts, want_sidecar, line_numbers)]
+    texts, line_numbers = [], []
+    for line_no, raw in iter_span_lines(ctx.docs_path, task.offset, task.length, task.first_line):
+        try:
+            texts.append(parse_line(raw, ctx.docs_path, line_no))
+        except BadInputError:
+            if not task.skip_bad_lines:
+                raise
+            continue
+        line_numbers.append(line_no)
+    want_sidecar = [task.first_doc + i < task.val_docs for i in range(len(texts))]
+    return encode_texts(ctx, texts, want_sidecar, line_numbers)
 
 
 # -----------------------------------------------------------------------------
 # Input documents
 # One JSON value per line: {"text": "..."} or a bare JSON string. Lines are numbered from 1. A bad line
 # stops the run naming file and line, unless --skip-bad-lines, which skips and counts it.
+# The file is cut into chunks of whole lines of about CHUNK_BYTES (by size only, so the same for any
+# --workers). A task names a chunk by byte offset and length; the worker reads and parses it itself,
+# so the main process only reads the file once to hash it and never parses a line.
 
 
 def parse_line(raw: bytes, path: str, line_no: int) -> str:
@@ -478,10 +528,71 @@ def parse_line(raw: bytes, path: str, line_no: int) -> str:
     return value
 
 
-def iter_raw_lines(path: str):
+CHUNK_BYTES = 1 << 17  # ~50 ms of encoding per task: IPC is negligible, and the last task barely idles a worker
+SCAN_BATCH = 16  # chunks per scan task: parsing and hashing 2 MiB (~20 ms) outweighs a task's round trip
+
+
+class ChunkTask(NamedTuple):
+    offset: int  # byte offset of the chunk's first line
+    length: int  # bytes (whole lines)
+    first_line: int  # line number of its first line
+    first_doc: int = 0  # document index of its first good line (known after the scan)
+    val_docs: int = 0
+    skip_bad_lines: bool = False
+
+
+def plan_chunks(path: str, digest, chunk_bytes: int):
+    """ChunkTasks (offset, length, first line) covering the file in whole lines; hashes the file on the way."""
+    offset, line_no = 0, 1
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            yield line_no, raw
+        while block := f.read(chunk_bytes):
+            if not block.endswith(b"\n"):
+                block += f.readline()  # complete the last line
+            digest.update(block)
+            yield ChunkTask(offset, len(block), line_no)
+            offset += len(block)
+            line_no += block.count(b"\n")
+
+
+def iter_span_lines(path: str, offset: int, length: int, first_line: int):
+    """(line number, raw line with its newline) of the whole lines in file[offset : offset + length]."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        block = f.read(length)
+    return enumerate(io.BytesIO(block), start=first_line)  # splits on b"\n" only, like iterating a file
+
+
+@dataclass
+class ChunkScan:
+    task: ChunkTask
+    lines: int
+    doc_digests: bytes  # sha256 of each good line's text (UTF-8), 32 bytes each, in order
+    doc_lines: np.ndarray  # (docs,) int64 line number of each good line
+    doc_bytes: int  # UTF-8 bytes of all its documents
+    bad_lines: list[tuple[int, str]]
+
+
+def scan_chunks(tasks: list[ChunkTask], path: str, skip_bad_lines: bool) -> list[ChunkScan]:
+    return [scan_chunk(task, path, skip_bad_lines) for task in tasks]
+
+
+def scan_chunk(task: ChunkTask, path: str, skip_bad_lines: bool) -> ChunkScan:
+    digests, doc_lines, bad_lines = [], [], []
+    doc_bytes = lines = 0
+    for line_no, raw in iter_span_lines(path, task.offset, task.length, task.first_line):
+        lines += 1
+        try:
+            text = parse_line(raw, path, line_no)
+        except BadInputError as exc:
+            if not skip_bad_lines:
+                raise
+            bad_lines.append((line_no, str(exc)))
+            continue
+        encoded = text.encode("utf-8")
+        doc_bytes += len(encoded)
+        digests.append(hashlib.sha256(encoded).digest())
+        doc_lines.append(line_no)
+    return ChunkScan(task, lines, b"".join(digests), np.array(doc_lines, dtype=np.int64), doc_bytes, bad_lines)
 
 
 @dataclass
@@ -495,57 +606,79 @@ class InputScan:
     train_val_duplicates: list[tuple[int, int]]  # (train line, val doc index), the first few
     doc_bytes: int
     duplicate_count: int
+    chunks: list[ChunkTask] = field(default_factory=list)  # with first_doc filled in
 
 
-def scan_input(path: str, val_docs: int, skip_bad_lines: bool, max_duplicates_kept: int = 100) -> InputScan:
+def scan_input(path: str, val_docs: int, skip_bad_lines: bool, workers: int = 1,
+               max_duplicates_kept: int = 100) -> InputScan:
     """Whole-file pass before anything is written: validates every line, hashes the input and every
-    val document, and finds training documents identical to a val document."""
+    val document, and finds training documents identical to a val document. Workers parse and hash
+    the chunks; this process hashes the file, keeps the chunk table and matches the document hashes."""
     digest = hashlib.sha256()
-    size = docs = doc_bytes = 0
+    size = docs = doc_bytes = lines = 0
     bad_lines: list[tuple[int, str]] = []
     val_hashes: list[str] = []
     val_index: dict[bytes, int] = {}
     duplicates: list[tuple[int, int]] = []
     duplicate_count = 0
-    line_no = 0
+    chunks: list[ChunkTask] = []
+    scan = functools.partial(scan_chunks, path=path, skip_bad_lines=skip_bad_lines)
+    planned = plan_chunks(path, digest, CHUNK_BYTES)
+    batches = iter(lambda: list(itertools.islice(planned, SCAN_BATCH)), [])
     try:
-        for line_no, raw in iter_raw_lines(path):
-            digest.update(raw)
-            size += len(raw)
-            try:
-                text = parse_line(raw, path, line_no)
-            except BadInputError as exc:
-                if not skip_bad_lines:
-                    raise
-                bad_lines.append((line_no, str(exc)))
-                continue
-            encoded = text.encode("utf-8")
-            doc_bytes += len(encoded)
-            doc_hash = hashlib.sha256(encoded).digest()
-            if docs < val_docs:
+        for part in itertools.chain.from_iterable(ordered_map(scan, batches, workers)):
+            chunks.append(part.task._replace(first_doc=docs))
+            size += part.task.length
+            lines += part.lines
+            doc_bytes += part.doc_bytes
+            bad_lines += part.bad_lines
+            doc_hashes = [part.doc_digests[i : i + 32] for i in range(0, len(part.doc_digests), 32)]
+            n_val = min(max(val_docs - docs, 0), len(doc_hashes))
+            for i, doc_hash in enumerate(doc_hashes[:n_val]):
                 val_hashes.append(doc_hash.hex())
-                val_index.setdefault(doc_hash, docs)
-            elif doc_hash in val_index:
-                duplicate_count += 1
-                if len(duplicates) < max_duplicates_kept:
-                    duplicates.append((line_no, val_index[doc_hash]))
-            docs += 1
+                val_index.setdefault(doc_hash, docs + i)
+            if not val_index.keys().isdisjoint(doc_hashes[n_val:]):  # rare: look at each train document
+                for doc_hash, line_no in zip(doc_hashes[n_val:], part.doc_lines[n_val:].tolist()):
+                    if doc_hash in val_index:
+                        duplicate_count += 1
+                        if len(duplicates) < max_duplicates_kept:
+                            duplicates.append((line_no, val_index[doc_hash]))
+            docs += len(doc_hashes)
     except OSError as exc:
         raise BadInputError(f"{path}: cannot read documents ({exc.strerror})") from exc
-    return InputScan(digest.hexdigest(), size, line_no, docs, bad_lines, val_hashes, duplicates, doc_bytes,
-                     duplicate_count)
+    return InputScan(digest.hexdigest(), size, lines, docs, bad_lines, val_hashes, duplicates, doc_bytes,
+                     duplicate_count, chunks)
 
 
-def iter_documents(path: str, bad_line_numbers: set[int], start_doc: int = 0, parse: bool = True):
-    """(doc index, line number, text) for every good line, from document start_doc on
-    (parse=False: the raw line instead of the text, for a worker to parse)."""
+def iter_documents(path: str, bad_line_numbers: set[int], start_doc: int = 0):
+    """(doc index, line number, text) for every good line, from document start_doc on."""
     doc_index = 0
-    for line_no, raw in iter_raw_lines(path):
-        if line_no in bad_line_numbers:
-            continue
-        if doc_index >= start_doc:
-            yield doc_index, line_no, (parse_line(raw, path, line_no) if parse else raw)
-        doc_index += 1
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no in bad_line_numbers:
+                continue
+            if doc_index >= start_doc:
+                yield doc_index, line_no, parse_line(raw, path, line_no)
+            doc_index += 1
+
+
+def ordered_map(fn, tasks, workers: int, initializer=None, initargs=()):
+    """fn(task) for every task, yielded in task order, computed by `workers` processes (1: here), with
+    at most 3 tasks per worker in flight: Pool.imap would read all tasks ahead and, when this process
+    is slower than the workers, buffer every result. Tasks and results are pickled: keep them compact."""
+    if workers == 1:
+        yield from map(fn, tasks)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context().Pool(workers, initializer, initargs) as pool:
+        in_flight: deque = deque()
+        for task in tasks:
+            in_flight.append(pool.apply_async(fn, (task,)))
+            if len(in_flight) >= 3 * workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
 
 
 # -----------------------------------------------------------------------------
@@ -638,18 +771,21 @@ class SplitStats:
     tokenless_docs: int = 0  # non-empty documents the tokenizer turned into no token at all
     roundtrip_failed_examples: list = field(default_factory=list)  # first few doc indices
 
-    def add(self, doc_index: int, result: DocResult) -> None:
-        self.docs += 1
-        self.tokens += result.tokens.size
-        self.original_bytes += result.original_bytes
-        self.offsets_path_docs += int(result.used_offsets)
-        self.tokenless_docs += int(result.tokens.size == 1 and result.original_bytes > 0)
-        if not result.roundtrip_ok:
-            self.roundtrip_failed += 1
-            if len(self.roundtrip_failed_examples) < 20:
-                self.roundtrip_failed_examples.append(doc_index)
-        if not result.sidecar_ok:
-            self.sidecar_mismatch += 1
+    def add_docs(self, result: ChunkResult, lo: int, hi: int, first_doc: int) -> None:
+        """Count documents lo..hi-1 of a chunk whose first document has index first_doc."""
+        if hi <= lo:
+            return
+        doc_tokens, original_bytes = result.doc_tokens[lo:hi], result.original_bytes[lo:hi]
+        self.docs += hi - lo
+        self.tokens += int(doc_tokens.sum())
+        self.original_bytes += int(original_bytes.sum())
+        self.offsets_path_docs += int(result.used_offsets[lo:hi].sum())
+        self.tokenless_docs += int(((doc_tokens == 1) & (original_bytes > 0)).sum())
+        failed = np.flatnonzero(~result.roundtrip_ok[lo:hi])
+        self.roundtrip_failed += int(failed.size)
+        room = 20 - len(self.roundtrip_failed_examples)
+        self.roundtrip_failed_examples += (failed[:room] + first_doc + lo).tolist()
+        self.sidecar_mismatch += int((~result.sidecar_ok[lo:hi]).sum())
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -883,7 +1019,7 @@ def run(args: argparse.Namespace) -> dict:
         log(f"demo corpus: {len(docs):,} stdlib docstring documents -> {args.docs}")
 
     log(f"scanning {args.docs}")
-    scan = scan_input(args.docs, args.val_docs, args.skip_bad_lines)
+    scan = scan_input(args.docs, args.val_docs, args.skip_bad_lines, args.workers)
     check_split(args, scan)
     bad_lines = {line for line, _ in scan.bad_lines}
     for line, why in scan.bad_lines[:5]:
@@ -925,7 +1061,7 @@ def run(args: argparse.Namespace) -> dict:
     save_state(out_dir, state)
 
     stats = {split: SplitStats.from_json(state["stats"][split]) for split in ("val", "train")}
-    encode_documents(args, out_dir, state, stats, model_bytes, bad_lines, scan)
+    encode_documents(args, out_dir, state, stats, model_bytes, scan)
 
     val_hash_payload = "".join(h + "\n" for h in scan.val_hashes).encode("ascii")
     write_atomic(out_dir / VAL_HASHES_NAME, val_hash_payload)
@@ -952,9 +1088,9 @@ def _completed_run_matches(out_dir: Path, fingerprint: dict) -> bool:
                for f in manifest.get("files", []))
 
 
-def encode_documents(args, out_dir: Path, state: dict, stats: dict, model_bytes: bytes,
-                     bad_lines: set[int], scan: InputScan) -> None:
-    """Stream documents through the workers in order and cut the token streams into shards."""
+def encode_documents(args, out_dir: Path, state: dict, stats: dict, model_bytes: bytes, scan: InputScan) -> None:
+    """Encode the chunks in the workers, in order, and cut the token streams into shards. Per chunk this
+    process only slices the workers' arrays into shards: no per-document work."""
     abort_after = int(os.environ.get(ABORT_ENV, "0") or 0)
     shards_written = 0
     start_doc, skip_tokens = state["next_doc"], state["next_doc_token_offset"]
@@ -963,83 +1099,68 @@ def encode_documents(args, out_dir: Path, state: dict, stats: dict, model_bytes:
     progress = Progress(scan.docs, scan.doc_bytes, enabled=not args.quiet)
     done_bytes = stats["val"].original_bytes + stats["train"].original_bytes
 
-    def chunks():  # raw JSONL lines (validated by the scan); the workers parse them
-        raw_lines, flags, lines, indices, size = [], [], [], [], 0
-        for doc_index, line_no, raw in iter_documents(args.docs, bad_lines, start_doc, parse=False):
-            raw_lines.append(raw)
-            flags.append(doc_index < args.val_docs)
-            lines.append(line_no)
-            indices.append(doc_index)
-            size += len(raw)
-            if size >= 1 << 18 or len(raw_lines) >= 512:  # ~256 KB: enough chunks to keep every worker busy
-                yield indices, (raw_lines, flags, lines)
-                raw_lines, flags, lines, indices, size = [], [], [], [], 0
-        if raw_lines:
-            yield indices, (raw_lines, flags, lines)
-
-    def checkpoint(split: str, next_doc: int, offset: int, snapshot: dict) -> None:
+    def checkpoint(next_doc: int, offset: int) -> None:
         nonlocal shards_written
         state["shard_index"] = {s: w.index for s, w in writers.items()}
         state["next_doc"], state["next_doc_token_offset"] = next_doc, offset
-        state["stats"] = snapshot
+        state["stats"] = {s: stats[s].to_json() for s in stats}
         save_state(out_dir, state)
         shards_written += 1
         if abort_after and shards_written >= abort_after:
             raise SimulatedInterruption(f"{ABORT_ENV}={abort_after}: stopping after {shards_written} shard(s)")
 
+    # resume at the chunk holding start_doc (the last chunk starting at or before it); earlier documents
+    # of that chunk are encoded again and dropped here
+    first_docs = [chunk.first_doc for chunk in scan.chunks]
+    first_chunk = max(int(np.searchsorted(first_docs, start_doc, side="right")) - 1, 0)
+    tasks = [chunk._replace(val_docs=args.val_docs, skip_bad_lines=args.skip_bad_lines)
+             for chunk in scan.chunks[first_chunk:]]
+    if args.workers == 1:
+        encode = functools.partial(encode_chunk, ctx=make_worker_context(model_bytes, args.transform, args.docs))
+        results = ordered_map(encode, tasks, 1)
+    else:
+        results = ordered_map(encode_chunk, tasks, args.workers, _init_worker, (model_bytes, args.transform, args.docs))
+
     current_split = "val" if start_doc < args.val_docs else "train"
-    for indices, results in ordered_results(chunks(), model_bytes, args):
-        for doc_index, result in zip(indices, results):
-            split = "val" if doc_index < args.val_docs else "train"
-            if split != current_split:  # the val stream ends with its own (short) last shard
-                state["files"] += writers[current_split].flush()
-                checkpoint(current_split, doc_index, 0, {s: stats[s].to_json() for s in stats})
-                current_split = split
-            tokens, sidecar = result.tokens, result.sidecar
-            position = skip_tokens if doc_index == start_doc else 0
-            # a checkpoint taken inside this document must not count it yet (it is redone on resume)
-            straddles = tokens.size - position > writers[split].room()
-            before = {s: stats[s].to_json() for s in stats} if straddles else None
-            stats[split].add(doc_index, result)
-            done_bytes += result.original_bytes
-            while position < tokens.size:
-                take = min(tokens.size - position, writers[split].room())
-                writers[split].add(tokens[position : position + take],
-                                   None if sidecar is None else sidecar[position : position + take])
-                position += take
-                if writers[split].room() == 0:
-                    state["files"] += writers[split].flush()
-                    if position < tokens.size:  # this document continues in the next shard
-                        checkpoint(split, doc_index, position, before)
-                    else:
-                        checkpoint(split, doc_index + 1, 0, {s: stats[s].to_json() for s in stats})
+    with contextlib.closing(results):  # stops the workers at once if this loop raises
+        for task, result in zip(tasks, results):
+            doc_ends = np.cumsum(result.doc_tokens)  # (docs,) token offset where each document ends
+            n_docs = doc_ends.size
+            n_val = min(max(args.val_docs - task.first_doc, 0), n_docs)
+            for split, lo, hi in (("val", 0, n_val), ("train", n_val, n_docs)):
+                lo = max(lo, start_doc - task.first_doc)
+                if lo >= hi:
+                    continue
+                if split != current_split:  # the val stream ends with its own (short) last shard
+                    state["files"] += writers[current_split].flush()
+                    checkpoint(task.first_doc + lo, 0)
+                    current_split = split
+                writer = writers[split]
+                position = int(doc_ends[lo] - result.doc_tokens[lo])
+                if task.first_doc + lo == start_doc:
+                    position += skip_tokens
+                end, counted = int(doc_ends[hi - 1]), lo  # documents lo..counted-1 are in stats
+                while position < end:
+                    take = min(end - position, writer.room())
+                    writer.add(result.tokens[position : position + take],
+                               result.sidecar[position : position + take] if split == "val" else None)
+                    position += take
+                    if writer.room() == 0:
+                        state["files"] += writer.flush()
+                        # the checkpoint counts only the documents that ended in this shard; one that continues
+                        # in the next shard is redone from its token offset on resume
+                        doc = int(np.searchsorted(doc_ends, position, side="right"))
+                        stats[split].add_docs(result, counted, doc, task.first_doc)
+                        counted = doc
+                        offset = position - int(doc_ends[doc] - result.doc_tokens[doc]) if doc < n_docs else 0
+                        checkpoint(task.first_doc + doc, offset)
+                stats[split].add_docs(result, counted, hi, task.first_doc)
+                done_bytes += int(result.original_bytes[lo:hi].sum())
             progress.update(stats["val"].docs + stats["train"].docs, done_bytes)
     state["files"] += writers[current_split].flush()
     progress.update(stats["val"].docs + stats["train"].docs, done_bytes, force=True)
     progress.close()
     state["stats"] = {s: stats[s].to_json() for s in stats}
-
-
-def ordered_results(chunks, model_bytes: bytes, args):
-    """Yield (doc indices, results) chunk by chunk in input order, computed by args.workers processes,
-    with a bounded number of chunks in flight (Pool.imap would read the whole input ahead)."""
-    if args.workers == 1:
-        ctx = make_worker_context(model_bytes, args.transform, args.docs)
-        for indices, chunk in chunks:
-            yield indices, process_chunk(chunk, ctx)
-        return
-    import multiprocessing
-
-    with multiprocessing.get_context().Pool(args.workers, _init_worker, (model_bytes, args.transform, args.docs)) as pool:
-        in_flight: deque = deque()
-        for indices, chunk in chunks:
-            in_flight.append((indices, pool.apply_async(process_chunk, (chunk,))))
-            if len(in_flight) >= 3 * args.workers:
-                indices0, pending = in_flight.popleft()
-                yield indices0, pending.get()
-        while in_flight:
-            indices0, pending = in_flight.popleft()
-            yield indices0, pending.get()
 
 
 def build_manifest(args, scan: InputScan, sp, model_bytes: bytes, provenance: dict, state: dict,

@@ -403,10 +403,30 @@ def test_output_is_byte_identical_for_one_and_two_workers(tmp_path, lossless_run
     assert manifest_one["files"] == manifest_two["files"]
 
 
+@pytest.mark.parametrize(("chunk_bytes", "workers"), [(1, 1), (1, 2), (300, 2), (300, 3), (4000, 2)])
+def test_output_is_byte_identical_for_any_chunking_and_worker_count(tmp_path, lossless_run, monkeypatch,
+                                                                    chunk_bytes, workers):
+    # 1 byte: one line per chunk; 300: a few documents each, chunks cut shards and the val/train border
+    _, docs_path, reference = lossless_run
+    monkeypatch.setattr(prep, "CHUNK_BYTES", chunk_bytes)
+    code, out = run_prep(tmp_path, docs_path, "out", "--sp", str(DEMO_MODEL), "--val-docs", "20",
+                         "--shard-tokens", "400", "--workers", str(workers))
+    assert code == 0
+    for path in reference.glob("fineweb_*.bin"):
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    manifest, expected = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
+    for key in ("files", "splits", "verification", "input", "val_doc_hashes"):
+        assert manifest[key] == expected[key], key
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 300])  # the whole input in one chunk / resuming mid-chunk
 @pytest.mark.parametrize("abort_after", [3, 9])  # inside the val stream (mid-document) / the train stream
 def test_interrupted_run_resumes_without_redoing_shards_and_gives_identical_bytes(tmp_path, lossless_run,
-                                                                                  monkeypatch, abort_after):
+                                                                                  monkeypatch, abort_after,
+                                                                                  chunk_bytes):
     _, docs_path, reference = lossless_run
+    if chunk_bytes:
+        monkeypatch.setattr(prep, "CHUNK_BYTES", chunk_bytes)
     args = ("--sp", str(DEMO_MODEL), "--val-docs", "20", "--shard-tokens", "400", "--workers", "2")
     monkeypatch.setenv(prep.ABORT_ENV, str(abort_after))
     code, out = run_prep(tmp_path, docs_path, "out", *args)
@@ -544,6 +564,31 @@ def test_skip_bad_lines_skips_and_counts_them(tmp_path):
     assert manifest["input"]["bad_lines_skipped"] == len(BAD_LINES)
     assert [b["line"] for b in manifest["input"]["bad_lines_first"]] == list(range(2, 2 + len(BAD_LINES)))
     assert manifest["splits"]["val"]["docs"] == 1 and manifest["splits"]["train"]["docs"] == 2
+
+
+def test_first_bad_line_is_reported_when_later_chunks_are_bad_too(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 1)  # one line per chunk, scanned by two workers
+    docs_path = tmp_path / "d.jsonl"
+    docs_path.write_bytes(b"".join(b'"doc %d"\n' % i for i in range(30)) + b"{oops\n" * 10)
+    code, out = run_prep(tmp_path, docs_path, "out", "--sp", str(DEMO_MODEL), "--val-docs", "1", "--workers", "2")
+    assert code == 2
+    assert f"{docs_path}:31: malformed JSON" in capsys.readouterr().err
+    assert not list(out.glob("fineweb_*"))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 40])
+def test_skipped_bad_lines_do_not_depend_on_chunking(tmp_path, monkeypatch, chunk_bytes):
+    docs_path = tmp_path / "d.jsonl"
+    docs_path.write_bytes(b'{"text": "one"}\n' + b"".join(BAD_LINES.values()) + b'"two"\n"three"\n' +
+                          b"".join(BAD_LINES.values()) + b'"four"')  # no newline at the end
+    args = ("--sp", str(DEMO_MODEL), "--val-docs", "2", "--skip-bad-lines", "--shard-tokens", "7")
+    assert run_prep(tmp_path, docs_path, "reference", *args, "--workers", "1")[0] == 0
+    monkeypatch.setattr(prep, "CHUNK_BYTES", chunk_bytes)
+    assert run_prep(tmp_path, docs_path, "out", *args, "--workers", "2")[0] == 0
+    manifest, expected = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("out", "reference"))
+    for key in ("files", "splits", "input"):
+        assert manifest[key] == expected[key], key
+    assert manifest["input"]["lines"] == 4 + 2 * len(BAD_LINES) and manifest["splits"]["train"]["docs"] == 2
 
 
 @pytest.mark.parametrize("content", [None, b"not a sentencepiece model"])
