@@ -2896,6 +2896,9 @@ def evaluate_after_training(h, model, context, results: dict) -> dict:
                                   keep_token_scores=keep)
             evals[label] = result
             log(format_eval_line(label, result))
+            if result.get("ttt_stopped_by_budget"):
+                log(f"{label}: EVAL_MAX_SECONDS={h.eval_max_seconds:g} spent, TTT adaptation stopped early "
+                    f"(every token was still scored)")
     if quantized is None:
         log("evaluation: no results['quantized_model'] from the quantization section; quantized evals skipped")
     if save_tokens and context.rank == 0:
