@@ -40,3 +40,13 @@ def test_demo_runs_every_stage_and_prints_the_summary(tmp_path):
     assert (tmp_path / "run_seed1337" / "train_gpt_packed.py").exists()
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["verification"][
         "val_sidecar_mismatch_docs"] == 0
+
+
+def test_committed_example_record_folder_passes_the_reviewer_checks():
+    folder = os.path.join(REPO, "records", "track_non_record_16mb", "2026-11-26_cpu_demo")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "records", "make_record.py"), "validate", folder],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all gating checks pass" in result.stdout
+    submission = json.loads(open(os.path.join(folder, "submission.json")).read())
+    assert submission["record_attempt"] is False and submission["track"] == "non_record_16mb"
