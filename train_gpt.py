@@ -2036,7 +2036,9 @@ def calibration_batches(h, model, context, time_left):
             if not pending:
                 pending.extend(inputs for inputs, _ in loader.next_step())
             return pending.pop(0)
-    slowest = 0.0
+    # before the first batch is timed, a training micro-batch (forward + backward, same size) stands in
+    # for its cost; a generated batch costs more and is timed from the first one on
+    slowest = context.micro_step_seconds
     for index in range(h.gptq_calibration_batches):
         remaining = time_left()
         if world > 1:  # rank 0 decides, so all ranks take part in the same all-reduces
@@ -2929,6 +2931,7 @@ class RunContext:
     clock: Callable[[], float]
     training_start: float | None                   # clock() at the start of timed training
     train_time_s: float
+    micro_step_seconds: float = 0.0                # mean training micro-batch (forward + backward) time
 
 
 def post_training(h: Hyperparameters, model: GPT, context: RunContext) -> dict[str, Any]:
@@ -3035,7 +3038,7 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         artifact_limit_ok=None, train_time_ok=None, eval_time_s=None, eval_time_ok=None,
         device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         world_size=world_size, seed=h.seed)
-    training_start, train_time = None, 0.0
+    training_start, train_time, micro_step_seconds = None, 0.0, 0.0
     if h.post_training_only:
         step = load_checkpoint(checkpoint_path, model)
         log(f"post_training_only: loaded {checkpoint_path} (step {step})")
@@ -3053,6 +3056,7 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             ema.copy_to(model)  # the EMA weights are the model from here on (quantized and evaluated)
         model.set_recurrence(h.recurrence_enabled)
         train_time = result.train_time_s
+        micro_step_seconds = result.train_time_s / max(1, result.steps * accum)
         if rank == 0:
             save_checkpoint(checkpoint_path, model, h, result.steps)
             log(f"checkpoint: {checkpoint_path}")
@@ -3064,7 +3068,8 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     model.set_recurrence(h.recurrence_enabled)
     context = RunContext(artifact_dir=artifact_dir, log=log, device=device, rank=rank, world_size=world_size,
                          autocast=autocast, make_train_loader=make_loader, clock=clock,
-                         training_start=training_start, train_time_s=train_time)
+                         training_start=training_start, train_time_s=train_time,
+                         micro_step_seconds=micro_step_seconds)
     if h.post_training_enabled:
         summary.update(post_training(h, model, context))
     summary["hyperparameters"] = h.as_dict()

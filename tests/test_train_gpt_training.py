@@ -286,22 +286,24 @@ class FakeClock:
         return self.now
 
 
-@pytest.mark.parametrize("time_left,expected", [(100.0, 6), (3.5, 2), (0.5, 1), (-1.0, 0)])
-def test_gptq_calibration_stops_at_the_wallclock_cap(time_left, expected):
-    """Calibration counts as training: a batch is taken only while two of the slowest batch still fit."""
+@pytest.mark.parametrize("time_left,estimate,expected", [
+    (100.0, 0.0, 6), (3.5, 0.0, 2), (0.5, 0.0, 1), (-1.0, 0.0, 0), (0.5, 1.0, 0), (2.5, 1.0, 1), (3.5, 1.0, 2)])
+def test_gptq_calibration_stops_at_the_wallclock_cap(time_left, estimate, expected):
+    """Calibration counts as training: a batch is taken only while two of the slowest batch still fit;
+    before the first batch is timed, the training micro-step time (`estimate`) stands in for it."""
     clock = FakeClock()
     loader = SteppingLoader(clock, 1.0)
     h = tiny_h(GPTQ_CALIBRATION_BATCHES=6)
     context = train_gpt.RunContext("", lambda line: None, torch.device("cpu"), 0, 1, "fp32", lambda: loader, clock,
-                                   0.0, 0.0)
+                                   0.0, 0.0, estimate)
     deadline = clock() + time_left
     batches = list(train_gpt.calibration_batches(h, None, context, lambda: deadline - clock()))
     assert len(batches) == expected == loader.steps
     assert all(batch.shape == (1, 8) for batch in batches)  # inputs only, from the training stream
-    if time_left >= 2.0:  # once one batch was timed, the cap holds exactly
+    if estimate >= 1.0 or time_left >= 2.0:  # a known batch cost: the cap holds exactly
         assert clock() <= deadline
-    # with less than one batch of time left the first batch (cost still unknown) is taken only if the
-    # deadline has not passed; GPTQ_RESERVE_SECONDS exists so this does not happen in a real run
+    # without an estimate (no timed training step) one batch may be taken with
+    # less than its cost left, but never after the deadline has passed
 
 
 def test_generated_calibration_samples_from_the_model_without_data():
