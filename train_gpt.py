@@ -2045,7 +2045,7 @@ def calibration_batches(h, model, context, time_left):
             shared = torch.tensor([remaining], dtype=torch.float64, device=context.device)
             dist.broadcast(shared, src=0)
             remaining = float(shared)
-        if remaining < 2 * slowest:  # 2x: the batch itself and the Hessian update after it
+        if remaining < 2 * slowest:  # `slowest` spans producing a batch and its Hessian forward; 2x margin
             context.log(f"quant: calibration stopped after {index} of {h.gptq_calibration_batches} batches "
                         f"(wallclock cap)")
             return

@@ -73,6 +73,13 @@ def test_baseline_preset_is_the_naive_baseline():
     ({"GPTQ_RESERVE_SECONDS": "700"}, "GPTQ_RESERVE_SECONDS"),
     ({"SMEAR_GATE": "1", "SMEAR_GATE_DIMS": "0"}, "SMEAR_GATE_DIMS"),
     ({"GATED_ATTN": "0", "SPARSE_ATTN_GATE": "1"}, "SPARSE_ATTN_GATE"),
+    ({"PHASED_TTT_LORA_SITES": "q,attention"}, "PHASED_TTT_LORA_SITES"),
+    ({"PHASED_TTT_LORA_SITES": " , "}, "PHASED_TTT_LORA_SITES"),
+    ({"GPTQ_GENERATED_SEQ_LEN": "1"}, "GPTQ_GENERATED_SEQ_LEN"),
+    ({"GPTQ_GENERATED_TEMPERATURE": "0"}, "GPTQ_GENERATED_TEMPERATURE"),
+    ({"GPTQ_CALIBRATION_BATCHES": "-1"}, "GPTQ_CALIBRATION_BATCHES"),
+    ({"GPTQ_CALIBRATION_SOURCE": "val"}, "GPTQ_CALIBRATION_SOURCE"),
+    ({"SAVE_TOKEN_NLL": "perhaps"}, "SAVE_TOKEN_NLL"),
 ])
 def test_invalid_settings_fail_naming_the_env_var(env, needle):
     with pytest.raises(ValueError, match=needle):
