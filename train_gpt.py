@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-BOS_ID = 1  # every document starts with BOS; attention, smearing and scoring never cross it
+BOS_ID = 1  # every document starts with BOS; attention and smearing never cross it
 
 
 # -----------------------------------------------------------------------------
@@ -2105,8 +2105,10 @@ def quantize_and_write_artifact(h, model, context):
 #
 # The score is bits per byte of the ORIGINAL text, so tokenizers of any vocabulary compare fairly:
 # sum of per-token NLL (nats) over scored tokens / ln 2 / sum of those tokens' original UTF-8 bytes
-# (SPEC 2). Every document starts with BOS (id 1); every token after it is scored exactly once, BOS
-# never is. Four modes share one model forward (`per_token_nll`): plain rows, sliding windows,
+# (SPEC 2). Every document starts with BOS (id 1). Every token of the stream after its first is a
+# target and is scored exactly once, in every mode; that includes each BOS that starts the next
+# document (its target means "the previous document ended") at 0 bytes, as the challenge's flat-stream
+# eval and the phased-TTT records score it. The stream's first token is never a target. Four modes share one model forward (`per_token_nll`): plain rows, sliding windows,
 # chunked score-first SGD TTT (PR 1493/1812) and phased per-document LoRA TTT (PR 1736). The TTT
 # drivers are written so that the order "score a token, then (maybe) train on it" is visible in one
 # short loop and can be recorded through an `audit(event, positions)` callback; the tests use it:
@@ -2203,6 +2205,11 @@ class ValData:
 
     def to(self, device) -> "ValData":
         return ValData(self.tokens.to(device), self.byte_counts.to(device), self.doc_starts, self.doc_lengths)
+
+    def target_ends(self, doc_ids: np.ndarray) -> np.ndarray:
+        """Stream position just after each document's last target. A document's targets are its own
+        tokens after its BOS, then the BOS that starts the next document (the last document has none)."""
+        return np.minimum(self.doc_starts[doc_ids] + self.doc_lengths[doc_ids] + 1, self.num_tokens)
 
 
 def make_val_data(tokens, byte_counts, vocab_size: int | None = None, max_docs: int | None = None) -> ValData:
@@ -2302,9 +2309,10 @@ class TokenScores:
             nll.to(torch.float64).sum(),
             torch.tensor(float(positions.numel()), dtype=torch.float64, device=device),
             self.val.byte_counts[positions].to(torch.float64).sum(),
+            (self.val.tokens[positions] == BOS_ID).to(torch.float64).sum(),
         ])
         _all_reduce_(sums)
-        nll_sum, token_count, byte_sum = (float(x) for x in sums.tolist())
+        nll_sum, token_count, byte_sum, bos_targets = (float(x) for x in sums.tolist())
         if token_count == 0 or byte_sum == 0:
             raise ValueError(f"{mode}: nothing was scored ({int(token_count)} tokens, {int(byte_sum)} bytes)")
         result = {
@@ -2313,6 +2321,7 @@ class TokenScores:
             "val_bpb": bits_per_byte(nll_sum, byte_sum),
             "scored_tokens": int(token_count),
             "scored_bytes": int(byte_sum),
+            "bos_targets": int(bos_targets),
             "eval_time_s": time.perf_counter() - started_at,
             **extra,
         }
@@ -2332,7 +2341,7 @@ def _time_is_up(deadline: float | None, device) -> bool:
 
 # --- windows: which tokens a forward sees, and which of its targets it scores -----------------
 # A window is (input_start, input_length, first_scored): inputs tokens[s : s+n], targets
-# tokens[s+1 : s+n+1]; targets at window index >= first_scored are scored (BOS targets never).
+# tokens[s+1 : s+n+1]; targets at window index >= first_scored are scored (BOS targets too).
 
 
 def plain_windows(num_tokens: int, seq_len: int) -> np.ndarray:
@@ -2377,7 +2386,7 @@ def _gather_windows(val: ValData, windows: np.ndarray):
     input_positions = (starts + offsets).clamp(max=val.num_tokens - 2)
     inputs = torch.where(inside, val.tokens[input_positions], BOS_ID)
     targets = torch.where(inside, val.tokens[input_positions + 1], BOS_ID)
-    scored = inside & (offsets >= first_scored) & (targets != BOS_ID)
+    scored = inside & (offsets >= first_scored)
     return inputs, targets, input_positions + 1, scored
 
 
@@ -2654,7 +2663,7 @@ def _score_and_adapt_documents(model, val, doc_ids, cfg, site_dims, scores, audi
     chunk, take one Adam step per document on that chunk (documents never share an adapter)."""
     device = val.tokens.device
     starts = torch.as_tensor(val.doc_starts[doc_ids], device=device)  # [B]
-    target_counts = torch.as_tensor(val.doc_lengths[doc_ids] - 1, device=device)  # [B]
+    target_counts = torch.as_tensor(val.target_ends(doc_ids) - 1 - val.doc_starts[doc_ids], device=device)  # [B]
     lora = BatchedLoRA(len(doc_ids), site_dims, cfg.lora_rank, cfg.lora_alpha).to(device) if adapt else None
     if adapt:
         optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr, betas=(cfg.beta1, cfg.beta2),
@@ -2742,7 +2751,7 @@ def eval_ttt_phased(model, val: ValData, cfg: PhasedTTTConfig, audit=None, time_
             if _time_is_up(deadline, device):
                 stopped_early = True
                 continue
-            _global_sgd(model, val, int(val.doc_starts[end_doc - 1] + val.doc_lengths[end_doc - 1]), cfg, audit)
+            _global_sgd(model, val, int(val.target_ends(np.array([end_doc - 1]))[0]), cfg, audit)
             global_updates += 1
     stopped_early = bool(_all_reduce_(torch.tensor([float(stopped_early)], device=device), dist.ReduceOp.MAX) > 0)
     return scores.summarize("ttt_phased", started_at, keep_token_scores, ttt_phases_trained=global_updates,
@@ -2808,7 +2817,8 @@ def save_token_nll(path: str, result: dict, val: ValData) -> None:
     positions = np.asarray(result["token_positions"], dtype=np.int64)
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
-    doc_index = np.searchsorted(val.doc_starts, positions, side="right") - 1
+    # a BOS target ends the document before it: attribute it there (position_in_doc = that length)
+    doc_index = np.searchsorted(val.doc_starts, positions - 1, side="right") - 1
     temporary = path + ".partial.npz"  # next to the target, renamed into place (atomic)
     np.savez_compressed(
         temporary, mode=np.array(result["mode"]), stream_position=positions,
@@ -2820,25 +2830,29 @@ def save_token_nll(path: str, result: dict, val: ValData) -> None:
 
 
 def audit_token_nll(path: str) -> dict:
-    """Recompute the score of a save_token_nll file; refuses duplicated positions and BOS targets."""
+    """Recompute the score of a save_token_nll file; refuses a position scored twice, the stream's
+    first token scored (it is never a target) and a BOS target that counts bytes."""
     with np.load(path) as saved:
         positions, nll, byte_count = saved["stream_position"], saved["nll"], saved["byte_count"]
         if np.unique(positions).size != positions.size:
             raise ValueError(f"{path}: a token is scored more than once")
-        if np.any(saved["position_in_doc"] <= 0) or np.any(saved["token_id"] == BOS_ID):
-            raise ValueError(f"{path}: a BOS is scored")
+        if np.any(positions <= 0):
+            raise ValueError(f"{path}: the stream's first token is scored")
+        if np.any(byte_count[saved["token_id"] == BOS_ID] != 0):
+            raise ValueError(f"{path}: a BOS target counts bytes")
         nll_sum = float(nll.astype(np.float64).sum())
         byte_sum = float(byte_count.astype(np.float64).sum())
         return {"mode": str(saved["mode"]), "val_loss": nll_sum / positions.size,
                 "val_bpb": bits_per_byte(nll_sum, byte_sum), "scored_tokens": int(positions.size),
-                "scored_bytes": int(byte_sum), "documents": int(np.unique(saved["doc_index"]).size)}
+                "scored_bytes": int(byte_sum), "bos_targets": int((saved["token_id"] == BOS_ID).sum()),
+                "documents": int(np.unique(saved["doc_index"]).size)}
 
 
 def format_eval_line(label: str, result: dict) -> str:
     """Upstream-style log line, e.g. `quantized_ttt_phased val_loss:... val_bpb:... eval_time:...ms`."""
     return (f"{label} val_loss:{result['val_loss']:.8f} val_bpb:{result['val_bpb']:.8f} "
             f"scored_tokens:{result['scored_tokens']} scored_bytes:{result['scored_bytes']} "
-            f"eval_time:{1000.0 * result['eval_time_s']:.0f}ms")
+            f"bos_targets:{result['bos_targets']} eval_time:{1000.0 * result['eval_time_s']:.0f}ms")
 
 
 def eval_summary(results: dict, eval_time_limit_s: float = 600.0) -> dict:

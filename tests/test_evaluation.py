@@ -114,19 +114,29 @@ def test_bpb_equals_brute_force_from_per_document_losses_and_document_bytes(mode
     rng = np.random.default_rng(1)
     documents = ["Hello world", "caf\u00e9 au lait \u2014 tr\u00e8s bien", "\u65e5\u672c\u8a9e", "x" * 30]
     tokens, byte_counts, nll_sum, byte_sum = [], [], 0.0, 0
-    for text in documents:  # one token per character, carrying that character's UTF-8 bytes
+    for index, text in enumerate(documents):  # one token per character, carrying its UTF-8 bytes
         ids = [BOS_ID] + rng.integers(2, VOCAB, len(text)).tolist()
         tokens += ids
         byte_counts += [0] + [len(ch.encode("utf-8")) for ch in text]
-        with torch.no_grad():  # brute force: the document alone, full softmax, every token after BOS
-            logits = model.forward_logits(torch.tensor([ids[:-1]]))[0].double()
-        nll_sum += float(-(logits.log_softmax(-1)[torch.arange(len(text)), torch.tensor(ids[1:])]).sum())
+        # brute force: the document alone, full softmax; its targets are every token after its BOS and,
+        # unless it is the stream's last document, the next document's BOS ("this document ended", 0 bytes)
+        targets = ids[1:] + ([BOS_ID] if index + 1 < len(documents) else [])
+        with torch.no_grad():
+            logits = model.forward_logits(torch.tensor([ids[:len(targets)]]))[0].double()
+        nll_sum += float(-(logits.log_softmax(-1)[torch.arange(len(targets)), torch.tensor(targets)]).sum())
         byte_sum += len(text.encode("utf-8"))
     expected = nll_sum / math.log(2) / byte_sum
     val = make_val_data(np.array(tokens), np.array(byte_counts), vocab_size=VOCAB)
-    for result in (eval_plain(model, val, seq_len=len(tokens)), eval_sliding(model, val, context=64, stride=8)):
+    results = [eval_plain(model, val, seq_len=len(tokens)), eval_sliding(model, val, context=64, stride=8)]
+    results += [run(mode, model, val) for mode in TTT_MODES]
+    # no adaptation (spent budget) and a context longer than any document: exactly the brute force
+    results.append(eval_ttt_phased(model, val, PhasedTTTConfig(lora_rank=4, chunk_size=8, context=64,
+                                                               docs_per_batch=3), time_budget_s=0.0))
+    for result in results:
         assert result["scored_bytes"] == byte_sum
-        assert result["scored_tokens"] == sum(len(text) for text in documents)
+        assert result["scored_tokens"] == len(tokens) - 1
+        assert result["bos_targets"] == len(documents) - 1
+    for result in results[:2] + results[-1:]:
         assert result["val_bpb"] == pytest.approx(expected, abs=TOLERANCE)
         assert result["val_loss"] == pytest.approx(nll_sum / result["scored_tokens"], abs=TOLERANCE)
 
@@ -224,11 +234,14 @@ def test_sliding_windows_score_each_target_once_with_at_least_context_minus_stri
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_every_val_token_is_scored_exactly_once_and_bos_never(mode, model, val):
+def test_every_token_after_the_first_is_scored_exactly_once_bos_targets_included(mode, model, val):
+    """The challenge's rule: every target of the stream, including each BOS that starts the next
+    document (0 bytes); the stream's first token never. Fails on a driver that skips BOS targets
+    (the rule before this fix) or scores the first token."""
     result = run(mode, model, val)
-    expected = [p for p in range(val.num_tokens) if int(val.tokens[p]) != BOS_ID]
-    assert sorted(result["token_positions"].tolist()) == expected
-    assert result["scored_tokens"] == len(expected)
+    assert sorted(result["token_positions"].tolist()) == list(range(1, val.num_tokens))
+    assert result["scored_tokens"] == val.num_tokens - 1
+    assert result["bos_targets"] == val.num_docs - 1
     assert result["scored_bytes"] == int(val.byte_counts.sum())
 
 
@@ -307,7 +320,7 @@ def test_spent_time_budget_stops_adaptation_but_scores_every_token(mode, model, 
     recorder = Recorder()
     result = run(mode, model, val, audit=recorder, time_budget_s=0.0)
     assert [event for event, _ in recorder.events if event == "update"] == []
-    assert result["scored_tokens"] == val.num_tokens - val.num_docs
+    assert result["scored_tokens"] == val.num_tokens - 1
 
 
 def changed_stream(val, first, last, seed):
@@ -399,10 +412,11 @@ def test_saved_token_nll_file_reproduces_the_score(model, val, tmp_path):
 
 
 def test_log_lines_and_summary_fields():
-    result = {"val_loss": 2.5, "val_bpb": 1.25, "scored_tokens": 10, "scored_bytes": 30, "eval_time_s": 1.5}
+    result = {"val_loss": 2.5, "val_bpb": 1.25, "scored_tokens": 10, "scored_bytes": 30, "bos_targets": 2,
+              "eval_time_s": 1.5}
     assert format_eval_line("quantized_ttt_phased", result) == (
         "quantized_ttt_phased val_loss:2.50000000 val_bpb:1.25000000 scored_tokens:10 scored_bytes:30 "
-        "eval_time:1500ms")
+        "bos_targets:2 eval_time:1500ms")
     summary = eval_summary({"pre_quant": result, "quantized": result, "quantized_ttt_phased": result},
                            eval_time_limit_s=2.0)
     assert summary["ttt_mode"] == "phased" and summary["sliding_val_bpb"] is None

@@ -247,7 +247,8 @@ def test_post_training_evaluates_exactly_the_artifact_it_wrote(tiny_dataset, tmp
     assert summary["pre_quant_val_bpb"] != summary["quant_val_bpb"]
     audited = train_gpt.audit_token_nll(str(artifact_dir / "token_nll.npz"))
     assert audited["val_bpb"] == pytest.approx(summary["ttt_val_bpb"], rel=1e-6)
-    assert audited["scored_tokens"] == int(val.num_tokens) - val.num_docs  # every non-BOS token, once
+    assert audited["scored_tokens"] == int(val.num_tokens) - 1  # every token after the first, once
+    assert audited["bos_targets"] == val.num_docs - 1
 
 
     # the counted (packed) script is a working train_gpt.py: re-quantizing and re-evaluating the saved
