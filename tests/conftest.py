@@ -14,8 +14,9 @@ import pytest
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+for folder in (REPO_ROOT, os.path.join(REPO_ROOT, "records"), os.path.join(REPO_ROOT, "docs")):
+    if folder not in sys.path:  # train_gpt, the reviewer tools (audit_tokens) and the env-table generator
+        sys.path.insert(0, folder)
 
 # Tiny models are dominated by per-op overhead; one intra-op thread avoids thread contention on a
 # shared 2-core machine (about 10x faster there). Override with TEST_TORCH_THREADS.

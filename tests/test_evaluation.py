@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from audit_tokens import audit_token_nll
 from train_gpt import (
-    BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, audit_token_nll, chunked_ttt_config, eval_plain, eval_sliding,
-    eval_summary, eval_ttt_chunked, eval_ttt_phased, find_documents, format_eval_line, load_val_data, make_val_data,
-    phased_ttt_config, piece_byte_counts, piece_byte_tables, evaluate_after_training, save_token_nll,
-    sliding_windows, warm_up_on_random_tokens,
+    BOS_ID, EvalSettings, RunContext, eval_stream, eval_summary, eval_ttt_chunked, eval_ttt_phased, evaluate_after_training,
+    find_documents, format_eval_line, load_val_data, make_val_data, piece_byte_counts, piece_byte_tables,
+    save_token_nll, sliding_windows, warm_up_on_random_tokens,
 )
 
 VOCAB = 40
@@ -30,7 +30,7 @@ def tiny_model(seed: int = 0):
         "NUM_KV_HEADS": "1", "ROPE_DIMS": "8", "LOOP_START": "1", "LOOP_END": "1", "NUM_LOOPS": "2",
         "PARALLEL_START_LAYER": "2", "SMEAR_GATE_DIMS": "8", "SPARSE_ATTN_GATE_DIMS": "8"})
     torch.manual_seed(seed)
-    model = GPT(h)
+    model = GPT(h.model)
     model.set_recurrence(True)
     with torch.no_grad():  # random weights everywhere, so every path (gates, skips, lanes) matters
         for param in model.parameters():
@@ -53,15 +53,22 @@ def tiny_val(seed: int = 0, num_docs: int = 12):
     return make_val_data(*tiny_stream(seed, num_docs), vocab_size=VOCAB)
 
 
+# eval settings at this tiny scale: context 24, forward batches of 4 rows (96 tokens)
+TINY_EVAL = dict(eval_seq_len=24, eval_batch_tokens=96, sliding_stride=8, ttt_chunk_tokens=64, ttt_epochs=2,
+                 ttt_lr=0.05, ttt_batch_seqs=2, phased_ttt_lora_rank=4, phased_ttt_lr=0.01, phased_ttt_chunk_tokens=8,
+                 phased_ttt_docs_per_batch=3, phased_ttt_prefix_docs=6, phased_ttt_num_phases=2,
+                 phased_ttt_global_lr=0.01, phased_ttt_global_chunk_tokens=64)
+
+
+def tiny_eval(**overrides) -> EvalSettings:
+    return EvalSettings(**dict(TINY_EVAL, **overrides))
+
+
 MODES = {
-    "plain": lambda model, val, **kw: eval_plain(model, val, seq_len=24, batch_size=4, **kw),
-    "sliding": lambda model, val, **kw: eval_sliding(model, val, context=24, stride=8, batch_size=4, **kw),
-    "ttt_chunked": lambda model, val, **kw: eval_ttt_chunked(model, val, ChunkedTTTConfig(
-        chunk_tokens=64, epochs=2, lr=0.05, seq_len=24, rows_per_step=2, context=24, stride=8,
-        score_batch_size=4), **kw),
-    "ttt_phased": lambda model, val, **kw: eval_ttt_phased(model, val, PhasedTTTConfig(
-        lora_rank=4, lora_lr=0.01, chunk_size=8, context=24, docs_per_batch=3, prefix_docs=6, num_phases=2,
-        global_lr=0.01, global_chunk_tokens=64, global_seq_len=24), **kw),
+    "plain": lambda model, val, **kw: eval_stream(model, val, seq_len=24, batch_size=4, **kw),
+    "sliding": lambda model, val, **kw: eval_stream(model, val, seq_len=24, batch_size=4, stride=8, **kw),
+    "ttt_chunked": lambda model, val, **kw: eval_ttt_chunked(model, val, tiny_eval(), **kw),
+    "ttt_phased": lambda model, val, **kw: eval_ttt_phased(model, val, tiny_eval(), **kw),
 }
 TTT_MODES = ("ttt_chunked", "ttt_phased")
 
@@ -127,11 +134,11 @@ def test_bpb_equals_brute_force_from_per_document_losses_and_document_bytes(mode
         byte_sum += len(text.encode("utf-8"))
     expected = nll_sum / math.log(2) / byte_sum
     val = make_val_data(np.array(tokens), np.array(byte_counts), vocab_size=VOCAB)
-    results = [eval_plain(model, val, seq_len=len(tokens)), eval_sliding(model, val, context=64, stride=8)]
+    results = [eval_stream(model, val, seq_len=len(tokens), batch_size=4),
+               eval_stream(model, val, seq_len=64, batch_size=4, stride=8)]
     results += [run(mode, model, val) for mode in TTT_MODES]
     # no adaptation (spent budget) and a context longer than any document: exactly the brute force
-    results.append(eval_ttt_phased(model, val, PhasedTTTConfig(lora_rank=4, chunk_size=8, context=64,
-                                                               docs_per_batch=3), time_budget_s=0.0))
+    results.append(eval_ttt_phased(model, val, tiny_eval(eval_seq_len=64), time_budget_s=0.0))
     for result in results:
         assert result["scored_bytes"] == byte_sum
         assert result["scored_tokens"] == len(tokens) - 1
@@ -369,29 +376,33 @@ def test_changing_a_later_document_leaves_documents_scored_before_it_unchanged(m
 def test_phased_documents_do_not_share_their_adapters(model, val):
     """Within a phase, per-document LoRA TTT: a document's score does not depend on the other
     documents batched with it (here: batches of 1 vs 3)."""
-    config = dict(lora_rank=4, lora_lr=0.01, chunk_size=8, context=24, prefix_docs=0)
-    alone = eval_ttt_phased(model, val, PhasedTTTConfig(docs_per_batch=1, **config), keep_token_scores=True)
-    batched = eval_ttt_phased(model, val, PhasedTTTConfig(docs_per_batch=3, **config), keep_token_scores=True)
+    alone = eval_ttt_phased(model, val, tiny_eval(phased_ttt_docs_per_batch=1, phased_ttt_prefix_docs=0),
+                            keep_token_scores=True)
+    batched = eval_ttt_phased(model, val, tiny_eval(phased_ttt_docs_per_batch=3, phased_ttt_prefix_docs=0),
+                              keep_token_scores=True)
     alone, batched = nll_by_position(alone), nll_by_position(batched)
     assert max(abs(alone[p] - batched[p]) for p in alone) < TOLERANCE
 
 
 @pytest.mark.parametrize("preset, mode, expected", [
-    ("pr1493", "chunked", dict(epochs=3, chunk_tokens=32768, lr=0.005, momentum=0.9, grad_clip=1.0, stride=64)),
-    ("pr1755", "chunked", dict(epochs=3, chunk_tokens=32768)),
-    ("pr1812", "chunked", dict(epochs=4, chunk_tokens=65536)),
-    ("pr1736", "phased", dict(lora_rank=96, prefix_docs=2000, num_phases=3, chunk_size=48, context=2048,
-                              docs_per_batch=64, lora_lr=1e-4, beta1=0.0, beta2=0.999, weight_decay=0.5,
-                              global_lr=0.001, global_momentum=0.9, global_epochs=1, global_chunk_tokens=32768)),
-    ("pr1855", "phased", dict(lora_rank=80, prefix_docs=2500, beta2=0.99)),
+    ("pr1493", "chunked", dict(ttt_epochs=3, ttt_chunk_tokens=32768, ttt_lr=0.005, ttt_momentum=0.9,
+                               ttt_grad_clip=1.0, sliding_stride=64)),
+    ("pr1755", "chunked", dict(ttt_epochs=3, ttt_chunk_tokens=32768)),
+    ("pr1812", "chunked", dict(ttt_epochs=4, ttt_chunk_tokens=65536)),
+    ("pr1736", "phased", dict(phased_ttt_lora_rank=96, phased_ttt_prefix_docs=2000, phased_ttt_num_phases=3,
+                              phased_ttt_chunk_tokens=48, eval_seq_len=2048, phased_ttt_docs_per_batch=64,
+                              phased_ttt_lr=1e-4, phased_ttt_beta1=0.0, phased_ttt_beta2=0.999,
+                              phased_ttt_weight_decay=0.5, phased_ttt_global_lr=0.001,
+                              phased_ttt_global_momentum=0.9, phased_ttt_global_epochs=1,
+                              phased_ttt_global_chunk_tokens=32768)),
+    ("pr1855", "phased", dict(phased_ttt_lora_rank=80, phased_ttt_prefix_docs=2500, phased_ttt_beta2=0.99)),
 ])
 def test_each_published_preset_selects_its_ttt_system(preset, mode, expected):
     from train_gpt import Hyperparameters
 
     h = Hyperparameters.from_env({"PRESET": preset})
-    assert h.ttt_enabled and h.ttt_mode == mode
-    config = chunked_ttt_config(h) if mode == "chunked" else phased_ttt_config(h)
-    assert {key: getattr(config, key) for key in expected} == expected
+    assert h.eval.ttt_enabled and h.eval.ttt_mode == mode
+    assert {key: getattr(h.eval, key) for key in expected} == expected
 
 
 # --- per-token output, summary, warm-up ---------------------------------------------------------
@@ -433,7 +444,6 @@ def test_compile_warm_up_uses_random_tokens_and_leaves_weights_alone(model):
 @pytest.mark.parametrize("ttt_mode", ["phased", "chunked"])
 def test_post_training_run_reports_every_eval_in_order_and_saves_the_final_tokens(ttt_mode, model, tmp_path):
     import copy
-    import types
 
     from train_gpt import Hyperparameters
 
@@ -445,15 +455,12 @@ def test_post_training_run_reports_every_eval_in_order_and_saves_the_final_token
         "EVAL_BATCH_TOKENS": "96", "SLIDING_STRIDE": "8", "TTT_MODE": ttt_mode, "TTT_CHUNK_TOKENS": "64",
         "PHASED_TTT_PREFIX_DOCS": "4", "PHASED_TTT_DOCS_PER_BATCH": "4", "PHASED_TTT_CHUNK_TOKENS": "8",
         "PHASED_TTT_GLOBAL_CHUNK_TOKENS": "64", "PHASED_TTT_LORA_RANK": "4"})
-    h.save_token_nll = True
+    h.eval.save_token_nll = True
     lines = []
-    context = types.SimpleNamespace(log=lines.append, device=torch.device("cpu"), rank=0, world_size=1,
-                                    autocast="fp32", artifact_dir=str(tmp_path))
-    results = {"quantized_model": copy.deepcopy(model)}
-    summary = evaluate_after_training(h, model, context, results)
+    context = RunContext(artifact_dir=str(tmp_path), log=lines.append, device=torch.device("cpu"))
+    summary = evaluate_after_training(h, model, copy.deepcopy(model), context)
     labels = [line.split()[0] for line in lines if " val_bpb:" in line]
     assert labels == ["pre_quant", "quantized", "quantized_sliding_window", f"quantized_ttt_{ttt_mode}"]
-    assert "quantized_model" not in results
     assert summary["ttt_mode"] == ttt_mode and summary["eval_time_ok"] is True
     assert summary["ttt_val_bpb"] == summary["evals"][f"quantized_ttt_{ttt_mode}"]["val_bpb"]
     assert audit_token_nll(str(tmp_path / "token_nll.npz"))["val_bpb"] == pytest.approx(summary["ttt_val_bpb"])
