@@ -771,6 +771,13 @@ def stop_signals_raise():
             signal.signal(signum, handler)
 
 
+def ignore_stop_signals() -> None:
+    """From now on (until stop_signals_raise restores the handlers), SIGINT and SIGTERM are dropped."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def stop_signals_deferred():
     """SIGINT and SIGTERM are held until the block ends: for steps that must not stop halfway (starting
@@ -1439,7 +1446,9 @@ def run(args: argparse.Namespace) -> dict:
         log(f"--force: replacing {out_dir} ({len(foreign)} entries this script did not write)")
     elif out_dir.exists() and any(out_dir.iterdir()):
         log(f"replacing the earlier output in {out_dir}")
-    install_output(work_dir, out_dir)
+    with stop_signals_deferred():
+        install_output(work_dir, out_dir)
+        ignore_stop_signals()  # the output is complete: a late Ctrl-C changes nothing and is dropped
     verification = manifest["verification"]
     log(f"input: {scan.lines:,} lines, {scan.docs:,} documents; skipped {scan.blank_lines:,} blank lines and "
         f"{len(scan.bad_lines):,} bad lines")
@@ -1603,9 +1612,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prepare_caseops_data.py: error: {exc}", file=sys.stderr)
             return 1
         except Interrupted as exc:
-            if threading.current_thread() is threading.main_thread():  # a second Ctrl-C: no traceback
-                for signum in STOP_SIGNALS:
-                    signal.signal(signum, signal.SIG_IGN)
+            ignore_stop_signals()  # a second Ctrl-C while this is printed: no traceback
             work_dir = work_dir_for(output_path(args.out))
             where = (f"the unfinished output in {work_dir} resumes when the same command runs again"
                      if (work_dir / STATE_NAME).is_file() else "no shard was written")

@@ -872,6 +872,44 @@ def test_signal_stops_the_run_and_its_workers_within_seconds(tmp_path, long_docs
     assert shards and not list(work.glob(".*.tmp-*")) and not out.exists()
     for shard in shards:  # every file under a final name is a whole shard
         assert prep.read_shard(shard).size == 20000 or shard.name.startswith("fineweb_val")
+    if signum == signal.SIGINT:  # the same command resumes from the last shard recorded
+        done = {r["name"]: (work / r["name"]).stat().st_mtime_ns
+                for r in json.loads((work / prep.STATE_NAME).read_text())["files"]}
+        assert prep.main(command[2:]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["splits"]["train"]["docs"] == 2900 and manifest["verification"]["val_sidecar_mismatch_docs"] == 0
+        assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in done.items())
+        assert not work.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+def test_ctrl_c_stops_tokenizer_training_within_seconds(tmp_path, long_docs):
+    # SentencePiece trains in C++ for seconds to minutes; it runs in a worker so the signal is not held off
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "prepare_caseops_data.py"), "--docs", str(long_docs), "--out", str(out),
+               "--vocab-size", "4000", "--val-docs", "100", "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        for line in process.stdout:
+            if "training a 4000-piece tokenizer" in line:
+                break
+        time.sleep(0.2)
+        workers = child_pids(process.pid)
+        assert len(workers) == 1  # the trainer runs in its own process
+        sent = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        stopped_after = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130 and stopped_after < 5.0
+    assert err.splitlines() == ["prepare_caseops_data.py: stopped by SIGINT: workers stopped; no shard was written"]
+    time.sleep(0.5)
+    assert [pid for pid in workers if Path(f"/proc/{pid}").exists()] == []
+    assert not out.exists() and not prep.work_dir_for(out).exists()
 
 
 # -----------------------------------------------------------------------------
