@@ -237,15 +237,12 @@ def train_tokenizer(texts, settings: dict) -> bytes:
 
 
 def load_tokenizer(model_bytes: bytes, source: str) -> spm.SentencePieceProcessor:
-    if not model_bytes:
+    if not model_bytes:  # sentencepiece loads 0 bytes as a model with no pieces (other piece-less protos fail)
         raise BadInputError(f"{source}: empty file (0 bytes), not a SentencePiece model")
     try:
-        sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        return spm.SentencePieceProcessor(model_proto=model_bytes)
     except Exception as exc:  # sentencepiece raises RuntimeError/OSError with a terse message
         raise BadInputError(f"{source}: not a readable SentencePiece model ({exc})") from exc
-    if sp.get_piece_size() == 0:  # some bytes parse as an empty model
-        raise BadInputError(f"{source}: empty tokenizer (no pieces), not a usable SentencePiece model")
-    return sp
 
 
 def read_tokenizer_file(path: str) -> bytes:
