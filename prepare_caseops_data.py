@@ -824,6 +824,9 @@ def _worker_loop(conn, fn, initializer, initargs, parent_pid: int) -> None:
             conn.send((index, False, RuntimeError(repr(reply[2]))))
 
 
+_NO_TASK = object()
+
+
 class WorkerPool:
     """`workers` processes running fn(task) with at most `depth` tasks each outstanding; map() yields
     the results in task order. Leaving the `with` block, however it is left, stops every worker."""
@@ -909,7 +912,7 @@ class WorkerPool:
                 try:
                     index, ok, value = item.recv()
                 except (EOFError, OSError):
-                    self._raise_worker_death(self.conns.index(item))
+                    self._raise_worker_death(worker)
                 outstanding[worker] -= 1
                 done[index] = (ok, value)
             for worker, process in enumerate(self.processes):
@@ -924,9 +927,6 @@ class WorkerPool:
             raise Interrupted(-code)
         raise WorkerDiedError(f"a worker process died (exit code {code}); if it was killed for memory, "
                               "use fewer --workers")
-
-
-_NO_TASK = object()
 
 
 # -----------------------------------------------------------------------------
@@ -1115,9 +1115,10 @@ OWN_FILE_NAMES = ("manifest.json", "tokenizer.model", VAL_HASHES_NAME, DEMO_DOCS
 
 
 def output_path(out: str) -> Path:
-    path = Path(os.path.abspath(out))
-    if path.parent == path:
-        raise BadInputError(f"--out {out}: the root folder cannot be an output folder")
+    """--out with symlinks resolved: the work folder goes beside the real folder, on its file system."""
+    path = Path(os.path.realpath(out))
+    if os.path.ismount(path):  # cannot be renamed: the output could not be swapped in
+        raise BadInputError(f"--out {out}: a mount point (or the root folder); use a folder inside it")
     return path
 
 

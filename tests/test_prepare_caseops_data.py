@@ -967,3 +967,21 @@ def test_val_docs_zero_warns(tmp_path, capsys):
     assert code == 0
     assert "warning: --val-docs 0: no validation split" in capsys.readouterr().err
     assert not list(out.glob("fineweb_val_*")) and list(out.glob("fineweb_train_*"))
+
+
+def test_symlinked_out_is_replaced_where_it_points(tmp_path):
+    docs_path = write_jsonl(tmp_path / "d.jsonl", make_docs(8))
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "disk")
+    args = ("--sp", str(DEMO_MODEL), "--val-docs", "4", "--workers", "1")
+    assert run_prep(tmp_path, docs_path, "data", *args)[0] == 0
+    assert run_prep(tmp_path, docs_path, "data", *args, "--shard-tokens", "50")[0] == 0  # replaces its own output
+    assert (tmp_path / "data").is_symlink() and (tmp_path / "disk" / "manifest.json").is_file()
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text())["shard_tokens"] == 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "data", "disk"]
+
+
+def test_mount_point_or_root_out_is_refused(tmp_path, capsys):
+    code, _ = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", make_docs(4)), "/", "--sp", str(DEMO_MODEL),
+                       "--val-docs", "1")
+    assert code == 2 and "a mount point" in capsys.readouterr().err
