@@ -67,7 +67,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent
 
@@ -549,6 +549,7 @@ class PlannedRun:
     seed: int
     folder: Path
     settings: dict[str, str]
+    baseline: bool = False
 
     @property
     def label(self) -> str:
@@ -558,13 +559,13 @@ class PlannedRun:
         return (self.folder / "summary.json").exists()
 
 
-def plan_runs(sweep: Sweep, configs: list[dict[str, str]]) -> list[PlannedRun]:
+def plan_runs(sweep: Sweep, configs: list[dict[str, str]], baseline: dict[str, str] | None) -> list[PlannedRun]:
     """One run per configuration and seed; a finished folder must hold the same settings."""
     runs = []
     for config in configs:
         for seed in sweep.seeds:
             folder = sweep.out / config_name(config) / f"seed{seed}"
-            run = PlannedRun(config, seed, folder, run_settings(sweep, config, seed))
+            run = PlannedRun(config, seed, folder, run_settings(sweep, config, seed), baseline=config == baseline)
             record = folder / "sweep_run.json"
             if record.exists():
                 recorded = read_json(record).get("settings")
@@ -659,7 +660,7 @@ class Runner:
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         write_json(run.folder / "sweep_run.json", dict(config=run.config, seed=run.seed, settings=run.settings,
-                                                       command=self.command, gpu=gpu))
+                                                       baseline=run.baseline, command=self.command, gpu=gpu))
         where = f" on GPU {gpu}" if gpu is not None else ""
         self.say(f"start  [{number}/{self.total}] {run.label}{where}")
         started = time.time()
@@ -680,15 +681,21 @@ class Runner:
                  + "\n".join(f"    {line}" for line in tail[-10:]))
 
 
+def import_optuna(source: str):
+    """Optuna, imported only by a tpe sweep (it is not a requirement)."""
+    try:
+        import optuna
+    except ImportError:
+        raise SweepError(f"{source}: mode = \"tpe\" needs optuna (pip install optuna); "
+                         f"mode = \"grid\" and \"random\" need nothing extra") from None
+    return optuna
+
+
 def tpe_search(sweep: Sweep, runner: Runner) -> None:
     """Optuna TPE over the knobs: each trial is a configuration run with every seed; its value is the
     mean score. Finished configurations in the folder are told to the study first, so a resumed search
     continues from them. Failed or flagged configurations are told as failed trials."""
-    try:
-        import optuna
-    except ImportError:
-        raise SweepError(f"{sweep.source}: mode = \"tpe\" needs optuna (pip install optuna); "
-                         f"mode = \"grid\" and \"random\" need nothing extra") from None
+    optuna = import_optuna(sweep.source)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     distributions = {}
     for knob in sweep.knobs:
@@ -730,13 +737,16 @@ def tpe_search(sweep: Sweep, runner: Runner) -> None:
             study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
     if study.trials:
         print(f"tpe: {len(study.trials)} finished configurations from {sweep.out} told to the study", flush=True)
+    baseline = next((result.config for result in collect_runs(sweep.out) if result.baseline), None)
     while len(study.trials) < sweep.trials:
         trial = study.ask(distributions)
         values = {knob.name: trial.params[knob.name] if knob.values is not None else knob.clip(trial.params[knob.name])
                   for knob in sweep.knobs}
         config = make_config(values, "tpe")
         runner.total += len(sweep.seeds)
-        runs = plan_runs(sweep, [config])
+        if baseline is None:  # no baseline chosen: the search's first configuration
+            baseline = config
+        runs = plan_runs(sweep, [config], baseline)
         runner.run_all(runs)
         value = tell_value(config_name(config))
         if value is None:
@@ -769,6 +779,7 @@ class RunResult:
     status: str  # ok | failed | unfinished
     summary: dict | None
     failure: dict | None
+    baseline: bool = False  # started as a run of the sweep's baseline configuration
 
 
 def collect_runs(out: Path) -> list[RunResult]:
@@ -780,7 +791,8 @@ def collect_runs(out: Path) -> list[RunResult]:
         summary = read_json(folder / "summary.json") if (folder / "summary.json").exists() else None
         failure = read_json(folder / "failed.json") if (folder / "failed.json").exists() else None
         status = "ok" if summary is not None else ("failed" if failure is not None else "unfinished")
-        results.append(RunResult(record["config"], record["seed"], folder, status, summary, failure))
+        results.append(RunResult(record["config"], record["seed"], folder, status, summary, failure,
+                                 bool(record.get("baseline"))))
     return results
 
 
@@ -1077,9 +1089,12 @@ def baseline_from_text(text: str) -> dict[str, Any]:
 
 
 def report_baseline(args: argparse.Namespace, out: Path) -> tuple[dict[str, str] | None, str | None]:
-    """Baseline and score stage for --report: the command line's, else the ones sweep.json recorded."""
+    """Baseline and score stage for --report: the command line's, else those sweep.json recorded, else
+    the configuration whose runs were started as the baseline."""
     recorded = read_json(out / "sweep.json") if (out / "sweep.json").exists() else {}
     baseline, score = recorded.get("baseline"), args.score or recorded.get("score")
+    if baseline is None:
+        baseline = next((result.config for result in collect_runs(out) if result.baseline), None)
     if args.baseline is not None:
         names = {config_name(result.config): result.config for result in collect_runs(out)}
         baseline = names.get(args.baseline) or make_config(baseline_from_text(args.baseline), "--baseline")
@@ -1095,13 +1110,14 @@ def run_sweep(sweep: Sweep, dry_run: bool = False) -> int:
     elif sweep.mode == "random":
         configs = random_configs(sweep.knobs, sweep.trials, sweep.sample_seed)
     else:
+        import_optuna(sweep.source)  # before any run starts
         configs = []  # tpe asks for configurations one at a time
     baseline = make_config(sweep.baseline, f"{sweep.source}: baseline") if sweep.baseline is not None else None
     if baseline is None and configs:
         baseline = configs[0]
     if baseline is not None and baseline not in configs:  # a baseline outside the grid or samples runs first
         configs.insert(0, baseline)
-    planned = plan_runs(sweep, configs)
+    planned = plan_runs(sweep, configs, baseline)
     if dry_run:
         for run in planned:
             print(f"{'done' if run.done() else 'todo'}  {run.folder}  " + " ".join(f"{k}={v}" for k, v in run.settings.items()))
@@ -1125,8 +1141,7 @@ def run_sweep(sweep: Sweep, dry_run: bool = False) -> int:
         print("\ninterrupted: finished runs are kept; run the same command again to resume", flush=True)
         return 130
     if baseline is None:  # tpe without a chosen baseline: its first configuration
-        first = min(collect_runs(sweep.out), key=lambda r: (r.folder / "sweep_run.json").stat().st_mtime, default=None)
-        baseline = first.config if first else None
+        baseline = next((result.config for result in collect_runs(sweep.out) if result.baseline), None)
         if baseline is not None:
             write_json(sweep.out / "sweep.json", dict(read_json(sweep.out / "sweep.json"), baseline=baseline))
     print("\n" + write_report(sweep.out, baseline, sweep.score))
