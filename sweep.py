@@ -29,7 +29,8 @@ the sweep; WORLD_SIZE, RANK, CUDA_VISIBLE_DEVICES and the other launcher variabl
 Variables of train_gpt.py inherited from the shell are dropped (with a note), so a run's settings are
 exactly what its folder records.
 
-Layout of the output folder (`--out`, default sweeps/<file name>):
+Runs start in the current directory, so relative paths in [env] (DATA_PATH, ...) are relative to it.
+Layout of the output folder (`--out`, default runs/sweeps/<file name>):
     <out>/<configuration>/seed<N>/   one run: sweep_run.json (its settings), output.log (console), and
                                      what train_gpt.py writes (train.log, summary.json, ...);
                                      failed.json with the exit code and log tail when it failed
@@ -665,8 +666,7 @@ class Runner:
         self.say(f"start  [{number}/{self.total}] {run.label}{where}")
         started = time.time()
         with open(run.folder / "output.log", "wb") as output:
-            returncode = subprocess.run(self.command, env=env, cwd=self.sweep.script.resolve().parent,
-                                        stdout=output, stderr=subprocess.STDOUT).returncode
+            returncode = subprocess.run(self.command, env=env, stdout=output, stderr=subprocess.STDOUT).returncode
         seconds = time.time() - started
         if returncode == 0 and run.done():
             _, score = score_of(read_json(run.folder / "summary.json"), self.sweep.score)
@@ -1034,7 +1034,7 @@ def write_report(out: Path, baseline: dict[str, str] | None, score_stage: str | 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", nargs="?", type=Path, help="sweep file (.toml, or .yaml/.yml with pyyaml)")
-    parser.add_argument("--out", type=Path, help="output folder (default: the file's `out`, else sweeps/<file name>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: the file's `out`, else runs/sweeps/<file name>)")
     parser.add_argument("--preset", help="PRESET of every run")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="a fixed variable (repeatable)")
     parser.add_argument("--knob", action="append", default=[], metavar="NAME=SPEC",
@@ -1078,7 +1078,7 @@ def sweep_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str,
             launcher[key] = value
     if launcher:
         data["launcher"] = launcher
-    default_out = Path("sweeps") / (args.file.stem if args.file else "sweep")
+    default_out = Path("runs") / "sweeps" / (args.file.stem if args.file else "sweep")
     return data, source, default_out
 
 

@@ -260,7 +260,7 @@ def test_yaml_sweep_file_reads_like_toml(tmp_path):
     args = sweep.parse_args([str(sweep_file)])
     built = sweep.build_sweep(*sweep.sweep_data_from_args(args))
     assert built.env == {"PRESET": "tiny"} and built.seeds == [3] and built.knobs[0].values == [0.01, 0.02]
-    assert built.out == Path("sweeps") / "s"
+    assert built.out == Path("runs") / "sweeps" / "s"
 
 
 # --- knob values, folder names, launchers, search ------------------------------------------------
@@ -415,3 +415,15 @@ def test_killed_sweep_resumes_and_reruns_only_the_unfinished_run(fake_script, tm
     assert json.loads((victim / "summary.json").read_text())["quant_val_bpb"] == pytest.approx(0.01 + 0.002)
     assert (victim / "train.log").read_text() == "run_id:LR=0.2-seed2\n"  # the killed attempt's files are gone
     assert [row["runs ok"] for row in table_rows((out / "results.md").read_text())] == ["2/2", "2/2"]
+
+
+def test_readme_example_is_the_committed_sweep_file_and_plans_its_six_runs(tmp_path, capsys):
+    example = REPO / "sweeps" / "demo_matrix_lr.toml"
+    readme = (REPO / "README.md").read_text()
+    assert readme.split("## Sweeps", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0] == example.read_text()
+    assert sweep.main([str(example), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    planned = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("todo")]
+    assert [Path(words[1]).relative_to(tmp_path / "out").as_posix() for words in planned] == [
+        f"MATRIX_LR={lr}/seed{seed}" for lr in ("0.013", "0.026", "0.052") for seed in (1, 2)]
+    assert all("PRESET=tiny" in words and f"SEED={words[1][-1]}" in words for words in planned)
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
