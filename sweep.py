@@ -438,7 +438,7 @@ def known_env_names(script: Path) -> frozenset[str]:
     return _env_table_cache[key]
 
 
-def check_names(names: list[str], known: frozenset[str], where: str) -> None:
+def check_names(names: list[str], known: frozenset[str], where: str, script: Path) -> None:
     """Every name must be a variable of the env table and not one the sweep or launcher sets."""
     for name in names:
         if name in SET_BY_SWEEP:
@@ -449,13 +449,13 @@ def check_names(names: list[str], known: frozenset[str], where: str) -> None:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise SweepError(f"{where} {name}: unknown environment variable{hint}; "
-                             f"`python train_gpt.py --env-table` lists them")
+                             f"`python {script.name} --env-table` lists them")
 
 
 def check_sweep_names(sweep: Sweep) -> None:
     known = known_env_names(sweep.script)
-    check_names(list(sweep.env), known, f"{sweep.source} [env]")
-    check_names([knob.name for knob in sweep.knobs], known, f"{sweep.source} [knobs]")
+    check_names(list(sweep.env), known, f"{sweep.source} [env]", sweep.script)
+    check_names([knob.name for knob in sweep.knobs], known, f"{sweep.source} [knobs]", sweep.script)
 
 
 # -----------------------------------------------------------------------------
@@ -1139,6 +1139,8 @@ def run_sweep(sweep: Sweep, dry_run: bool = False) -> int:
             tpe_search(sweep, runner)
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are kept; run the same command again to resume", flush=True)
+        if collect_runs(sweep.out):
+            write_report(sweep.out, baseline, sweep.score)
         return 130
     if baseline is None:  # tpe without a chosen baseline: its first configuration
         baseline = next((result.config for result in collect_runs(sweep.out) if result.baseline), None)

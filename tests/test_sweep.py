@@ -330,9 +330,11 @@ time.sleep(float(os.environ.get("SLEEP", "0")))
 lr, depth = float(os.environ["LR"]), float(os.environ.get("DEPTH", "0"))
 score = (lr - 0.3) ** 2 + 0.01 * depth + 0.001 * int(os.environ["SEED"])
 summary = dict(quant_val_bpb=score, artifact_limit_ok=True, train_time_ok=True, eval_time_ok=True,
-               gpu=os.environ.get("CUDA_VISIBLE_DEVICES"), started=started, ended=time.time())
-with open(os.path.join(folder, "summary.json"), "w") as handle:
-    json.dump(summary, handle)
+               gpu=os.environ.get("CUDA_VISIBLE_DEVICES"), world_size=os.environ.get("WORLD_SIZE"),
+               started=started, ended=time.time())
+if os.environ.get("RANK", "0") == "0":
+    with open(os.path.join(folder, "summary.json"), "w") as handle:
+        json.dump(summary, handle)
 '''
 
 
@@ -357,6 +359,14 @@ def test_gpus_launcher_runs_one_run_per_gpu_at_a_time_pinned_with_cuda_visible_d
     assert any(a[0] < b[1] and b[0] < a[1] for a in spans for b in spans if a is not b)  # two GPUs busy at once
     recorded = json.loads((out / "LR=0.1" / "seed1" / "sweep_run.json").read_text())
     assert recorded["settings"] == {"SLEEP": "0.4", "LR": "0.1", "SEED": "1"} and recorded["gpu"] in ("0", "1")
+
+
+def test_torchrun_launcher_starts_nproc_ranks_per_run(fake_script, tmp_path):
+    out = tmp_path / "out"
+    assert sweep.main(["--script", str(fake_script), "--out", str(out), "--knob", "LR=0.1", "--seeds", "1",
+                       "--launcher", "torchrun", "--nproc-per-node", "2"]) == 0
+    assert json.loads((out / "LR=0.1" / "seed1" / "summary.json").read_text())["world_size"] == "2"
+    assert (out / "LR=0.1" / "seed1" / "train.log").read_text().count("run_id:LR=0.1-seed1") == 2  # both ranks
 
 
 def test_inherited_training_variables_are_not_passed_to_runs(fake_script, tmp_path, monkeypatch, capsys):
