@@ -480,8 +480,8 @@ def resolve_preset(name: str) -> dict[str, Any]:
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 
 
-def read_shard(path: str) -> np.ndarray:
-    """Return the uint16 tokens of one shard, checking magic, version and declared vs actual size."""
+def shard_token_count(path: str) -> int:
+    """Tokens in a shard, after checking its header (magic, version) against the file's size; reads 1 KB."""
     header_bytes = SHARD_HEADER_INTS * 4
     try:
         size = os.path.getsize(path)
@@ -499,12 +499,12 @@ def read_shard(path: str) -> np.ndarray:
     if declared != actual or (size - header_bytes) % 2:
         raise ValueError(f"shard {path}: header declares {declared} tokens but the file holds "
                          f"{(size - header_bytes) / 2:g}")
-    return np.fromfile(path, dtype="<u2", count=declared, offset=header_bytes)
+    return declared
 
 
-def shard_token_count(path: str) -> int:
-    """Tokens declared in a shard's header (cheap: reads 12 bytes)."""
-    return int(np.fromfile(path, dtype="<i4", count=3)[2])
+def read_shard(path: str) -> np.ndarray:
+    """Return the uint16 tokens of one shard, checking magic, version and declared vs actual size."""
+    return np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=SHARD_HEADER_INTS * 4)
 
 
 def shard_paths(pattern: str, env_var: str) -> list[str]:
@@ -2276,9 +2276,47 @@ def make_val_data(tokens, byte_counts, vocab_size: int | None = None, max_docs: 
     return ValData(torch.from_numpy(tokens.copy()), torch.from_numpy(byte_counts.copy()), doc_starts, doc_lengths)
 
 
+def user_defined_piece_count(model_proto: bytes) -> int:
+    """How many pieces of a SentencePiece model are USER_DEFINED (the CaseOps operators are), read from
+    the ModelProto bytes: the Python API has no is_user_defined. The pieces are the proto's first
+    fields (field 1, one message each); a piece's type (field 3, varint; USER_DEFINED = 4) is serialized
+    last in its message, so a user-defined piece ends with the bytes 0x18 0x04."""
+    def varint(position: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = model_proto[position]
+            value, shift, position = value | (byte & 0x7F) << shift, shift + 7, position + 1
+            if byte < 0x80:
+                return value, position
+
+    count, position = 0, 0
+    while position < len(model_proto) and model_proto[position] == 0x0A:  # field 1, length-delimited
+        length, position = varint(position + 1)
+        position += length
+        count += model_proto[position - 2: position] == b"\x18\x04"
+    return count
+
+
+def check_manifest_sha256(path: str) -> None:
+    """A file in a folder with a prepare_caseops_data.py manifest.json must be listed there with this
+    sha256 (the manifest records every shard and sidecar it wrote), so an edited or swapped val file is
+    refused instead of silently changing val_bpb. Folders without a manifest are not checked."""
+    manifest_path = os.path.join(os.path.dirname(path), "manifest.json")
+    if not os.path.exists(manifest_path):
+        return
+    with open(manifest_path) as handle:
+        expected = {record["name"]: record["sha256"] for record in json.load(handle).get("files", [])}
+    with open(path, "rb") as handle:
+        if expected and expected.get(os.path.basename(path)) != hashlib.sha256(handle.read()).hexdigest():
+            raise ValueError(f"{path}: sha256 differs from {manifest_path}")
+
+
 def load_val_data(pattern: str, vocab_size: int, tokenizer_path: str | None = None,
                   max_docs: int | None = None) -> ValData:
-    """Load val shards (sorted glob) with their byte sidecars, or the piece rule when none exists."""
+    """Load val shards (sorted glob) with their byte sidecars, or the piece rule when none exists.
+    Every file is checked against the folder's manifest.json if there is one. The piece rule is refused
+    for a tokenizer with user-defined pieces: it would count each CaseOps operator as its 3 UTF-8 bytes,
+    though an operator stands for no original byte (val_bpb ~7% too low)."""
     shard_paths = sorted(glob.glob(pattern))
     if not shard_paths:
         raise FileNotFoundError(f"no validation shards match {pattern!r} (DATA_PATH)")
@@ -2288,6 +2326,9 @@ def load_val_data(pattern: str, vocab_size: int, tokenizer_path: str | None = No
         missing = [path for path, ok in zip(sidecars, present) if not ok]
         raise FileNotFoundError(f"byte sidecar missing for some val shards: {missing}")
     token_parts, byte_parts = [], []
+    for path in shard_paths + sidecars:
+        if os.path.exists(path):
+            check_manifest_sha256(path)
     for shard_path, sidecar_path, has_sidecar in zip(shard_paths, sidecars, present):
         shard_tokens = read_shard(shard_path)
         token_parts.append(shard_tokens)
@@ -2301,10 +2342,17 @@ def load_val_data(pattern: str, vocab_size: int, tokenizer_path: str | None = No
     if all(present):
         byte_counts = np.concatenate(byte_parts).astype(np.int64)
     elif tokenizer_path:
+        with open(tokenizer_path, "rb") as handle:
+            if user_defined_piece_count(handle.read()):
+                raise ValueError(f"TOKENIZER_PATH={tokenizer_path}: the piece rule miscounts its user-defined "
+                                 f"pieces (CaseOps operators); use val byte sidecars")
         byte_counts = piece_byte_counts(tokens, piece_byte_tables(tokenizer_path, vocab_size))
     else:
         raise FileNotFoundError("val shards have no byte sidecar and no TOKENIZER_PATH was given for the piece rule")
-    return make_val_data(tokens, byte_counts, vocab_size=vocab_size, max_docs=max_docs)
+    try:
+        return make_val_data(tokens, byte_counts, vocab_size=vocab_size, max_docs=max_docs)
+    except ValueError as error:
+        raise ValueError(f"val shards {pattern}: {error}") from None
 
 
 # --- score accounting: float64 sums, all-reduced across ranks ---------------------------------
