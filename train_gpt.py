@@ -1263,17 +1263,36 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def checkpoint_digest(state: Mapping[str, torch.Tensor], step: int) -> str:
+    """sha256 over the step and every tensor's name, shape, dtype and raw bytes, in name order."""
+    digest = hashlib.sha256(str(step).encode())
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str, model: nn.Module, h: Hyperparameters, step: int) -> None:
-    """Model weights + resolved hyperparameters; loadable with torch.load(weights_only=True)."""
+    """Model weights + step + resolved hyperparameters + `checkpoint_digest`; loadable with
+    torch.load(weights_only=True)."""
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     buffer = io.BytesIO()
-    torch.save({"model": state, "step": step, "hyperparameters": h.as_dict()}, buffer)
+    torch.save({"model": state, "step": step, "hyperparameters": h.as_dict(),
+                "sha256": checkpoint_digest(state, step)}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str, model: nn.Module) -> int:
-    """Load weights saved by `save_checkpoint` (no pickle of arbitrary objects); returns the step."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    """Load weights saved by `save_checkpoint` (no pickle of arbitrary objects) after checking their
+    sha256, so a damaged or edited file is refused naming it; returns the step."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        intact = checkpoint["sha256"] == checkpoint_digest(checkpoint["model"], checkpoint["step"])
+    except Exception as error:
+        raise ValueError(f"checkpoint {path}: unreadable ({error})") from None
+    if not intact:
+        raise ValueError(f"checkpoint {path}: sha256 mismatch (damaged or edited)")
     model.load_state_dict(checkpoint["model"])
     return int(checkpoint["step"])
 
