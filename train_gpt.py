@@ -178,7 +178,7 @@ class OptimSettings:
     grad_clip_norm: float = 0.3  # global gradient-norm clip; 0 = off
     ema_decay: float = 0.9965  # EMA of weights (the EMA is what gets quantized); 0 = off
     train_log_every: int = 50  # log a step line every N steps
-    checkpoint_every: int = 0  # write ARTIFACT_DIR/checkpoint.pt every N steps (0: never); final_model.pt only at the end
+    checkpoint_every: int = 0  # write ARTIFACT_DIR/checkpoint.pt every N steps (0: never); final_model.pt: at the end
 
 
 @dataclass
