@@ -19,6 +19,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import datetime
 import glob
 import hashlib
 import importlib.util
@@ -71,7 +72,8 @@ class RunSettings:
     seed: int = 1337  # seed for initialization and data order
     artifact_dir: str = ""  # where checkpoint, log, code and summary.json go; default: runs/<RUN_ID>
     device: str = "auto"  # auto|cpu|cuda (auto: CUDA when available)
-    compile: str = "auto"  # torch.compile the model: auto (on for CUDA, off for CPU)|0|1
+    compile: str = "auto"  # torch.compile training and eval forwards: auto (on for CUDA, off for CPU)|0|1
+    compile_backend: str = "inductor"  # torch.compile backend; aot_eager traces and checks graphs without codegen
     attn_backend: str = "auto"  # auto|fa3|flex|sdpa|plain attention kernel (auto: best available)
     autocast: str = "auto"  # auto|bf16|fp32 compute dtype (auto: bf16 on CUDA, fp32 on CPU)
     cpu_threads: int = 0  # CPU intra-op threads; 0 = torch's default (small models run best on 1)
@@ -214,7 +216,7 @@ class EvalSettings:
     eval_seq_len: int = 2048  # context length of evaluation
     eval_batch_tokens: int = 524288  # tokens per evaluation batch, all ranks together
     eval_max_seconds: float = 600.0  # evaluation time limit checked in the summary
-    sliding_window_enabled: bool = True  # report quantized sliding-window val_bpb
+    sliding_window_enabled: bool = False  # also report quantized sliding-window val_bpb (PR 1493 line)
     sliding_stride: int = 64  # sliding-window stride
     save_token_nll: bool = False  # write token_nll.npz: every scored token of the final eval mode
     ttt_enabled: bool = True  # run test-time training
@@ -283,7 +285,7 @@ class Hyperparameters:
 
     def _validate_choices_and_signs(self) -> None:
         run, data, model, optim, quant, eval = self.run, self.data, self.model, self.optim, self.quant, self.eval
-        choices = [(run, "device", "auto cpu cuda"), (run, "compile", "auto 0 1"),
+        choices = [(run, "device", "auto cpu cuda"), (run, "compile", "auto 0 1"), (run, "compile_backend", "inductor aot_eager eager"),
                    (run, "attn_backend", "auto fa3 flex sdpa plain"), (run, "autocast", "auto bf16 fp32"),
                    (model, "mlp_act", "leaky_relu2 relu2"), (quant, "quant_scheme", "gptq int8"),
                    (quant, "gptq_calibration_source", "train generated"),
@@ -428,7 +430,7 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         data_path="./data/datasets/fineweb10B_sp8192", parallel_start_layer=7, qk_gain_init=5.25,
         gated_attn=False, matrix_lr=0.022, warmdown_frac=0.72, quant_mlp_clip_sigmas=12.85,
         quant_attn_clip_sigmas=12.85, quant_embed_bits=8, quant_embed_clip_sigmas=20.0, ttt_mode="chunked",
-        ttt_epochs=3, ttt_chunk_tokens=32768)),
+        ttt_epochs=3, ttt_chunk_tokens=32768, sliding_window_enabled=True)),
     "pr1812": ("pr1493", dict(  # 4 TTT epochs on 64K chunks, split MLP weight decay, Adam wd 0.005
         ttt_epochs=4, ttt_chunk_tokens=65536, muon_weight_decay_mlp=0.115, embed_weight_decay=0.005,
         scalar_weight_decay=0.005, muon_momentum_warmup_steps=1000)),  # 22% of ~4,550 steps
@@ -594,7 +596,8 @@ class TrainLoader:
 # crosses a document: a document starts at each BOS and at position 0 of every row.
 # -----------------------------------------------------------------------------
 
-ATTENTION_BACKENDS = ("fa3", "flex", "sdpa", "plain")
+ATTENTION_BACKENDS = ("fa3", "flex", "sdpa", "plain", "varlen")
+CU_SEQLENS_BUCKET = 64  # cu_seqlens is padded to a multiple of this, so batches share compiled graphs (PR 1855)
 
 
 def select_attention_backend(requested: str, device: torch.device) -> str:
@@ -612,29 +615,39 @@ def select_attention_backend(requested: str, device: torch.device) -> str:
 
 
 def fa3_available(device: torch.device) -> bool:
+    """Hopper and an FA3 that imports and runs here: a wheel built for another torch can import but fail
+    at its first call, so one tiny varlen call decides."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return False
-    return importlib.util.find_spec("flash_attn_interface") is not None
+    try:
+        from flash_attn_interface import flash_attn_varlen_func
+        q = torch.zeros(4, 1, 64, device=device, dtype=torch.bfloat16)
+        cu_seqlens = torch.tensor([0, 4], device=device, dtype=torch.int32)
+        flash_attn_varlen_func(q, q, q, cu_seqlens, cu_seqlens, 4, 4, causal=True)
+        return True
+    except Exception:  # missing module, ABI mismatch, unsupported GPU: fall back to flex
+        return False
 
 
 @dataclass
 class DocumentLayout:
-    """Where documents start in a [B, T] batch; built once per forward, shared by every layer."""
-    doc_ids: torch.Tensor            # [B, T] int64: index of each token's document within its row
+    """Where documents start in a [B, T] batch, shared by every layer. Built OUTSIDE the compiled model
+    (by the caller, from the input ids) so that data-dependent work (nonzero, block masks) never enters
+    a compiled graph; its tensors have shapes fixed by [B, T] (cu_seqlens: by a bucket of 64)."""
     doc_start: torch.Tensor          # [B, T] bool: token starts a document (BOS or row start)
     backend: str
     dense_mask: torch.Tensor | None = None   # [B, 1, T, T] bool, for sdpa / plain
     block_mask: Any = None                   # FlexAttention BlockMask
-    cu_seqlens: torch.Tensor | None = None   # [n_docs + 1] int32, for FA3 varlen
-    max_seqlen: int = 0
+    cu_seqlens: torch.Tensor | None = None   # [k * 64] int32 document starts of the flattened batch, for
+    max_seqlen: int = 0                      # FA3 varlen / its reference; padded with B*T (empty documents)
 
     @classmethod
     def build(cls, input_ids: torch.Tensor, backend: str) -> "DocumentLayout":
         batch, seq_len = input_ids.shape
         doc_start = input_ids == BOS_ID
         doc_start[:, 0] = True
-        doc_ids = torch.cumsum(doc_start.long(), dim=1)  # [B, T]
-        layout = cls(doc_ids=doc_ids, doc_start=doc_start, backend=backend)
+        layout = cls(doc_start=doc_start, backend=backend)
+        doc_ids = torch.cumsum(doc_start.long(), dim=1)  # [B, T]: index of each token's document in its row
         if backend in ("sdpa", "plain"):
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
             causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()
@@ -647,10 +660,11 @@ class DocumentLayout:
 
             layout.block_mask = create_block_mask(document_causal, batch, None, seq_len, seq_len,
                                                   device=input_ids.device)
-        elif backend == "fa3":
+        else:  # fa3 and its reference "varlen"
             starts = torch.nonzero(doc_start.flatten(), as_tuple=False).flatten()
-            total = torch.tensor([batch * seq_len], device=input_ids.device)
-            layout.cu_seqlens = torch.cat([starts, total]).to(torch.int32)
+            padded = -(-(starts.numel() + 1) // CU_SEQLENS_BUCKET) * CU_SEQLENS_BUCKET
+            layout.cu_seqlens = torch.full((padded,), batch * seq_len, dtype=torch.int32, device=input_ids.device)
+            layout.cu_seqlens[: starts.numel()] = starts.to(torch.int32)
             layout.max_seqlen = seq_len  # an upper bound is enough for the kernel's grid
         return layout
 
@@ -676,6 +690,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Documen
         out = flex_attention(q, k, v, block_mask=layout.block_mask, enable_gqa=True)
     elif layout.backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask, enable_gqa=True)
+    elif layout.backend == "varlen":  # FA3's inputs (cu_seqlens) through plain math: proves the layout on CPU
+        positions = torch.arange(batch * seq_len, device=q.device, dtype=torch.int32)
+        segment = torch.searchsorted(layout.cu_seqlens, positions, right=True).view(batch, seq_len)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
+        mask = (segment[:, :, None] == segment[:, None, :]) & causal  # [B, T, T]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
     else:  # plain: the reference the others must match
         group = heads // k.size(1)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -891,9 +911,12 @@ class GPT(nn.Module):
         middle = len(order) // 2
         return order[:middle], order[middle:]
 
-    def hidden_states(self, input_ids: torch.Tensor, lora: Any = None) -> torch.Tensor:
-        """The one block stack: input_ids [B, T] -> final normed hidden states [B, T, D]."""
-        layout = DocumentLayout.build(input_ids, self.attn_backend)
+    def hidden_states(self, input_ids: torch.Tensor, lora: Any = None,
+                      layout: DocumentLayout | None = None) -> torch.Tensor:
+        """The one block stack: input_ids [B, T] -> final normed hidden states [B, T, D]. A compiled
+        caller passes the `layout` it built outside the graph; eager callers may leave it to us."""
+        if layout is None:
+            layout = DocumentLayout.build(input_ids, self.attn_backend)
         x = rms_norm(self.tok_emb(input_ids))  # [B, T, D]
         if self.smear is not None:
             x = self.smear(x, layout.doc_start)
@@ -915,23 +938,26 @@ class GPT(nn.Module):
             x = self.blocks[index](x, x0, layout, lora)
         return rms_norm(x.mean(dim=0))  # mean of the lanes
 
-    def forward_logits(self, input_ids: torch.Tensor, lora: Any = None) -> torch.Tensor:
+    def forward_logits(self, input_ids: torch.Tensor, lora: Any = None,
+                       layout: DocumentLayout | None = None) -> torch.Tensor:
         """Softcapped float32 logits [B, T, V]; the head is the tied embedding."""
-        hidden = self.hidden_states(input_ids, lora)
+        hidden = self.hidden_states(input_ids, lora, layout)
         logits = apply_lora(lambda z: F.linear(z, self.tok_emb.weight.to(z.dtype)), "head", -1, hidden, lora)
         logits = logits.float()
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def per_token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor, lora: Any = None) -> torch.Tensor:
+    def per_token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor, lora: Any = None,
+                      layout: DocumentLayout | None = None) -> torch.Tensor:
         """Per-token negative log-likelihood in nats [B, T] (float32, full softmax over the vocabulary)."""
-        logits = self.forward_logits(input_ids, lora)
+        logits = self.forward_logits(input_ids, lora, layout)
         nll = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none")
         return nll.view_as(target_ids)
 
-    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor,
+                layout: DocumentLayout | None = None) -> torch.Tensor:
         """Mean cross-entropy over all targets (training)."""
-        return self.per_token_nll(input_ids, target_ids).mean()
+        return self.per_token_nll(input_ids, target_ids, layout=layout).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -1207,6 +1233,7 @@ class RunContext:
     rank: int = 0
     world_size: int = 1
     autocast: str = "fp32"
+    compile_backend: str = ""  # torch.compile backend of training and eval forwards; "" = eager
     make_train_loader: Callable[[], Any] | None = None  # fresh training stream (GPTQ calibration data)
     clock: Callable[[], float] = time.perf_counter
     training_start: float | None = None  # clock() at the start of timed training (None: not trained here)
@@ -1278,6 +1305,27 @@ def load_checkpoint(path: str, model: nn.Module) -> int:
     return int(checkpoint["step"])
 
 
+def configure_compile(backend: str) -> None:
+    """Graphs are compiled once per shape: one per cu_seqlens bucket and recurrence state in training
+    (PR 1855 allows 64), a few for eval. Hitting the limit must be an error, never a silent fall back to
+    eager, which would run the rest of the record slowly without a word."""
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def compile_eval_forward(model: GPT, backend: str) -> None:
+    """Compile `model.per_token_nll` in place for evaluation and TTT. Shapes are dynamic (windows and
+    TTT chunks vary in width); the document layout is built outside the graph, as in training."""
+    compiled = torch.compile(model.per_token_nll, dynamic=True, fullgraph=True, backend=backend)
+
+    def per_token_nll(input_ids: torch.Tensor, target_ids: torch.Tensor, lora: Any = None,
+                      layout: DocumentLayout | None = None) -> torch.Tensor:
+        layout = DocumentLayout.build(input_ids, model.attn_backend) if layout is None else layout
+        return compiled(input_ids, target_ids, lora, layout)
+
+    model.per_token_nll = per_token_nll
+
+
 def compute_context(device: torch.device, autocast: str) -> Any:
     """bf16 autocast where the run asked for it, else a no-op context."""
     if autocast == "bf16":
@@ -1286,14 +1334,17 @@ def compute_context(device: torch.device, autocast: str) -> Any:
 
 
 def forward_backward(forward: Callable, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     optimizer: TrainingOptimizer, device: torch.device, autocast: str) -> float:
+                     optimizer: TrainingOptimizer, backend: str, autocast: str) -> float:
     """Gradients of the mean loss over this rank's micro-batches; returns the loss averaged over all
-    ranks (the optimizer is not stepped here)."""
+    ranks (the optimizer is not stepped here). The document layout is built here, outside `forward`
+    (which may be compiled), so its data-dependent parts never enter the graph."""
     optimizer.zero_grad()
+    device = batches[0][0].device
     total = torch.zeros((), device=device)
     for inputs, targets in batches:
+        layout = DocumentLayout.build(inputs, backend)
         with compute_context(device, autocast):
-            loss = forward(inputs, targets)
+            loss = forward(inputs, targets, layout)
         (loss / len(batches)).backward()
         total += loss.detach().float()
     total /= len(batches)
@@ -1334,7 +1385,7 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     rank, _ = distributed_info()
 
     def train_step(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        return forward_backward(forward, batches, optimizer, device, autocast)
+        return forward_backward(forward, batches, optimizer, model.attn_backend, autocast)
 
     warmup_start = clock()
     compile_warm_up(h, model, optimizer, make_loader, train_step, log)
@@ -2759,8 +2810,8 @@ def eval_ttt(config: EvalSettings, model: GPT, val: ValData, time_budget_s: floa
 # --- compile warm-up, per-token output, log lines and summary ----------------------------------
 
 
-def warm_up_on_random_tokens(model, vocab_size: int, seq_len: int, batch_size: int = 1, lora=None,
-                             seed: int = 0) -> None:
+def warm_up_on_random_tokens(model: GPT, vocab_size: int, seq_len: int, batch_size: int = 2,
+                             lora: nn.Module | None = None, seed: int = 0) -> None:
     """Run the eval forward (and a backward, for TTT kernels) on random tokens, never val data;
     gradients are discarded and no weight changes."""
     device = next(model.parameters()).device
@@ -2833,6 +2884,7 @@ def evaluate_after_training(h: Hyperparameters, model: GPT, quantized: GPT, cont
     val = load_val_data(h.data.val_glob, h.model.vocab_size, h.data.tokenizer_path or None, h.data.val_max_docs)
     val = val.to(context.device)
     log(f"val: {val.num_docs} documents, {val.num_tokens} tokens, {int(val.byte_counts.sum())} bytes")
+    warmup_time_s = compile_and_warm_up_eval(h, model, quantized, context) if context.compile_backend else 0.0
     batch_rows = config.batch_rows(context.world_size)
     planned = ["pre_quant", "quantized"] + (["quantized_sliding_window"] if config.sliding_window_enabled else [])
     planned += [f"quantized_ttt_{config.ttt_mode}"] if config.ttt_enabled else []
@@ -2860,7 +2912,29 @@ def evaluate_after_training(h: Hyperparameters, model: GPT, quantized: GPT, cont
         path = os.path.join(context.artifact_dir, "token_nll.npz")
         save_token_nll(path, evals[planned[-1]], val.to("cpu"))
         log(f"token_nll: {path} ({planned[-1]}; recompute with records/audit_tokens.py)")
-    return eval_summary(evals, config.eval_max_seconds)
+    return dict(eval_summary(evals, config.eval_max_seconds), eval_warmup_time_s=round(warmup_time_s, 3))
+
+
+def compile_and_warm_up_eval(h: Hyperparameters, model: GPT, quantized: GPT, context: RunContext) -> float:
+    """Compile both eval forwards and run the timed one on random tokens (never val data) in every way
+    the evals will: no-grad scoring, and the TTT backward with base weights frozen (phased: through a
+    LoRA; chunked: into the weights). Returns its seconds, reported apart from the scored eval time."""
+    started = time.perf_counter()
+    config = h.eval
+    for m in (model, quantized):
+        compile_eval_forward(m, context.compile_backend)
+    with _WeightsRestored(quantized):
+        if config.ttt_enabled and config.ttt_mode == "phased":
+            for param in quantized.parameters():
+                param.requires_grad_(False)
+            sites = tuple(site.strip() for site in config.phased_ttt_lora_sites.split(",") if site.strip())
+            lora = BatchedLoRA(2, lora_site_dims(quantized, sites), config.phased_ttt_lora_rank)
+            warm_up_on_random_tokens(quantized, h.model.vocab_size, config.eval_seq_len, lora=lora.to(context.device))
+        warm_up_on_random_tokens(quantized, h.model.vocab_size, config.eval_seq_len)
+    seconds = time.perf_counter() - started
+    context.log(f"eval compile warm-up: {seconds:.1f}s on random tokens ({context.compile_backend}; not scored, "
+                f"not in eval_time)")
+    return seconds
 
 
 # -----------------------------------------------------------------------------
@@ -2918,8 +2992,10 @@ def start_run(h: Hyperparameters, environ: Mapping[str, str]) -> RunContext:
     if h.run.cpu_threads > 0:
         torch.set_num_threads(h.run.cpu_threads)
     if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                rank=rank, world_size=world_size, device_id=device if device.type == "cuda" else None)
+        # explicit timeout: a rank that waits at a phase boundary must not abort the run at NCCL's default
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=1800))
     run_id = [h.run.run_id or f"{h.run.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"]
     if world_size > 1:
         dist.broadcast_object_list(run_id, src=0)
@@ -2946,11 +3022,13 @@ def start_run(h: Hyperparameters, environ: Mapping[str, str]) -> RunContext:
     return context
 
 
-def train_run(h: Hyperparameters, model: GPT, context: RunContext, checkpoint_path: str,
-              use_compile: bool) -> dict[str, Any]:
+def train_run(h: Hyperparameters, model: GPT, context: RunContext, checkpoint_path: str) -> dict[str, Any]:
     """Timed training, then the EMA weights become the model and are checkpointed; summary fields."""
     optimizer = TrainingOptimizer(model, h.optim)
-    forward = torch.compile(model, dynamic=False) if use_compile else model
+    # one graph per (cu_seqlens bucket, recurrence on/off); fullgraph: a graph break is an error, not a
+    # silent eager fallback
+    backend = context.compile_backend
+    forward = torch.compile(model, dynamic=False, fullgraph=True, backend=backend) if backend else model
     ema = ExponentialMovingAverage(model, h.optim.ema_decay) if h.optim.ema_decay > 0 else None
     synchronize = torch.cuda.synchronize if context.device.type == "cuda" else (lambda: None)
     context.training_start = context.clock()
@@ -2977,8 +3055,10 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     context = start_run(h, environ)
     device, log = context.device, context.log
     attn_backend = select_attention_backend(h.run.attn_backend, device)
-    use_compile = h.run.compile == "1" or (h.run.compile == "auto" and device.type == "cuda")
-    log(f"kernels: attention:{attn_backend} compile:{use_compile}")
+    if h.run.compile == "1" or (h.run.compile == "auto" and device.type == "cuda"):
+        context.compile_backend = h.run.compile_backend
+        configure_compile(context.compile_backend)
+    log(f"kernels: attention:{attn_backend} compile:{context.compile_backend or 'off (eager)'}")
     torch.manual_seed(h.run.seed)
     model = GPT(h.model, attn_backend).to(device)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layer order with recurrence "
@@ -3003,7 +3083,7 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     else:
         log(f"data: {len(train_paths)} train shards, grad_accum:{accum} seqs_per_micro_step:{seqs_per_micro} "
             f"seq_len:{h.data.train_seq_len} tokens_per_step:{h.data.train_batch_tokens}")
-        summary.update(train_run(h, model, context, checkpoint_path, use_compile))
+        summary.update(train_run(h, model, context, checkpoint_path))
     model.set_recurrence(h.model.recurrence_enabled)
     if h.run.post_training_enabled:
         fields, quantized = quantize_and_write_artifact(h, model, context)
