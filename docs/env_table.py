@@ -9,9 +9,12 @@ reads them from the source with `tokenize`, so the README never drifts from the 
 """
 
 import ast
+import base64
 import dataclasses
 import io
+import lzma
 import os
+import re
 import sys
 import tokenize
 
@@ -36,6 +39,33 @@ def field_help(source: str) -> dict[tuple[str, str], str]:
                 if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
                     helps[(node.name, item.target.id)] = comments.get(item.lineno, "")
     return helps
+
+
+def script_source(path: str) -> str:
+    """The source of a training script; a packed (counted) script is unpacked, never executed."""
+    with open(path, encoding="utf-8") as handle:
+        source = handle.read()
+    packed = re.fullmatch(r'import lzma as _L,base64 as _B\nexec\(_L\.decompress\(_B\.b85decode\("([^"]*)"\)\)\)\n?',
+                          source)
+    if packed:
+        source = lzma.decompress(base64.b85decode(packed.group(1))).decode("utf-8")
+    return source
+
+
+def knob_names(path: str) -> frozenset[str]:
+    """Every environment variable a training script reads as a setting: the upper-cased fields of the
+    classes listed in its `SECTIONS = {...}` dict, read from the source without importing it."""
+    tree = ast.parse(script_source(path))
+    sections = set()
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "SECTIONS" for t in node.targets)
+                and isinstance(node.value, ast.Dict)):
+            sections = {value.id for value in node.value.values if isinstance(value, ast.Name)}
+    names = {item.target.id.upper() for node in tree.body if isinstance(node, ast.ClassDef) and node.name in sections
+             for item in node.body if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
+    if not names:
+        raise ValueError(f"{path}: no settings found (expected section dataclasses listed in SECTIONS)")
+    return frozenset(names)
 
 
 def env_var_table() -> list[dict]:
