@@ -115,6 +115,14 @@ def test_a_field_without_a_help_comment_is_an_error():
 
 
 SNAPSHOT = json.load(open(os.path.join(os.path.dirname(__file__), "data", "env_snapshot_9353cc0.json")))["presets"]
+# deliberate changes since the snapshot, each with its reason
+CHANGED_SINCE_SNAPSHOT = {
+    # PR 1736 and PR 1855 never ran a sliding-window eval (it costs eval time the TTT needs); PR 1493 did
+    ("pr1855", "SLIDING_WINDOW_ENABLED"): False, ("pr1736", "SLIDING_WINDOW_ENABLED"): False,
+    ("tiny", "SLIDING_WINDOW_ENABLED"): False,
+}
+for (preset_name, env_name), new_value in CHANGED_SINCE_SNAPSHOT.items():
+    SNAPSHOT[preset_name][env_name] = new_value
 
 
 @pytest.mark.parametrize("preset", sorted(SNAPSHOT))
