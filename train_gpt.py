@@ -231,6 +231,7 @@ class EvalSettings:
     phased_ttt_prefix_docs: int = 2500  # phased TTT: scored documents split into phases
     phased_ttt_num_phases: int = 3  # phased TTT: global-SGD phases
     phased_ttt_lora_rank: int = 80  # phased TTT: LoRA rank
+    phased_ttt_lora_alpha: float = 144.0  # phased TTT: adapter output scaled by alpha/rank (PR 1767/1855: 1.8)
     phased_ttt_lora_sites: str = "q,k,v,o,mlp_in,mlp_out,head"  # phased TTT: linears with a LoRA (a subset)
     phased_ttt_lr: float = 1e-4  # phased TTT: LoRA Adam learning rate
     phased_ttt_beta1: float = 0.0  # phased TTT: LoRA Adam beta1
@@ -425,7 +426,7 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "pr1736": ("pr1855", dict(  # without PR 1855's SmearGate, sparse gate, Polar-Express, MIN_LR, LQER
         smear_gate=False, sparse_attn_gate=False, muon_polar_express=False, min_lr=0.0, warmdown_frac=0.75,
         adam_beta2=0.95, quant_mlp_clip_sigmas=12.0, quant_embed_clip_sigmas=15.0, lqer_enabled=False,
-        phased_ttt_prefix_docs=2000, phased_ttt_lora_rank=96, phased_ttt_beta2=0.999)),
+        phased_ttt_prefix_docs=2000, phased_ttt_lora_rank=96, phased_ttt_lora_alpha=96.0, phased_ttt_beta2=0.999)),
     "pr1493": ("pr1736", dict(  # SP8192 (no CaseOps), parallel from layer 7, QK-gain 5.25, chunked SGD TTT
         data_path="./data/datasets/fineweb10B_sp8192", parallel_start_layer=7, qk_gain_init=5.25,
         gated_attn=False, matrix_lr=0.022, warmdown_frac=0.72, quant_mlp_clip_sigmas=12.85,
@@ -457,7 +458,7 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         ema_decay=0.9, cpu_threads=1,
         train_log_every=10, gptq_calibration_batches=2, val_max_docs=64, eval_seq_len=128,
         eval_batch_tokens=8192, eval_max_seconds=120.0, ttt_chunk_tokens=2048, phased_ttt_prefix_docs=16,
-        phased_ttt_lora_rank=4, phased_ttt_docs_per_batch=8, phased_ttt_global_chunk_tokens=2048,
+        phased_ttt_lora_rank=4, phased_ttt_lora_alpha=7.2, phased_ttt_docs_per_batch=8, phased_ttt_global_chunk_tokens=2048,
         sliding_stride=32, quant_small_tensor_numel=1024)),
 }
 
@@ -772,9 +773,9 @@ class CausalSelfAttention(nn.Module):
             self.gate = nn.Linear(self.gate_dims, config.num_heads, bias=False)
             nn.init.normal_(self.gate.weight, std=config.gated_attn_init_std)
 
-    def forward(self, x: torch.Tensor, layout: DocumentLayout, lora: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: DocumentLayout, lora: Any = None, slot: int = 0) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        layer = self.layer_index
+        layer = slot  # LoRA slot: one per layer pass, so a looped layer adapts each pass on its own (PR 1855)
         q = apply_lora(self.q_proj, "q", layer, x, lora).view(batch, seq_len, self.num_heads, self.head_dim)
         k = apply_lora(self.k_proj, "k", layer, x, lora).view(batch, seq_len, self.num_kv_heads, self.head_dim)
         v = apply_lora(self.v_proj, "v", layer, x, lora).view(batch, seq_len, self.num_kv_heads, self.head_dim)
@@ -800,13 +801,13 @@ class MLP(nn.Module):
         self.fc = MatrixLinear(config.model_dim, config.mlp_mult * config.model_dim)
         self.proj = MatrixLinear(config.mlp_mult * config.model_dim, config.model_dim, zero_init=True)
 
-    def forward(self, x: torch.Tensor, lora: Any = None) -> torch.Tensor:
-        hidden = apply_lora(self.fc, "mlp_in", self.layer_index, x, lora)
+    def forward(self, x: torch.Tensor, lora: Any = None, slot: int = 0) -> torch.Tensor:
+        hidden = apply_lora(self.fc, "mlp_in", slot, x, lora)
         if self.act == "leaky_relu2":  # LeakyReLU(0.5)^2 (PR 1274 line): keeps gradient for negatives
             hidden = F.leaky_relu(hidden, negative_slope=0.5).square()
         else:  # ReLU^2 (baseline)
             hidden = F.relu(hidden).square()
-        return apply_lora(self.proj, "mlp_out", self.layer_index, hidden, lora)
+        return apply_lora(self.proj, "mlp_out", slot, hidden, lora)
 
 
 class Block(nn.Module):
@@ -833,19 +834,20 @@ class Block(nn.Module):
             self.lane_mix = nn.Parameter(torch.ones(2, 2))    # [target lane, (attn, mlp)]
             self.lane_resid = nn.Parameter(torch.ones(2))     # per-lane residual scale
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, layout: DocumentLayout, lora: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, layout: DocumentLayout, lora: Any = None,
+                slot: int = 0) -> torch.Tensor:
         if self.resid_mix is not None:
             mix = self.resid_mix.to(x.dtype)
             x = mix[0] * x + mix[1] * x0
         if not self.parallel:
             lane = x[0]
-            lane = lane + self.attn_scale.to(x.dtype) * self.attn(rms_norm(lane) * self.ln_scale, layout, lora)
-            lane = lane + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(lane) * self.ln_scale, lora)
+            lane = lane + self.attn_scale.to(x.dtype) * self.attn(rms_norm(lane) * self.ln_scale, layout, lora, slot)
+            lane = lane + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(lane) * self.ln_scale, lora, slot)
             return lane[None]
         if x.size(0) == 1:
             x = x.expand(2, *x.shape[1:])
-        attn_out = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x[0]) * self.ln_scale, layout, lora)
-        mlp_out = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x[1]) * self.ln_scale, lora)
+        attn_out = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x[0]) * self.ln_scale, layout, lora, slot)
+        mlp_out = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x[1]) * self.ln_scale, lora, slot)
         mix, resid = self.lane_mix.to(x.dtype), self.lane_resid.to(x.dtype)
         return (resid[:, None, None, None] * x + mix[:, 0, None, None, None] * attn_out
                 + mix[:, 1, None, None, None] * mlp_out)
@@ -924,8 +926,8 @@ class GPT(nn.Module):
         x = x[None]  # [lanes=1, B, T, D]
         encoder, decoder = self.layer_order()
         skips = []
-        for index in encoder:
-            x = self.blocks[index](x, x0, layout, lora)
+        for slot, index in enumerate(encoder):  # slot: the pass, for LoRA (index: the physical block)
+            x = self.blocks[index](x, x0, layout, lora, slot)
             skips.append(x)
         for position, index in enumerate(decoder):
             if self.skip_weights is not None and position < len(encoder) and skips:
@@ -935,7 +937,7 @@ class GPT(nn.Module):
                     x = gate * x + (1 - gate) * scaled_skip
                 else:
                     x = x + scaled_skip
-            x = self.blocks[index](x, x0, layout, lora)
+            x = self.blocks[index](x, x0, layout, lora, len(encoder) + position)
         return rms_norm(x.mean(dim=0))  # mean of the lanes
 
     def forward_logits(self, input_ids: torch.Tensor, lora: Any = None,
@@ -1001,12 +1003,13 @@ def newton_schulz(grad: torch.Tensor, steps: int = 5, polar_express: bool = Fals
 
 
 def lr_multiplier(progress: float, warmdown_frac: float, min_lr: float) -> float:
-    """Flat at 1, then linear warmdown over the last `warmdown_frac` of training down to `min_lr`."""
+    """Flat at 1, then a linear warmdown over the last `warmdown_frac` of training that stops at the
+    floor `min_lr` and stays there: max((1 - f) / warmdown_frac, min_lr) (PR 1787/1855; MIN_LR 0.1 was
+    tuned with this shape)."""
     progress = min(max(progress, 0.0), 1.0)
     if warmdown_frac <= 0 or progress <= 1.0 - warmdown_frac:
         return 1.0
-    remaining = (1.0 - progress) / warmdown_frac  # 1 at the start of warmdown, 0 at the end
-    return min_lr + (1.0 - min_lr) * remaining
+    return max((1.0 - progress) / warmdown_frac, min_lr)
 
 
 def muon_momentum_at(step: int, config: OptimSettings) -> float:
@@ -1248,12 +1251,15 @@ class ExponentialMovingAverage:
         self.decay = decay
         self.shadow = {name: tensor.detach().float().clone()
                        for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+        # the live tensors, kept once: weights change in place (optimizers, warm-up restore), so these stay valid
+        live = model.state_dict()
+        self.pairs = [(self.shadow[name], live[name]) for name in self.shadow]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for name, tensor in model.state_dict().items():
-            if name in self.shadow:
-                self.shadow[name].lerp_(tensor.float(), 1.0 - self.decay)
+        """One fused lerp over every tensor (one kernel launch per group, not ~150)."""
+        shadows = [shadow for shadow, _ in self.pairs]
+        torch._foreach_lerp_(shadows, [tensor.float() for _, tensor in self.pairs], 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -2674,8 +2680,9 @@ class BatchedLoRA(nn.Module):
     """One rank-r adapter per batch element (= per document) at every site: delta = x A_b B_b.
     B starts at zero, so a fresh adapter leaves the model unchanged."""
 
-    def __init__(self, batch_size: int, site_dims: dict, rank: int, seed: int = 0):
+    def __init__(self, batch_size: int, site_dims: dict, rank: int, alpha: float, seed: int = 0):
         super().__init__()
+        self.scale = alpha / rank  # decouples the adapter's magnitude from its rank (PR 1767)
         self.index = {key: str(i) for i, key in enumerate(sorted(site_dims, key=str))}
         # every document starts from the same A (seeded), so a score never depends on which batch,
         # rank or random state a document happened to get
@@ -2693,7 +2700,7 @@ class BatchedLoRA(nn.Module):
         name = self.index.get((site, layer_index))
         if name is None:
             return None
-        return torch.bmm(torch.bmm(x, self.down[name].to(x.dtype)), self.up[name].to(x.dtype))
+        return torch.bmm(torch.bmm(x, self.down[name].to(x.dtype)), self.up[name].to(x.dtype)) * self.scale
 
 
 def _document_batches(doc_ids: np.ndarray, doc_lengths: np.ndarray, docs_per_batch: int) -> list:
@@ -2709,7 +2716,10 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
     chunk, context = config.phased_ttt_chunk_tokens, config.eval_seq_len
     starts = val.doc_starts[doc_ids]
     target_counts = val.target_ends(doc_ids) - 1 - starts  # [B]: own tokens after BOS + the next BOS
-    lora = BatchedLoRA(len(doc_ids), site_dims, config.phased_ttt_lora_rank).to(val.tokens.device) if adapt else None
+    lora = None
+    if adapt:
+        lora = BatchedLoRA(len(doc_ids), site_dims, config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha)
+        lora = lora.to(val.tokens.device)
     if adapt:
         optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr, eps=1e-10,
                                       betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
@@ -2929,7 +2939,8 @@ def compile_and_warm_up_eval(h: Hyperparameters, model: GPT, quantized: GPT, con
             for param in quantized.parameters():
                 param.requires_grad_(False)
             sites = tuple(site.strip() for site in config.phased_ttt_lora_sites.split(",") if site.strip())
-            lora = BatchedLoRA(2, lora_site_dims(quantized, sites), config.phased_ttt_lora_rank)
+            lora = BatchedLoRA(2, lora_site_dims(quantized, sites), config.phased_ttt_lora_rank,
+                               config.phased_ttt_lora_alpha)
             warm_up_on_random_tokens(quantized, h.model.vocab_size, config.eval_seq_len, lora=lora.to(context.device))
     seconds = time.perf_counter() - started
     context.log(f"eval compile warm-up: {seconds:.1f}s on random tokens ({context.compile_backend}; not scored, "

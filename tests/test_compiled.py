@@ -26,8 +26,8 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def small_model(backend="varlen", seed=0):
-    h = tiny_h(**SMALL)
+def small_model(backend="varlen", seed=0, **overrides):
+    h = tiny_h(**dict(SMALL, **overrides))
     torch.manual_seed(seed)
     model = train_gpt.GPT(h.model, backend)
     perturb_parameters(model, seed)
@@ -66,8 +66,8 @@ def train_steps(model, compiled, optimizer, plan):
 
 
 def test_training_compiles_once_per_bucket_and_recurrence_state_with_no_graph_break():
-    """Batches with few and many documents (cu_seqlens buckets 64 and 128), recurrence off then on: four
-    graphs, no more (the old in-graph nonzero recompiled on every new document count until dynamo gave up
+    """Batches with few and many documents (cu_seqlens buckets 64 to 192), recurrence off then on: one
+    graph per (bucket, recurrence state), no more (the old in-graph nonzero recompiled on every new document count until dynamo gave up
     and ran eager), no graph break (fullgraph), and the same losses as the eager model. Fails if the
     layout is built inside the compiled graph or if cu_seqlens is not bucketed."""
     train_gpt.configure_compile("aot_eager")
@@ -77,7 +77,13 @@ def test_training_compiles_once_per_bucket_and_recurrence_state_with_no_graph_br
     eager_model.load_state_dict(model.state_dict())
     compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager")
     losses = train_steps(model, compiled, train_gpt.TrainingOptimizer(model, h.optim), plan)
-    assert counters["stats"]["unique_graphs"] == 4
+    shapes = set()
+    for step, (bos_every, recurrence) in enumerate(plan):  # (cu_seqlens bucket, recurrence) of each step
+        ids = random_tokens(2, 128, vocab=512, seed=step, bos_every=bos_every)
+        starts = int((ids == train_gpt.BOS_ID).sum()) + int((ids[:, 0] != train_gpt.BOS_ID).sum())
+        shapes.add((-(-(starts + 1) // 64) * 64, recurrence))
+    assert len(shapes) == 5  # buckets 64, 128, 192 off; 64, 128 on
+    assert counters["stats"]["unique_graphs"] == len(shapes)
     assert not counters["graph_break"]
     eager_losses = train_steps(eager_model, eager_model, train_gpt.TrainingOptimizer(eager_model, h.optim), plan)
     assert losses == pytest.approx(eager_losses, rel=1e-4)
@@ -101,9 +107,8 @@ def test_hitting_the_recompile_limit_is_an_error_not_a_silent_eager_fallback():
 
 def test_inductor_compiles_the_forward_and_backward_of_a_small_model():
     """The record run uses inductor: its generated code must agree with eager (forward loss and every
-    gradient). Small shape, recurrence off, to keep the C++ compile short on CPU."""
-    h, model = small_model("sdpa")
-    model.set_recurrence(False)
+    gradient). Two blocks (one of them parallel), to keep the C++ compile short on CPU."""
+    h, model = small_model("sdpa", NUM_LAYERS=2, NUM_LOOPS=1, LOOP_START=0, LOOP_END=0, PARALLEL_START_LAYER=1)
     ids = random_tokens(2, 32, vocab=512, seed=3, bos_every=11)
     layout = train_gpt.DocumentLayout.build(ids, "sdpa")
     compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="inductor")
@@ -129,7 +134,7 @@ def test_compiled_run_trains_quantizes_and_evaluates_every_mode(tiny_dataset, tm
                ARTIFACT_DIR=str(tmp_path / "run"), GPTQ_CALIBRATION_BATCHES="1", VAL_MAX_DOCS="4",
                EVAL_SEQ_LEN="128", EVAL_BATCH_TOKENS="512", SLIDING_WINDOW_ENABLED="1", SLIDING_STRIDE="64",
                PHASED_TTT_PREFIX_DOCS="2", PHASED_TTT_DOCS_PER_BATCH="2", QUANT_SMALL_TENSOR_NUMEL="1024",
-               **SMALL)
+               **{key: str(value) for key, value in SMALL.items()})
     summary = train_gpt.main(env)
     for key in ("pre_quant_val_bpb", "quant_val_bpb", "sliding_val_bpb", "ttt_val_bpb"):
         assert summary[key] is not None and 0 < summary[key] < 20, key
