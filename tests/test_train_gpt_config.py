@@ -114,7 +114,7 @@ def test_a_field_without_a_help_comment_is_an_error():
     assert helps == {("ModelSettings", "vocab_size"): "vocabulary size", ("ModelSettings", "num_layers"): ""}
 
 
-SNAPSHOT = json.load(open(os.path.join(os.path.dirname(__file__), "data", "env_snapshot_9353cc0.json")))["presets"]
+SNAPSHOT = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "env_snapshot_9353cc0.json")))["presets"]
 # deliberate changes since the snapshot, each with its reason
 CHANGED_SINCE_SNAPSHOT = {
     # PR 1736 and PR 1855 never ran a sliding-window eval (it costs eval time the TTT needs); PR 1493 did
@@ -216,3 +216,16 @@ def test_readme_env_table_is_the_generated_one():
     table = readme[readme.index(begin) + len(begin):readme.index(end)]
     assert table.strip() == env_table.env_var_markdown().strip(), (
         "README env table is stale: replace it with the output of `python docs/env_table.py`")
+
+
+def test_knob_names_are_read_from_the_source_of_a_plain_or_packed_script(tmp_path):
+    """sweep.py checks sweep files against these names; they must be exactly the settings, also when
+    read from the counted (packed) script, which is unpacked but never executed."""
+    names = env_table.knob_names(train_gpt.__file__)
+    assert names == {row["env"] for row in env_table.env_var_table()}
+    packed = tmp_path / "packed.py"
+    packed.write_text(train_gpt.pack_code(open(train_gpt.__file__, encoding="utf-8").read()))
+    assert env_table.knob_names(str(packed)) == names
+    (tmp_path / "other.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="no settings found"):
+        env_table.knob_names(str(tmp_path / "other.py"))
