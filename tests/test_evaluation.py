@@ -477,7 +477,7 @@ def test_post_training_run_reports_every_eval_in_order_and_saves_the_final_token
     write_records(tmp_path / "fineweb_val_bytes_000000.bin", byte_counts)
     h = Hyperparameters.from_env({
         "PRESET": "tiny", "VOCAB_SIZE": str(VOCAB), "DATA_PATH": str(tmp_path), "EVAL_SEQ_LEN": "24",
-        "EVAL_BATCH_TOKENS": "96", "SLIDING_STRIDE": "8", "TTT_MODE": ttt_mode, "TTT_CHUNK_TOKENS": "64",
+        "EVAL_BATCH_TOKENS": "96", "SLIDING_WINDOW_ENABLED": "1", "SLIDING_STRIDE": "8", "TTT_MODE": ttt_mode, "TTT_CHUNK_TOKENS": "64",
         "PHASED_TTT_PREFIX_DOCS": "4", "PHASED_TTT_DOCS_PER_BATCH": "4", "PHASED_TTT_CHUNK_TOKENS": "8",
         "PHASED_TTT_GLOBAL_CHUNK_TOKENS": "64", "PHASED_TTT_LORA_RANK": "4"})
     h.eval.save_token_nll = True
