@@ -29,6 +29,7 @@ import lzma
 import math
 import os
 import platform
+import signal
 import struct
 import sys
 import tempfile
@@ -179,7 +180,7 @@ class OptimSettings:
     grad_clip_norm: float = 0.3  # global gradient-norm clip; 0 = off
     ema_decay: float = 0.9965  # EMA of weights (the EMA is what gets quantized); 0 = off
     train_log_every: int = 50  # log a step line every N steps
-    checkpoint_every: int = 0  # also write a checkpoint every N steps; 0 = only at the end
+    checkpoint_every: int = 0  # write ARTIFACT_DIR/checkpoint.pt every N steps (0: never); final_model.pt: at the end
 
 
 @dataclass
@@ -483,8 +484,8 @@ def resolve_preset(name: str) -> dict[str, Any]:
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 
 
-def read_shard(path: str) -> np.ndarray:
-    """Return the uint16 tokens of one shard, checking magic, version and declared vs actual size."""
+def shard_token_count(path: str) -> int:
+    """Tokens in a shard, after checking its header (magic, version) against the file's size; reads 1 KB."""
     header_bytes = SHARD_HEADER_INTS * 4
     try:
         size = os.path.getsize(path)
@@ -502,12 +503,12 @@ def read_shard(path: str) -> np.ndarray:
     if declared != actual or (size - header_bytes) % 2:
         raise ValueError(f"shard {path}: header declares {declared} tokens but the file holds "
                          f"{(size - header_bytes) / 2:g}")
-    return np.fromfile(path, dtype="<u2", count=declared, offset=header_bytes)
+    return declared
 
 
-def shard_token_count(path: str) -> int:
-    """Tokens declared in a shard's header (cheap: reads 12 bytes)."""
-    return int(np.fromfile(path, dtype="<i4", count=3)[2])
+def read_shard(path: str) -> np.ndarray:
+    """Return the uint16 tokens of one shard, checking magic, version and declared vs actual size."""
+    return np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=SHARD_HEADER_INTS * 4)
 
 
 def shard_paths(pattern: str, env_var: str) -> list[str]:
@@ -1215,6 +1216,10 @@ class TrainingDiverged(RuntimeError):
         self.step = step
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT stopped training between two steps (after saving interrupted.pt)."""
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -1242,6 +1247,7 @@ class RunContext:
     training_start: float | None = None  # clock() at the start of timed training (None: not trained here)
     train_time_s: float = 0.0
     micro_step_seconds: float = 0.0  # mean training micro-batch (forward + backward) time
+    stop_signals: list[int] = field(default_factory=list)  # SIGTERM/SIGINT received; training stops at the next step
 
 
 class ExponentialMovingAverage:
@@ -1296,17 +1302,36 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def checkpoint_digest(state: Mapping[str, torch.Tensor], step: int) -> str:
+    """sha256 over the step and every tensor's name, shape, dtype and raw bytes, in name order."""
+    digest = hashlib.sha256(str(step).encode())
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str, model: nn.Module, h: Hyperparameters, step: int) -> None:
-    """Model weights + resolved hyperparameters; loadable with torch.load(weights_only=True)."""
+    """Model weights + step + resolved hyperparameters + `checkpoint_digest`; loadable with
+    torch.load(weights_only=True)."""
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     buffer = io.BytesIO()
-    torch.save({"model": state, "step": step, "hyperparameters": h.as_dict()}, buffer)
+    torch.save({"model": state, "step": step, "hyperparameters": h.as_dict(),
+                "sha256": checkpoint_digest(state, step)}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str, model: nn.Module) -> int:
-    """Load weights saved by `save_checkpoint` (no pickle of arbitrary objects); returns the step."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    """Load weights saved by `save_checkpoint` (no pickle of arbitrary objects) after checking their
+    sha256, so a damaged or edited file is refused naming it; returns the step."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        intact = checkpoint["sha256"] == checkpoint_digest(checkpoint["model"], checkpoint["step"])
+    except Exception as error:
+        raise ValueError(f"checkpoint {path}: unreadable ({error})") from None
+    if not intact:
+        raise ValueError(f"checkpoint {path}: sha256 mismatch (damaged or edited)")
     model.load_state_dict(checkpoint["model"])
     return int(checkpoint["step"])
 
@@ -1382,13 +1407,18 @@ def compile_warm_up(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer
 def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, make_loader: Callable[[], Any],
                 log: Callable[[str], None], *, forward: Callable | None = None, autocast: str = "fp32",
                 clock: Callable[[], float] = time.perf_counter, synchronize: Callable[[], None] = lambda: None,
-                ema: ExponentialMovingAverage | None = None, checkpoint_path: str | None = None) -> TrainResult:
+                ema: ExponentialMovingAverage | None = None, checkpoint_dir: str | None = None,
+                stop_signals: list[int] | None = None) -> TrainResult:
     """Train `model` in place. `make_loader()` returns a fresh loader whose `next_step()` gives this
     rank's micro-batches; `forward` is the (possibly compiled) loss function, default `model`;
-    `clock` is injectable so tests can prove the wallclock cap with a fake clock."""
+    `clock` is injectable so tests can prove the wallclock cap with a fake clock. Checkpoints go to
+    `checkpoint_dir`: checkpoint.pt every CHECKPOINT_EVERY steps, and interrupted.pt when a signal
+    has been appended to `stop_signals` (then the run stops after the step in progress and raises
+    TrainingInterrupted). final_model.pt, the finished run, is written by the caller."""
     forward = model if forward is None else forward  # `or` would call len() on a compiled module
     device = model.tok_emb.weight.device
     rank, _ = distributed_info()
+    checkpoint_path = checkpoint_dir and os.path.join(checkpoint_dir, "checkpoint.pt")
 
     def train_step(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         return forward_backward(forward, batches, optimizer, model.attn_backend, autocast)
@@ -1412,7 +1442,14 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
         if step > 0:
             step_durations.append(now - previous_top)
         previous_top = now
-        elapsed, predicted = rank0_decides([now - start, max(step_durations[-10:], default=0.0)], device)
+        elapsed, predicted, signal_number = rank0_decides(
+            [now - start, max(step_durations[-10:], default=0.0), stop_signals[0] if stop_signals else 0], device)
+        if signal_number:  # rank 0 got SIGTERM/SIGINT: every rank stops here, between two steps
+            interrupted_path = checkpoint_dir and os.path.join(checkpoint_dir, "interrupted.pt")
+            if interrupted_path and rank == 0:
+                save_checkpoint(interrupted_path, model, h, step)
+            log(f"stopping: signal {signal_number:.0f} after step {step}; checkpoint: {interrupted_path}")
+            raise TrainingInterrupted(f"signal {signal_number:.0f} after step {step}")
         progress = elapsed / budget if budget is not None else step / h.optim.iterations
         if h.model.recurrence_enabled and not model.recurrence_active and progress >= h.model.enable_looping_at:
             slowdown = switch_on_recurrence(model, step, progress, log)
@@ -2333,9 +2370,47 @@ def make_val_data(tokens, byte_counts, vocab_size: int | None = None, max_docs: 
     return ValData(torch.from_numpy(tokens.copy()), torch.from_numpy(byte_counts.copy()), doc_starts, doc_lengths)
 
 
+def user_defined_piece_count(model_proto: bytes) -> int:
+    """How many pieces of a SentencePiece model are USER_DEFINED (the CaseOps operators are), read from
+    the ModelProto bytes: the Python API has no is_user_defined. The pieces are the proto's first
+    fields (field 1, one message each); a piece's type (field 3, varint; USER_DEFINED = 4) is serialized
+    last in its message, so a user-defined piece ends with the bytes 0x18 0x04."""
+    def varint(position: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = model_proto[position]
+            value, shift, position = value | (byte & 0x7F) << shift, shift + 7, position + 1
+            if byte < 0x80:
+                return value, position
+
+    count, position = 0, 0
+    while position < len(model_proto) and model_proto[position] == 0x0A:  # field 1, length-delimited
+        length, position = varint(position + 1)
+        position += length
+        count += model_proto[position - 2: position] == b"\x18\x04"
+    return count
+
+
+def check_manifest_sha256(path: str) -> None:
+    """A file in a folder with a prepare_caseops_data.py manifest.json must be listed there with this
+    sha256 (the manifest records every shard and sidecar it wrote), so an edited or swapped val file is
+    refused instead of silently changing val_bpb. Folders without a manifest are not checked."""
+    manifest_path = os.path.join(os.path.dirname(path), "manifest.json")
+    if not os.path.exists(manifest_path):
+        return
+    with open(manifest_path) as handle:
+        expected = {record["name"]: record["sha256"] for record in json.load(handle).get("files", [])}
+    with open(path, "rb") as handle:
+        if expected and expected.get(os.path.basename(path)) != hashlib.sha256(handle.read()).hexdigest():
+            raise ValueError(f"{path}: sha256 differs from {manifest_path}")
+
+
 def load_val_data(pattern: str, vocab_size: int, tokenizer_path: str | None = None,
                   max_docs: int | None = None) -> ValData:
-    """Load val shards (sorted glob) with their byte sidecars, or the piece rule when none exists."""
+    """Load val shards (sorted glob) with their byte sidecars, or the piece rule when none exists.
+    Every file is checked against the folder's manifest.json if there is one. The piece rule is refused
+    for a tokenizer with user-defined pieces: it would count each CaseOps operator as its 3 UTF-8 bytes,
+    though an operator stands for no original byte (val_bpb ~7% too low)."""
     shard_paths = sorted(glob.glob(pattern))
     if not shard_paths:
         raise FileNotFoundError(f"no validation shards match {pattern!r} (DATA_PATH)")
@@ -2345,6 +2420,9 @@ def load_val_data(pattern: str, vocab_size: int, tokenizer_path: str | None = No
         missing = [path for path, ok in zip(sidecars, present) if not ok]
         raise FileNotFoundError(f"byte sidecar missing for some val shards: {missing}")
     token_parts, byte_parts = [], []
+    for path in shard_paths + sidecars:
+        if os.path.exists(path):
+            check_manifest_sha256(path)
     for shard_path, sidecar_path, has_sidecar in zip(shard_paths, sidecars, present):
         shard_tokens = read_shard(shard_path)
         token_parts.append(shard_tokens)
@@ -2358,10 +2436,17 @@ def load_val_data(pattern: str, vocab_size: int, tokenizer_path: str | None = No
     if all(present):
         byte_counts = np.concatenate(byte_parts).astype(np.int64)
     elif tokenizer_path:
+        with open(tokenizer_path, "rb") as handle:
+            if user_defined_piece_count(handle.read()):
+                raise ValueError(f"TOKENIZER_PATH={tokenizer_path}: the piece rule miscounts its user-defined "
+                                 f"pieces (CaseOps operators); use val byte sidecars")
         byte_counts = piece_byte_counts(tokens, piece_byte_tables(tokenizer_path, vocab_size))
     else:
         raise FileNotFoundError("val shards have no byte sidecar and no TOKENIZER_PATH was given for the piece rule")
-    return make_val_data(tokens, byte_counts, vocab_size=vocab_size, max_docs=max_docs)
+    try:
+        return make_val_data(tokens, byte_counts, vocab_size=vocab_size, max_docs=max_docs)
+    except ValueError as error:
+        raise ValueError(f"val shards {pattern}: {error}") from None
 
 
 # --- score accounting: float64 sums, all-reduced across ranks ---------------------------------
@@ -2951,9 +3036,11 @@ def compile_and_warm_up_eval(h: Hyperparameters, model: GPT, quantized: GPT, con
 # -----------------------------------------------------------------------------
 # Main
 #
-# Resolve the config, set up devices and torch.distributed, train, save the EMA checkpoint, quantize
+# Resolve the config, set up devices and torch.distributed, check every input the run will need
+# (preflight: seconds, instead of an error after training), train, save the EMA checkpoint, quantize
 # and write the artifact, evaluate, and write summary.json. With POST_TRAINING_ONLY=1 a run
-# re-quantizes and re-evaluates its saved checkpoint without retraining.
+# re-quantizes and re-evaluates its saved checkpoint without retraining. Errors are logged before they
+# propagate; SIGTERM/SIGINT during training stop it after the current step with interrupted.pt.
 # -----------------------------------------------------------------------------
 
 
@@ -2994,6 +3081,47 @@ def check_tokenizer(h: Hyperparameters) -> None:
         raise ValueError(f"TOKENIZER_PATH={path!r} has {size} tokens but VOCAB_SIZE={h.model.vocab_size}")
 
 
+def preflight(h: Hyperparameters) -> list[str]:
+    """Check, before the model is built, the files the run will read, so that a bad one fails in
+    seconds rather than after training and GPTQ: the tokenizer; every train shard's header and size;
+    that no train file is a val shard or byte sidecar (all are named fineweb_val_*, which
+    `val_sidecar_path` enforces); and, when the run evaluates, the val data loaded exactly as evaluation
+    will load it (shard headers, sidecar lengths, manifest sha256s, BOS first, token ids), then dropped.
+    (The artifact folder was already written to by `start_run`.) Returns the train shard paths."""
+    check_tokenizer(h)
+    train_env = "TRAIN_FILES" if h.data.train_files else "DATA_PATH"
+    train_paths = shard_paths(h.data.train_glob, train_env)
+    for path in train_paths:
+        shard_token_count(path)
+        if os.path.basename(path).startswith("fineweb_val_"):
+            raise ValueError(f"{train_env}: {path} is a validation file")
+    if h.run.post_training_enabled:
+        load_val_data(h.data.val_glob, h.model.vocab_size, h.data.tokenizer_path or None, h.data.val_max_docs)
+    return train_paths
+
+
+@contextlib.contextmanager
+def signal_handlers(handler: Callable) -> Iterator[None]:
+    """Route SIGTERM (what a cluster sends before it kills a job) and SIGINT to `handler` inside the
+    block; the previous handlers come back after it."""
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+def stop_after_step(received: list[int]) -> Callable:
+    """A signal handler for training: the first signal is appended to `received`, and `train_model`
+    stops after the step in progress, saving interrupted.pt; a second one stops at once."""
+    def handler(number: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(number)
+    return handler
+
+
 def start_run(h: Hyperparameters, environ: Mapping[str, str]) -> RunContext:
     """Device, process group, one run id for all ranks, the artifact folder and its log; the log opens
     with the run's own source code (saved next to it) and environment, so it is a complete record."""
@@ -3020,9 +3148,11 @@ def start_run(h: Hyperparameters, environ: Mapping[str, str]) -> RunContext:
         torch.backends.cudnn.allow_tf32 = True
     with open(os.path.abspath(__file__), "rb") as handle:
         source = handle.read()
-    if rank == 0:
-        os.makedirs(artifact_dir, exist_ok=True)
-        atomic_write_bytes(os.path.join(artifact_dir, "train_gpt_source.py"), source)
+    if rank == 0:  # this first write (temporary file + rename, like every later one) is the writability check
+        try:
+            atomic_write_bytes(os.path.join(artifact_dir, "train_gpt_source.py"), source)
+        except OSError as error:
+            raise OSError(f"ARTIFACT_DIR={artifact_dir}: not writable ({error})") from None
     context.log(f"run_id:{h.run.run_id} preset:{h.run.preset} artifact_dir:{artifact_dir} code:{len(source)} bytes "
                 f"sha256:{hashlib.sha256(source).hexdigest()} (saved as train_gpt_source.py)")
     context.log(f"env: python {platform.python_version()} torch {torch.__version__} device:{device} "
@@ -3045,7 +3175,7 @@ def train_run(h: Hyperparameters, model: GPT, context: RunContext, checkpoint_pa
     context.training_start = context.clock()
     result = train_model(h, model, optimizer, context.make_train_loader, context.log, forward=forward,
                          autocast=context.autocast, clock=context.clock, synchronize=synchronize, ema=ema,
-                         checkpoint_path=checkpoint_path)
+                         checkpoint_dir=context.artifact_dir, stop_signals=context.stop_signals)
     if ema is not None:
         ema.copy_to(model)  # the EMA weights are the model from here on (quantized and evaluated)
     context.train_time_s = result.train_time_s
@@ -3064,7 +3194,21 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     environ = os.environ if environ is None else environ
     h = Hyperparameters.from_env(environ)
     context = start_run(h, environ)
+    # From here every error, and SIGTERM like Ctrl-C, ends with a line in train.log before it propagates.
+    with signal_handlers(signal.default_int_handler):
+        try:
+            return run_stages(h, context)
+        except BaseException as error:
+            context.log(f"error: {type(error).__name__}: {error}")
+            raise
+
+
+def run_stages(h: Hyperparameters, context: RunContext) -> dict[str, Any]:
+    """Preflight, model, training (or the saved checkpoint), artifact, evaluation, summary.json."""
     device, log = context.device, context.log
+    started = time.perf_counter()
+    train_paths = preflight(h)
+    log(f"preflight: ok ({time.perf_counter() - started:.2f}s)")
     attn_backend = select_attention_backend(h.run.attn_backend, device)
     if h.run.compile == "1" or (h.run.compile == "auto" and device.type == "cuda"):
         context.compile_backend = h.run.compile_backend
@@ -3074,8 +3218,6 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     model = GPT(h.model, attn_backend).to(device)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layer order with recurrence "
         f"{model.layer_order(looping=h.model.recurrence_enabled)}")
-    check_tokenizer(h)
-    train_paths = shard_paths(h.data.train_glob, "TRAIN_FILES" if h.data.train_files else "DATA_PATH")
     accum, seqs_per_micro = h.data.batch_layout(context.world_size)
     context.make_train_loader = lambda: TrainLoader(
         train_paths, h.model.vocab_size, h.data.train_seq_len, seqs_per_micro, accum, context.rank,
@@ -3094,7 +3236,10 @@ def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     else:
         log(f"data: {len(train_paths)} train shards, grad_accum:{accum} seqs_per_micro_step:{seqs_per_micro} "
             f"seq_len:{h.data.train_seq_len} tokens_per_step:{h.data.train_batch_tokens}")
-        summary.update(train_run(h, model, context, checkpoint_path))
+        with signal_handlers(stop_after_step(context.stop_signals)):
+            summary.update(train_run(h, model, context, checkpoint_path))
+        if context.stop_signals:  # arrived after the last step: final_model.pt is complete, stop here
+            raise KeyboardInterrupt
     model.set_recurrence(h.model.recurrence_enabled)
     if h.run.post_training_enabled:
         fields, quantized = quantize_and_write_artifact(h, model, context)

@@ -126,16 +126,19 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_da
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    path = str(run_dir / "final_model.pt")
+    path = str(run_dir / "checkpoint.pt")
     lines = []
     with pytest.raises(train_gpt.TrainingDiverged, match="at step 5") as error:
-        train_gpt.train_model(h, model, optimizer, make_loader, lines.append, forward=forward, checkpoint_path=path)
+        train_gpt.train_model(h, model, optimizer, make_loader, lines.append, forward=forward,
+                              checkpoint_dir=str(run_dir))
     assert error.value.step == 5
-    assert any("non-finite train loss" in line and "final_model.pt" in line for line in lines)
+    assert any("non-finite train loss" in line and "checkpoint.pt" in line for line in lines)
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["step"] == 4
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
-    assert os.listdir(run_dir) == ["final_model.pt"]  # no temporary file left behind
+    # periodic checkpoints are never named final_model.pt (that name means a finished run), and no
+    # temporary file is left behind
+    assert os.listdir(run_dir) == ["checkpoint.pt"]
 
 
 def test_compile_warmup_is_undone_exactly(tiny_dataset):
@@ -219,13 +222,22 @@ POST_TRAINING_ENV = dict(POST_TRAINING_ENABLED="1", GPTQ_CALIBRATION_BATCHES="2"
 
 
 def test_post_training_evaluates_exactly_the_artifact_it_wrote(tiny_dataset, tmp_path, monkeypatch):
-    """A full run: quantize, write the counted artifact, evaluate. Validation shards are read only once
-    evaluation starts (never by training or GPTQ calibration); the quantized score is reproduced from
-    the artifact file alone; the saved per-token NLLs reproduce the final score."""
+    """A full run: quantize, write the counted artifact, evaluate. Between the preflight check (which
+    loads the val data to validate it, and keeps nothing) and evaluation, only training shards are read
+    (by training and GPTQ calibration); the quantized score is reproduced from the artifact file alone;
+    the saved per-token NLLs reproduce the final score."""
     reads = []
-    real_read_shard, real_evaluate = train_gpt.read_shard, train_gpt.evaluate_after_training
+    real_read_shard, real_evaluate, real_preflight = (train_gpt.read_shard, train_gpt.evaluate_after_training,
+                                                      train_gpt.preflight)
     monkeypatch.setattr(train_gpt, "read_shard", lambda path: reads.append(os.path.basename(path)) or
                         real_read_shard(path))
+
+    def preflight(*args, **kwargs):
+        result = real_preflight(*args, **kwargs)
+        reads.append("<preflight done>")
+        return result
+
+    monkeypatch.setattr(train_gpt, "preflight", preflight)
 
     def evaluate(*args, **kwargs):
         reads.append("<evaluation starts>")
@@ -236,7 +248,8 @@ def test_post_training_evaluates_exactly_the_artifact_it_wrote(tiny_dataset, tmp
     env = dict(TINY_MAIN_ENV, **POST_TRAINING_ENV, DATA_PATH=tiny_dataset.path, ARTIFACT_DIR=str(artifact_dir))
     summary = train_gpt.main(env)
 
-    before_eval = reads[:reads.index("<evaluation starts>")]
+    assert any(name.startswith("fineweb_val_") for name in reads[:reads.index("<preflight done>")])
+    before_eval = reads[reads.index("<preflight done>") + 1: reads.index("<evaluation starts>")]
     assert before_eval and all(name.startswith("fineweb_train_") for name in before_eval), reads
     assert any(name.startswith("fineweb_val_") for name in reads[len(before_eval):])
 
