@@ -2906,7 +2906,7 @@ def eval_ttt(config: EvalSettings, model: GPT, val: ValData, time_budget_s: floa
 
 
 def warm_up_on_random_tokens(model: GPT, vocab_size: int, seq_len: int, batch_size: int = 2,
-                             lora: nn.Module | None = None, seed: int = 0) -> None:
+                             lora: nn.Module | None = None, seed: int = 0, backward: bool = True) -> None:
     """Run the eval forward (and a backward, for TTT kernels) on random tokens, never val data;
     gradients are discarded and no weight changes."""
     device = next(model.parameters()).device
@@ -2915,8 +2915,9 @@ def warm_up_on_random_tokens(model: GPT, vocab_size: int, seq_len: int, batch_si
     inputs[:, 0] = BOS_ID
     with torch.no_grad():
         model.per_token_nll(inputs[:, :-1], inputs[:, 1:], lora=lora)
-    with torch.enable_grad():
-        model.per_token_nll(inputs[:, :-1], inputs[:, 1:], lora=lora).mean().backward()
+    if backward:
+        with torch.enable_grad():
+            model.per_token_nll(inputs[:, :-1], inputs[:, 1:], lora=lora).mean().backward()
     model.zero_grad(set_to_none=True)
     if lora is not None:
         lora.zero_grad(set_to_none=True)
@@ -3018,15 +3019,21 @@ def compile_and_warm_up_eval(h: Hyperparameters, model: GPT, quantized: GPT, con
     config = h.eval
     for m in (model, quantized):
         compile_eval_forward(m, context.compile_backend)
+    vocab, seq_len = h.model.vocab_size, config.eval_seq_len
+    quantized.eval()  # the mode every eval driver runs in (a module's mode is part of a graph's guards)
     with _WeightsRestored(quantized):
-        warm_up_on_random_tokens(quantized, h.model.vocab_size, config.eval_seq_len)
+        # graphs differ by grad mode, by requires_grad of the weights and by the LoRA being there:
+        # trainable weights (plain and sliding scoring; chunked TTT and global SGD steps) ...
+        warm_up_on_random_tokens(quantized, vocab, seq_len)
         if config.ttt_enabled and config.ttt_mode == "phased":
+            # ... and frozen weights: scoring with and without a LoRA, LoRA steps (its batch dim is static)
             for param in quantized.parameters():
                 param.requires_grad_(False)
+            warm_up_on_random_tokens(quantized, vocab, seq_len, config.phased_ttt_docs_per_batch, backward=False)
             sites = tuple(site.strip() for site in config.phased_ttt_lora_sites.split(",") if site.strip())
-            lora = BatchedLoRA(2, lora_site_dims(quantized, sites), config.phased_ttt_lora_rank,
-                               config.phased_ttt_lora_alpha)
-            warm_up_on_random_tokens(quantized, h.model.vocab_size, config.eval_seq_len, lora=lora.to(context.device))
+            lora = BatchedLoRA(config.phased_ttt_docs_per_batch, lora_site_dims(quantized, sites),
+                               config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha).to(context.device)
+            warm_up_on_random_tokens(quantized, vocab, seq_len, config.phased_ttt_docs_per_batch, lora=lora)
     seconds = time.perf_counter() - started
     context.log(f"eval compile warm-up: {seconds:.1f}s on random tokens ({context.compile_backend}; not scored, "
                 f"not in eval_time)")

@@ -16,6 +16,8 @@ from tg_helpers import perturb_parameters, random_tokens, tiny_h
 # a small model with every record feature (recurrence, parallel lanes, gates, smear, XSA)
 SMALL = dict(NUM_LAYERS=4, LOOP_START=1, LOOP_END=1, NUM_LOOPS=2, PARALLEL_START_LAYER=3, MODEL_DIM=32,
              NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, SMEAR_GATE_DIMS=8, SPARSE_ATTN_GATE_DIMS=8)
+# still every feature (one looped layer, one parallel layer), fewest ops: tracing time is the test's cost
+MINIMAL = dict(NUM_LAYERS=2, LOOP_START=0, LOOP_END=0, NUM_LOOPS=2, PARALLEL_START_LAYER=1)
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +110,7 @@ def test_hitting_the_recompile_limit_is_an_error_not_a_silent_eager_fallback():
 def test_inductor_compiles_the_forward_and_backward_of_a_small_model():
     """The record run uses inductor: its generated code must agree with eager (forward loss and every
     gradient). Two blocks (one of them parallel), to keep the C++ compile short on CPU."""
-    h, model = small_model("sdpa", NUM_LAYERS=2, NUM_LOOPS=1, LOOP_START=0, LOOP_END=0, PARALLEL_START_LAYER=1)
+    h, model = small_model("sdpa", **dict(MINIMAL, NUM_LOOPS=1))
     ids = random_tokens(2, 32, vocab=512, seed=3, bos_every=11)
     layout = train_gpt.DocumentLayout.build(ids, "sdpa")
     compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="inductor")
@@ -134,11 +136,12 @@ def test_compiled_run_trains_quantizes_and_evaluates_every_mode(tiny_dataset, tm
                ARTIFACT_DIR=str(tmp_path / "run"), GPTQ_CALIBRATION_BATCHES="1", VAL_MAX_DOCS="4",
                EVAL_SEQ_LEN="128", EVAL_BATCH_TOKENS="512", SLIDING_WINDOW_ENABLED="1", SLIDING_STRIDE="64",
                PHASED_TTT_PREFIX_DOCS="2", PHASED_TTT_DOCS_PER_BATCH="2", QUANT_SMALL_TENSOR_NUMEL="1024",
-               **{key: str(value) for key, value in SMALL.items()})
+               EVAL_MAX_SECONDS="3600", **{key: str(value) for key, value in dict(SMALL, **MINIMAL).items()})
     summary = train_gpt.main(env)
     for key in ("pre_quant_val_bpb", "quant_val_bpb", "sliding_val_bpb", "ttt_val_bpb"):
         assert summary[key] is not None and 0 < summary[key] < 20, key
     assert summary["steps"] == 4 and summary["eval_warmup_time_s"] > 0
+    assert not summary["evals"]["quantized_ttt_phased"]["ttt_stopped_by_budget"]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "compile:aot_eager" in log and "recurrence: on" in log and "eval compile warm-up" in log
     assert not counters["graph_break"]
