@@ -19,6 +19,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import datetime
 import glob
 import hashlib
 import importlib.util
@@ -72,8 +73,9 @@ class RunSettings:
     seed: int = 1337  # seed for initialization and data order
     artifact_dir: str = ""  # where checkpoint, log, code and summary.json go; default: runs/<RUN_ID>
     device: str = "auto"  # auto|cpu|cuda (auto: CUDA when available)
-    compile: str = "auto"  # torch.compile the model: auto (on for CUDA, off for CPU)|0|1
-    attn_backend: str = "auto"  # auto|fa3|flex|sdpa|plain attention kernel (auto: best available)
+    compile: str = "auto"  # torch.compile training and eval forwards: auto (on for CUDA, off for CPU)|0|1
+    compile_backend: str = "inductor"  # torch.compile backend; aot_eager traces and checks graphs without codegen
+    attn_backend: str = "auto"  # auto|fa3|flex|sdpa|plain|varlen (FA3 layout, plain math) attention kernel
     autocast: str = "auto"  # auto|bf16|fp32 compute dtype (auto: bf16 on CUDA, fp32 on CPU)
     cpu_threads: int = 0  # CPU intra-op threads; 0 = torch's default (small models run best on 1)
     post_training_only: bool = False  # skip training; quantize/evaluate ARTIFACT_DIR/final_model.pt
@@ -215,7 +217,7 @@ class EvalSettings:
     eval_seq_len: int = 2048  # context length of evaluation
     eval_batch_tokens: int = 524288  # tokens per evaluation batch, all ranks together
     eval_max_seconds: float = 600.0  # evaluation time limit checked in the summary
-    sliding_window_enabled: bool = True  # report quantized sliding-window val_bpb
+    sliding_window_enabled: bool = False  # also report quantized sliding-window val_bpb (PR 1493 line)
     sliding_stride: int = 64  # sliding-window stride
     save_token_nll: bool = False  # write token_nll.npz: every scored token of the final eval mode
     ttt_enabled: bool = True  # run test-time training
@@ -230,6 +232,7 @@ class EvalSettings:
     phased_ttt_prefix_docs: int = 2500  # phased TTT: scored documents split into phases
     phased_ttt_num_phases: int = 3  # phased TTT: global-SGD phases
     phased_ttt_lora_rank: int = 80  # phased TTT: LoRA rank
+    phased_ttt_lora_alpha: float = 144.0  # phased TTT: adapter output scaled by alpha/rank (PR 1767/1855: 1.8)
     phased_ttt_lora_sites: str = "q,k,v,o,mlp_in,mlp_out,head"  # phased TTT: linears with a LoRA (a subset)
     phased_ttt_lr: float = 1e-4  # phased TTT: LoRA Adam learning rate
     phased_ttt_beta1: float = 0.0  # phased TTT: LoRA Adam beta1
@@ -284,8 +287,8 @@ class Hyperparameters:
 
     def _validate_choices_and_signs(self) -> None:
         run, data, model, optim, quant, eval = self.run, self.data, self.model, self.optim, self.quant, self.eval
-        choices = [(run, "device", "auto cpu cuda"), (run, "compile", "auto 0 1"),
-                   (run, "attn_backend", "auto fa3 flex sdpa plain"), (run, "autocast", "auto bf16 fp32"),
+        choices = [(run, "device", "auto cpu cuda"), (run, "compile", "auto 0 1"), (run, "compile_backend", "inductor aot_eager eager"),
+                   (run, "attn_backend", "auto fa3 flex sdpa plain varlen"), (run, "autocast", "auto bf16 fp32"),
                    (model, "mlp_act", "leaky_relu2 relu2"), (quant, "quant_scheme", "gptq int8"),
                    (quant, "gptq_calibration_source", "train generated"),
                    (quant, "quant_compressor", "brotli lzma zlib"),
@@ -424,12 +427,12 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "pr1736": ("pr1855", dict(  # without PR 1855's SmearGate, sparse gate, Polar-Express, MIN_LR, LQER
         smear_gate=False, sparse_attn_gate=False, muon_polar_express=False, min_lr=0.0, warmdown_frac=0.75,
         adam_beta2=0.95, quant_mlp_clip_sigmas=12.0, quant_embed_clip_sigmas=15.0, lqer_enabled=False,
-        phased_ttt_prefix_docs=2000, phased_ttt_lora_rank=96, phased_ttt_beta2=0.999)),
+        phased_ttt_prefix_docs=2000, phased_ttt_lora_rank=96, phased_ttt_lora_alpha=96.0, phased_ttt_beta2=0.999)),
     "pr1493": ("pr1736", dict(  # SP8192 (no CaseOps), parallel from layer 7, QK-gain 5.25, chunked SGD TTT
         data_path="./data/datasets/fineweb10B_sp8192", parallel_start_layer=7, qk_gain_init=5.25,
         gated_attn=False, matrix_lr=0.022, warmdown_frac=0.72, quant_mlp_clip_sigmas=12.85,
         quant_attn_clip_sigmas=12.85, quant_embed_bits=8, quant_embed_clip_sigmas=20.0, ttt_mode="chunked",
-        ttt_epochs=3, ttt_chunk_tokens=32768)),
+        ttt_epochs=3, ttt_chunk_tokens=32768, sliding_window_enabled=True)),
     "pr1812": ("pr1493", dict(  # 4 TTT epochs on 64K chunks, split MLP weight decay, Adam wd 0.005
         ttt_epochs=4, ttt_chunk_tokens=65536, muon_weight_decay_mlp=0.115, embed_weight_decay=0.005,
         scalar_weight_decay=0.005, muon_momentum_warmup_steps=1000)),  # 22% of ~4,550 steps
@@ -456,7 +459,7 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         ema_decay=0.9, cpu_threads=1,
         train_log_every=10, gptq_calibration_batches=2, val_max_docs=64, eval_seq_len=128,
         eval_batch_tokens=8192, eval_max_seconds=120.0, ttt_chunk_tokens=2048, phased_ttt_prefix_docs=16,
-        phased_ttt_lora_rank=4, phased_ttt_docs_per_batch=8, phased_ttt_global_chunk_tokens=2048,
+        phased_ttt_lora_rank=4, phased_ttt_lora_alpha=7.2, phased_ttt_docs_per_batch=8, phased_ttt_global_chunk_tokens=2048,
         sliding_stride=32, quant_small_tensor_numel=1024)),
 }
 
@@ -595,7 +598,8 @@ class TrainLoader:
 # crosses a document: a document starts at each BOS and at position 0 of every row.
 # -----------------------------------------------------------------------------
 
-ATTENTION_BACKENDS = ("fa3", "flex", "sdpa", "plain")
+ATTENTION_BACKENDS = ("fa3", "flex", "sdpa", "plain", "varlen")
+CU_SEQLENS_BUCKET = 64  # cu_seqlens is padded to a multiple of this, so batches share compiled graphs (PR 1855)
 
 
 def select_attention_backend(requested: str, device: torch.device) -> str:
@@ -613,29 +617,39 @@ def select_attention_backend(requested: str, device: torch.device) -> str:
 
 
 def fa3_available(device: torch.device) -> bool:
+    """Hopper and an FA3 that imports and runs here: a wheel built for another torch can import but fail
+    at its first call, so one tiny varlen call decides."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return False
-    return importlib.util.find_spec("flash_attn_interface") is not None
+    try:
+        from flash_attn_interface import flash_attn_varlen_func
+        q = torch.zeros(4, 1, 64, device=device, dtype=torch.bfloat16)
+        cu_seqlens = torch.tensor([0, 4], device=device, dtype=torch.int32)
+        flash_attn_varlen_func(q, q, q, cu_seqlens, cu_seqlens, 4, 4, causal=True)
+        return True
+    except Exception:  # missing module, ABI mismatch, unsupported GPU: fall back to flex
+        return False
 
 
 @dataclass
 class DocumentLayout:
-    """Where documents start in a [B, T] batch; built once per forward, shared by every layer."""
-    doc_ids: torch.Tensor            # [B, T] int64: index of each token's document within its row
+    """Where documents start in a [B, T] batch, shared by every layer. Built OUTSIDE the compiled model
+    (by the caller, from the input ids) so that data-dependent work (nonzero, block masks) never enters
+    a compiled graph; its tensors have shapes fixed by [B, T] (cu_seqlens: by a bucket of 64)."""
     doc_start: torch.Tensor          # [B, T] bool: token starts a document (BOS or row start)
     backend: str
     dense_mask: torch.Tensor | None = None   # [B, 1, T, T] bool, for sdpa / plain
     block_mask: Any = None                   # FlexAttention BlockMask
-    cu_seqlens: torch.Tensor | None = None   # [n_docs + 1] int32, for FA3 varlen
-    max_seqlen: int = 0
+    cu_seqlens: torch.Tensor | None = None   # [k * 64] int32 document starts of the flattened batch, for
+    max_seqlen: int = 0                      # FA3 varlen / its reference; padded with B*T (empty documents)
 
     @classmethod
     def build(cls, input_ids: torch.Tensor, backend: str) -> "DocumentLayout":
         batch, seq_len = input_ids.shape
         doc_start = input_ids == BOS_ID
         doc_start[:, 0] = True
-        doc_ids = torch.cumsum(doc_start.long(), dim=1)  # [B, T]
-        layout = cls(doc_ids=doc_ids, doc_start=doc_start, backend=backend)
+        layout = cls(doc_start=doc_start, backend=backend)
+        doc_ids = torch.cumsum(doc_start.long(), dim=1)  # [B, T]: index of each token's document in its row
         if backend in ("sdpa", "plain"):
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
             causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()
@@ -648,10 +662,11 @@ class DocumentLayout:
 
             layout.block_mask = create_block_mask(document_causal, batch, None, seq_len, seq_len,
                                                   device=input_ids.device)
-        elif backend == "fa3":
+        else:  # fa3 and its reference "varlen"
             starts = torch.nonzero(doc_start.flatten(), as_tuple=False).flatten()
-            total = torch.tensor([batch * seq_len], device=input_ids.device)
-            layout.cu_seqlens = torch.cat([starts, total]).to(torch.int32)
+            padded = -(-(starts.numel() + 1) // CU_SEQLENS_BUCKET) * CU_SEQLENS_BUCKET
+            layout.cu_seqlens = torch.full((padded,), batch * seq_len, dtype=torch.int32, device=input_ids.device)
+            layout.cu_seqlens[: starts.numel()] = starts.to(torch.int32)
             layout.max_seqlen = seq_len  # an upper bound is enough for the kernel's grid
         return layout
 
@@ -677,6 +692,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Documen
         out = flex_attention(q, k, v, block_mask=layout.block_mask, enable_gqa=True)
     elif layout.backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask, enable_gqa=True)
+    elif layout.backend == "varlen":  # FA3's inputs (cu_seqlens) through plain math: proves the layout on CPU
+        positions = torch.arange(batch * seq_len, device=q.device, dtype=torch.int32)
+        segment = torch.searchsorted(layout.cu_seqlens, positions, right=True).view(batch, seq_len)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
+        mask = (segment[:, :, None] == segment[:, None, :]) & causal  # [B, T, T]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
     else:  # plain: the reference the others must match
         group = heads // k.size(1)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -753,9 +774,9 @@ class CausalSelfAttention(nn.Module):
             self.gate = nn.Linear(self.gate_dims, config.num_heads, bias=False)
             nn.init.normal_(self.gate.weight, std=config.gated_attn_init_std)
 
-    def forward(self, x: torch.Tensor, layout: DocumentLayout, lora: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: DocumentLayout, lora: Any = None, slot: int = 0) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        layer = self.layer_index
+        layer = slot  # LoRA slot: one per layer pass, so a looped layer adapts each pass on its own (PR 1855)
         q = apply_lora(self.q_proj, "q", layer, x, lora).view(batch, seq_len, self.num_heads, self.head_dim)
         k = apply_lora(self.k_proj, "k", layer, x, lora).view(batch, seq_len, self.num_kv_heads, self.head_dim)
         v = apply_lora(self.v_proj, "v", layer, x, lora).view(batch, seq_len, self.num_kv_heads, self.head_dim)
@@ -781,13 +802,13 @@ class MLP(nn.Module):
         self.fc = MatrixLinear(config.model_dim, config.mlp_mult * config.model_dim)
         self.proj = MatrixLinear(config.mlp_mult * config.model_dim, config.model_dim, zero_init=True)
 
-    def forward(self, x: torch.Tensor, lora: Any = None) -> torch.Tensor:
-        hidden = apply_lora(self.fc, "mlp_in", self.layer_index, x, lora)
+    def forward(self, x: torch.Tensor, lora: Any = None, slot: int = 0) -> torch.Tensor:
+        hidden = apply_lora(self.fc, "mlp_in", slot, x, lora)
         if self.act == "leaky_relu2":  # LeakyReLU(0.5)^2 (PR 1274 line): keeps gradient for negatives
             hidden = F.leaky_relu(hidden, negative_slope=0.5).square()
         else:  # ReLU^2 (baseline)
             hidden = F.relu(hidden).square()
-        return apply_lora(self.proj, "mlp_out", self.layer_index, hidden, lora)
+        return apply_lora(self.proj, "mlp_out", slot, hidden, lora)
 
 
 class Block(nn.Module):
@@ -814,19 +835,20 @@ class Block(nn.Module):
             self.lane_mix = nn.Parameter(torch.ones(2, 2))    # [target lane, (attn, mlp)]
             self.lane_resid = nn.Parameter(torch.ones(2))     # per-lane residual scale
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, layout: DocumentLayout, lora: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, layout: DocumentLayout, lora: Any = None,
+                slot: int = 0) -> torch.Tensor:
         if self.resid_mix is not None:
             mix = self.resid_mix.to(x.dtype)
             x = mix[0] * x + mix[1] * x0
         if not self.parallel:
             lane = x[0]
-            lane = lane + self.attn_scale.to(x.dtype) * self.attn(rms_norm(lane) * self.ln_scale, layout, lora)
-            lane = lane + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(lane) * self.ln_scale, lora)
+            lane = lane + self.attn_scale.to(x.dtype) * self.attn(rms_norm(lane) * self.ln_scale, layout, lora, slot)
+            lane = lane + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(lane) * self.ln_scale, lora, slot)
             return lane[None]
         if x.size(0) == 1:
             x = x.expand(2, *x.shape[1:])
-        attn_out = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x[0]) * self.ln_scale, layout, lora)
-        mlp_out = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x[1]) * self.ln_scale, lora)
+        attn_out = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x[0]) * self.ln_scale, layout, lora, slot)
+        mlp_out = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x[1]) * self.ln_scale, lora, slot)
         mix, resid = self.lane_mix.to(x.dtype), self.lane_resid.to(x.dtype)
         return (resid[:, None, None, None] * x + mix[:, 0, None, None, None] * attn_out
                 + mix[:, 1, None, None, None] * mlp_out)
@@ -892,9 +914,12 @@ class GPT(nn.Module):
         middle = len(order) // 2
         return order[:middle], order[middle:]
 
-    def hidden_states(self, input_ids: torch.Tensor, lora: Any = None) -> torch.Tensor:
-        """The one block stack: input_ids [B, T] -> final normed hidden states [B, T, D]."""
-        layout = DocumentLayout.build(input_ids, self.attn_backend)
+    def hidden_states(self, input_ids: torch.Tensor, lora: Any = None,
+                      layout: DocumentLayout | None = None) -> torch.Tensor:
+        """The one block stack: input_ids [B, T] -> final normed hidden states [B, T, D]. A compiled
+        caller passes the `layout` it built outside the graph; eager callers may leave it to us."""
+        if layout is None:
+            layout = DocumentLayout.build(input_ids, self.attn_backend)
         x = rms_norm(self.tok_emb(input_ids))  # [B, T, D]
         if self.smear is not None:
             x = self.smear(x, layout.doc_start)
@@ -902,8 +927,8 @@ class GPT(nn.Module):
         x = x[None]  # [lanes=1, B, T, D]
         encoder, decoder = self.layer_order()
         skips = []
-        for index in encoder:
-            x = self.blocks[index](x, x0, layout, lora)
+        for slot, index in enumerate(encoder):  # slot: the pass, for LoRA (index: the physical block)
+            x = self.blocks[index](x, x0, layout, lora, slot)
             skips.append(x)
         for position, index in enumerate(decoder):
             if self.skip_weights is not None and position < len(encoder) and skips:
@@ -913,26 +938,29 @@ class GPT(nn.Module):
                     x = gate * x + (1 - gate) * scaled_skip
                 else:
                     x = x + scaled_skip
-            x = self.blocks[index](x, x0, layout, lora)
+            x = self.blocks[index](x, x0, layout, lora, len(encoder) + position)
         return rms_norm(x.mean(dim=0))  # mean of the lanes
 
-    def forward_logits(self, input_ids: torch.Tensor, lora: Any = None) -> torch.Tensor:
+    def forward_logits(self, input_ids: torch.Tensor, lora: Any = None,
+                       layout: DocumentLayout | None = None) -> torch.Tensor:
         """Softcapped float32 logits [B, T, V]; the head is the tied embedding."""
-        hidden = self.hidden_states(input_ids, lora)
+        hidden = self.hidden_states(input_ids, lora, layout)
         logits = apply_lora(lambda z: F.linear(z, self.tok_emb.weight.to(z.dtype)), "head", -1, hidden, lora)
         logits = logits.float()
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def per_token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor, lora: Any = None) -> torch.Tensor:
+    def per_token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor, lora: Any = None,
+                      layout: DocumentLayout | None = None) -> torch.Tensor:
         """Per-token negative log-likelihood in nats [B, T] (float32, full softmax over the vocabulary)."""
-        logits = self.forward_logits(input_ids, lora)
+        logits = self.forward_logits(input_ids, lora, layout)
         nll = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none")
         return nll.view_as(target_ids)
 
-    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor,
+                layout: DocumentLayout | None = None) -> torch.Tensor:
         """Mean cross-entropy over all targets (training)."""
-        return self.per_token_nll(input_ids, target_ids).mean()
+        return self.per_token_nll(input_ids, target_ids, layout=layout).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -976,12 +1004,13 @@ def newton_schulz(grad: torch.Tensor, steps: int = 5, polar_express: bool = Fals
 
 
 def lr_multiplier(progress: float, warmdown_frac: float, min_lr: float) -> float:
-    """Flat at 1, then linear warmdown over the last `warmdown_frac` of training down to `min_lr`."""
+    """Flat at 1, then a linear warmdown over the last `warmdown_frac` of training that stops at the
+    floor `min_lr` and stays there: max((1 - f) / warmdown_frac, min_lr) (PR 1787/1855; MIN_LR 0.1 was
+    tuned with this shape)."""
     progress = min(max(progress, 0.0), 1.0)
     if warmdown_frac <= 0 or progress <= 1.0 - warmdown_frac:
         return 1.0
-    remaining = (1.0 - progress) / warmdown_frac  # 1 at the start of warmdown, 0 at the end
-    return min_lr + (1.0 - min_lr) * remaining
+    return max((1.0 - progress) / warmdown_frac, min_lr)
 
 
 def muon_momentum_at(step: int, config: OptimSettings) -> float:
@@ -1212,6 +1241,7 @@ class RunContext:
     rank: int = 0
     world_size: int = 1
     autocast: str = "fp32"
+    compile_backend: str = ""  # torch.compile backend of training and eval forwards; "" = eager
     make_train_loader: Callable[[], Any] | None = None  # fresh training stream (GPTQ calibration data)
     clock: Callable[[], float] = time.perf_counter
     training_start: float | None = None  # clock() at the start of timed training (None: not trained here)
@@ -1227,12 +1257,15 @@ class ExponentialMovingAverage:
         self.decay = decay
         self.shadow = {name: tensor.detach().float().clone()
                        for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+        # the live tensors, kept once: weights change in place (optimizers, warm-up restore), so these stay valid
+        live = model.state_dict()
+        self.pairs = [(self.shadow[name], live[name]) for name in self.shadow]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for name, tensor in model.state_dict().items():
-            if name in self.shadow:
-                self.shadow[name].lerp_(tensor.float(), 1.0 - self.decay)
+        """One fused lerp over every tensor (one kernel launch per group, not ~150)."""
+        shadows = [shadow for shadow, _ in self.pairs]
+        torch._foreach_lerp_(shadows, [tensor.float() for _, tensor in self.pairs], 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -1303,6 +1336,27 @@ def load_checkpoint(path: str, model: nn.Module) -> int:
     return int(checkpoint["step"])
 
 
+def configure_compile(backend: str) -> None:
+    """Graphs are compiled once per shape: one per cu_seqlens bucket and recurrence state in training
+    (PR 1855 allows 64), a few for eval. Hitting the limit must be an error, never a silent fall back to
+    eager, which would run the rest of the record slowly without a word."""
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def compile_eval_forward(model: GPT, backend: str) -> None:
+    """Compile `model.per_token_nll` in place for evaluation and TTT. Shapes are dynamic (windows and
+    TTT chunks vary in width); the document layout is built outside the graph, as in training."""
+    compiled = torch.compile(model.per_token_nll, dynamic=True, fullgraph=True, backend=backend)
+
+    def per_token_nll(input_ids: torch.Tensor, target_ids: torch.Tensor, lora: Any = None,
+                      layout: DocumentLayout | None = None) -> torch.Tensor:
+        layout = DocumentLayout.build(input_ids, model.attn_backend) if layout is None else layout
+        return compiled(input_ids, target_ids, lora, layout)
+
+    model.per_token_nll = per_token_nll
+
+
 def compute_context(device: torch.device, autocast: str) -> Any:
     """bf16 autocast where the run asked for it, else a no-op context."""
     if autocast == "bf16":
@@ -1311,14 +1365,17 @@ def compute_context(device: torch.device, autocast: str) -> Any:
 
 
 def forward_backward(forward: Callable, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     optimizer: TrainingOptimizer, device: torch.device, autocast: str) -> float:
+                     optimizer: TrainingOptimizer, backend: str, autocast: str) -> float:
     """Gradients of the mean loss over this rank's micro-batches; returns the loss averaged over all
-    ranks (the optimizer is not stepped here)."""
+    ranks (the optimizer is not stepped here). The document layout is built here, outside `forward`
+    (which may be compiled), so its data-dependent parts never enter the graph."""
     optimizer.zero_grad()
+    device = batches[0][0].device
     total = torch.zeros((), device=device)
     for inputs, targets in batches:
+        layout = DocumentLayout.build(inputs, backend)
         with compute_context(device, autocast):
-            loss = forward(inputs, targets)
+            loss = forward(inputs, targets, layout)
         (loss / len(batches)).backward()
         total += loss.detach().float()
     total /= len(batches)
@@ -1364,7 +1421,7 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     checkpoint_path = checkpoint_dir and os.path.join(checkpoint_dir, "checkpoint.pt")
 
     def train_step(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        return forward_backward(forward, batches, optimizer, device, autocast)
+        return forward_backward(forward, batches, optimizer, model.attn_backend, autocast)
 
     warmup_start = clock()
     compile_warm_up(h, model, optimizer, make_loader, train_step, log)
@@ -1458,7 +1515,7 @@ def log_step(h: Hyperparameters, step: int, loss_value: float, elapsed: float, l
 # yet rounded. Per-row scales are "SDClip" (clip_sigmas * row_std / clip_range). An optional LQER
 # low-rank term (arXiv:2402.02446; PR 1855) corrects the largest errors. The container is stored as
 # a small JSON header + raw arrays (no pickle, so loading runs no code), byte-shuffled and
-# compressed with brotli-11; the code is minified, lzma'd and base85-wrapped into a 2-line script.
+# compressed with brotli-11; the code is minified, brotli'd and base85-wrapped into a 2-line script.
 # -----------------------------------------------------------------------------
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal, as in the challenge rules
@@ -2033,19 +2090,19 @@ def minify_source(source):
     )
 
 
-PACKED_PREFIX = "import lzma as _L,base64 as _B\nexec(_L.decompress(_B.b85decode(\""
+PACKED_PREFIX = "import brotli as _R,base64 as _B\nexec(_R.decompress(_B.b85decode(\""
 
 
 def pack_code(source):
-    """Counted form of a script: minified, lzma (.lzma "alone" container: 13-byte header, ~50 bytes
-    less than .xz, read back by lzma.decompress's format auto-detection), base85, in a two-line file
-    that execs it. exec runs in the wrapper's own globals, so `__name__ == "__main__"` and module-level
-    names behave as in the original. A script that is already packed is returned unchanged, so a run
-    of the packed script reports (and writes) the same counted code as the run that produced it."""
+    """Counted form of a script: minified, brotli-11 (its built-in dictionary of English and code words
+    makes it ~4% smaller than lzma on this source; the artifact needs brotli anyway), base85, in a
+    two-line file that execs it. exec runs in the wrapper's own globals, so `__name__ == "__main__"` and
+    module-level names behave as in the original. A script that is already packed is returned
+    unchanged, so a run of the packed script reports (and writes) the same counted code as the run that
+    produced it."""
     if source.startswith(PACKED_PREFIX) and source.count("\n") == 2:
         return source
-    compressed = lzma.compress(minify_source(source).encode(), format=lzma.FORMAT_ALONE,
-                               preset=9 | lzma.PRESET_EXTREME)
+    compressed = brotli.compress(minify_source(source).encode(), quality=11, lgwin=24)
     encoded = base64.b85encode(compressed).decode("ascii")  # alphabet has no quote or backslash
     # underscore aliases: the wrapper adds no public name to the module's namespace
     return f'{PACKED_PREFIX}{encoded}")))\n'
@@ -2069,7 +2126,7 @@ def write_artifact(artifact_dir, container, code_path, *, codec="brotli", per_gr
     sizes = {"code_bytes": len(packed), "model_bytes": len(blob), "artifact_bytes": len(packed) + len(blob)}
     sizes["artifact_limit_ok"] = sizes["artifact_bytes"] <= limit_bytes
     if log is not None:
-        log(f"Code size (minified+lzma+base85): {sizes['code_bytes']} bytes")
+        log(f"Code size (minified+brotli+base85): {sizes['code_bytes']} bytes")
         log(f"Serialized model quantized+{codec}: {sizes['model_bytes']} bytes")
         log(f"Total submission size quantized+{codec}: {sizes['artifact_bytes']} bytes"
             + ("" if sizes["artifact_limit_ok"] else f" EXCEEDS LIMIT {limit_bytes}"))
@@ -2708,8 +2765,9 @@ class BatchedLoRA(nn.Module):
     """One rank-r adapter per batch element (= per document) at every site: delta = x A_b B_b.
     B starts at zero, so a fresh adapter leaves the model unchanged."""
 
-    def __init__(self, batch_size: int, site_dims: dict, rank: int, seed: int = 0):
+    def __init__(self, batch_size: int, site_dims: dict, rank: int, alpha: float, seed: int = 0):
         super().__init__()
+        self.scale = alpha / rank  # decouples the adapter's magnitude from its rank (PR 1767)
         self.index = {key: str(i) for i, key in enumerate(sorted(site_dims, key=str))}
         # every document starts from the same A (seeded), so a score never depends on which batch,
         # rank or random state a document happened to get
@@ -2727,7 +2785,7 @@ class BatchedLoRA(nn.Module):
         name = self.index.get((site, layer_index))
         if name is None:
             return None
-        return torch.bmm(torch.bmm(x, self.down[name].to(x.dtype)), self.up[name].to(x.dtype))
+        return torch.bmm(torch.bmm(x, self.down[name].to(x.dtype)), self.up[name].to(x.dtype)) * self.scale
 
 
 def _document_batches(doc_ids: np.ndarray, doc_lengths: np.ndarray, docs_per_batch: int) -> list:
@@ -2743,7 +2801,10 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
     chunk, context = config.phased_ttt_chunk_tokens, config.eval_seq_len
     starts = val.doc_starts[doc_ids]
     target_counts = val.target_ends(doc_ids) - 1 - starts  # [B]: own tokens after BOS + the next BOS
-    lora = BatchedLoRA(len(doc_ids), site_dims, config.phased_ttt_lora_rank).to(val.tokens.device) if adapt else None
+    lora = None
+    if adapt:
+        lora = BatchedLoRA(len(doc_ids), site_dims, config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha)
+        lora = lora.to(val.tokens.device)
     if adapt:
         optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr, eps=1e-10,
                                       betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
@@ -2844,8 +2905,8 @@ def eval_ttt(config: EvalSettings, model: GPT, val: ValData, time_budget_s: floa
 # --- compile warm-up, per-token output, log lines and summary ----------------------------------
 
 
-def warm_up_on_random_tokens(model, vocab_size: int, seq_len: int, batch_size: int = 1, lora=None,
-                             seed: int = 0) -> None:
+def warm_up_on_random_tokens(model: GPT, vocab_size: int, seq_len: int, batch_size: int = 2,
+                             lora: nn.Module | None = None, seed: int = 0, backward: bool = True) -> None:
     """Run the eval forward (and a backward, for TTT kernels) on random tokens, never val data;
     gradients are discarded and no weight changes."""
     device = next(model.parameters()).device
@@ -2854,8 +2915,9 @@ def warm_up_on_random_tokens(model, vocab_size: int, seq_len: int, batch_size: i
     inputs[:, 0] = BOS_ID
     with torch.no_grad():
         model.per_token_nll(inputs[:, :-1], inputs[:, 1:], lora=lora)
-    with torch.enable_grad():
-        model.per_token_nll(inputs[:, :-1], inputs[:, 1:], lora=lora).mean().backward()
+    if backward:
+        with torch.enable_grad():
+            model.per_token_nll(inputs[:, :-1], inputs[:, 1:], lora=lora).mean().backward()
     model.zero_grad(set_to_none=True)
     if lora is not None:
         lora.zero_grad(set_to_none=True)
@@ -2918,6 +2980,7 @@ def evaluate_after_training(h: Hyperparameters, model: GPT, quantized: GPT, cont
     val = load_val_data(h.data.val_glob, h.model.vocab_size, h.data.tokenizer_path or None, h.data.val_max_docs)
     val = val.to(context.device)
     log(f"val: {val.num_docs} documents, {val.num_tokens} tokens, {int(val.byte_counts.sum())} bytes")
+    warmup_time_s = compile_and_warm_up_eval(h, model, quantized, context) if context.compile_backend else 0.0
     batch_rows = config.batch_rows(context.world_size)
     planned = ["pre_quant", "quantized"] + (["quantized_sliding_window"] if config.sliding_window_enabled else [])
     planned += [f"quantized_ttt_{config.ttt_mode}"] if config.ttt_enabled else []
@@ -2945,7 +3008,36 @@ def evaluate_after_training(h: Hyperparameters, model: GPT, quantized: GPT, cont
         path = os.path.join(context.artifact_dir, "token_nll.npz")
         save_token_nll(path, evals[planned[-1]], val.to("cpu"))
         log(f"token_nll: {path} ({planned[-1]}; recompute with records/audit_tokens.py)")
-    return eval_summary(evals, config.eval_max_seconds)
+    return dict(eval_summary(evals, config.eval_max_seconds), eval_warmup_time_s=round(warmup_time_s, 3))
+
+
+def compile_and_warm_up_eval(h: Hyperparameters, model: GPT, quantized: GPT, context: RunContext) -> float:
+    """Compile both eval forwards and run the timed one on random tokens (never val data) in every way
+    the evals will: no-grad scoring, and the TTT backward with base weights frozen (phased: through a
+    LoRA; chunked: into the weights). Returns its seconds, reported apart from the scored eval time."""
+    started = time.perf_counter()
+    config = h.eval
+    for m in (model, quantized):
+        compile_eval_forward(m, context.compile_backend)
+    vocab, seq_len = h.model.vocab_size, config.eval_seq_len
+    quantized.eval()  # the mode every eval driver runs in (a module's mode is part of a graph's guards)
+    with _WeightsRestored(quantized):
+        # graphs differ by grad mode, by requires_grad of the weights and by the LoRA being there:
+        # trainable weights (plain and sliding scoring; chunked TTT and global SGD steps) ...
+        warm_up_on_random_tokens(quantized, vocab, seq_len)
+        if config.ttt_enabled and config.ttt_mode == "phased":
+            # ... and frozen weights: scoring with and without a LoRA, LoRA steps (its batch dim is static)
+            for param in quantized.parameters():
+                param.requires_grad_(False)
+            warm_up_on_random_tokens(quantized, vocab, seq_len, config.phased_ttt_docs_per_batch, backward=False)
+            sites = tuple(site.strip() for site in config.phased_ttt_lora_sites.split(",") if site.strip())
+            lora = BatchedLoRA(config.phased_ttt_docs_per_batch, lora_site_dims(quantized, sites),
+                               config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha).to(context.device)
+            warm_up_on_random_tokens(quantized, vocab, seq_len, config.phased_ttt_docs_per_batch, lora=lora)
+    seconds = time.perf_counter() - started
+    context.log(f"eval compile warm-up: {seconds:.1f}s on random tokens ({context.compile_backend}; not scored, "
+                f"not in eval_time)")
+    return seconds
 
 
 # -----------------------------------------------------------------------------
@@ -3046,8 +3138,10 @@ def start_run(h: Hyperparameters, environ: Mapping[str, str]) -> RunContext:
     if h.run.cpu_threads > 0:
         torch.set_num_threads(h.run.cpu_threads)
     if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                rank=rank, world_size=world_size, device_id=device if device.type == "cuda" else None)
+        # explicit timeout: a rank that waits at a phase boundary must not abort the run at NCCL's default
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=1800))
     run_id = [h.run.run_id or f"{h.run.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"]
     if world_size > 1:
         dist.broadcast_object_list(run_id, src=0)
@@ -3076,11 +3170,13 @@ def start_run(h: Hyperparameters, environ: Mapping[str, str]) -> RunContext:
     return context
 
 
-def train_run(h: Hyperparameters, model: GPT, context: RunContext, checkpoint_path: str,
-              use_compile: bool) -> dict[str, Any]:
+def train_run(h: Hyperparameters, model: GPT, context: RunContext, checkpoint_path: str) -> dict[str, Any]:
     """Timed training, then the EMA weights become the model and are checkpointed; summary fields."""
     optimizer = TrainingOptimizer(model, h.optim)
-    forward = torch.compile(model, dynamic=False) if use_compile else model
+    # one graph per (cu_seqlens bucket, recurrence on/off); fullgraph: a graph break is an error, not a
+    # silent eager fallback
+    backend = context.compile_backend
+    forward = torch.compile(model, dynamic=False, fullgraph=True, backend=backend) if backend else model
     ema = ExponentialMovingAverage(model, h.optim.ema_decay) if h.optim.ema_decay > 0 else None
     synchronize = torch.cuda.synchronize if context.device.type == "cuda" else (lambda: None)
     context.training_start = context.clock()
@@ -3121,8 +3217,10 @@ def run_stages(h: Hyperparameters, context: RunContext) -> dict[str, Any]:
     train_paths = preflight(h)
     log(f"preflight: ok ({time.perf_counter() - started:.2f}s)")
     attn_backend = select_attention_backend(h.run.attn_backend, device)
-    use_compile = h.run.compile == "1" or (h.run.compile == "auto" and device.type == "cuda")
-    log(f"kernels: attention:{attn_backend} compile:{use_compile}")
+    if h.run.compile == "1" or (h.run.compile == "auto" and device.type == "cuda"):
+        context.compile_backend = h.run.compile_backend
+        configure_compile(context.compile_backend)
+    log(f"kernels: attention:{attn_backend} compile:{context.compile_backend or 'off (eager)'}")
     torch.manual_seed(h.run.seed)
     model = GPT(h.model, attn_backend).to(device)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layer order with recurrence "
@@ -3146,7 +3244,7 @@ def run_stages(h: Hyperparameters, context: RunContext) -> dict[str, Any]:
         log(f"data: {len(train_paths)} train shards, grad_accum:{accum} seqs_per_micro_step:{seqs_per_micro} "
             f"seq_len:{h.data.train_seq_len} tokens_per_step:{h.data.train_batch_tokens}")
         with signal_handlers(stop_after_step(context.stop_signals)):
-            summary.update(train_run(h, model, context, checkpoint_path, use_compile))
+            summary.update(train_run(h, model, context, checkpoint_path))
         if context.stop_signals:  # arrived after the last step: final_model.pt is complete, stop here
             raise KeyboardInterrupt
     model.set_recurrence(h.model.recurrence_enabled)

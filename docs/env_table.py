@@ -18,6 +18,8 @@ import re
 import sys
 import tokenize
 
+import brotli
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
@@ -45,10 +47,11 @@ def script_source(path: str) -> str:
     """The source of a training script; a packed (counted) script is unpacked, never executed."""
     with open(path, encoding="utf-8") as handle:
         source = handle.read()
-    packed = re.fullmatch(r'import lzma as _L,base64 as _B\nexec\(_L\.decompress\(_B\.b85decode\("([^"]*)"\)\)\)\n?',
-                          source)
+    packed = re.fullmatch(r'import (lzma|brotli) as _[LR],base64 as _B\nexec\(_[LR]\.decompress\(_B\.b85decode\('
+                          r'"([^"]*)"\)\)\)\n?', source)
     if packed:
-        source = lzma.decompress(base64.b85decode(packed.group(1))).decode("utf-8")
+        data = base64.b85decode(packed.group(2))
+        source = (lzma.decompress(data) if packed.group(1) == "lzma" else brotli.decompress(data)).decode("utf-8")
     return source
 
 

@@ -55,7 +55,8 @@ def tiny_val(seed: int = 0, num_docs: int = 12):
 
 # eval settings at this tiny scale: context 24, forward batches of 4 rows (96 tokens)
 TINY_EVAL = dict(eval_seq_len=24, eval_batch_tokens=96, sliding_stride=8, ttt_chunk_tokens=64, ttt_epochs=2,
-                 ttt_lr=0.05, ttt_batch_seqs=2, phased_ttt_lora_rank=4, phased_ttt_lr=0.01, phased_ttt_chunk_tokens=8,
+                 ttt_lr=0.05, ttt_batch_seqs=2, phased_ttt_lora_rank=4, phased_ttt_lora_alpha=4.0, phased_ttt_lr=0.01,
+                 phased_ttt_chunk_tokens=8,
                  phased_ttt_docs_per_batch=3, phased_ttt_prefix_docs=6, phased_ttt_num_phases=2,
                  phased_ttt_global_lr=0.01, phased_ttt_global_chunk_tokens=64)
 
@@ -373,6 +374,29 @@ def test_changing_a_later_document_leaves_documents_scored_before_it_unchanged(m
     assert max(abs(original[p] - changed[p]) for p in positions) < TOLERANCE
 
 
+def test_lora_has_one_slot_per_layer_pass_and_output_scaled_by_alpha_over_rank(model):
+    """PR 1855: a looped layer gets an adapter per pass (17 slots for 11 layers with 3 passes of 3-5), and
+    the adapter's output is alpha/rank times x A B. Fails if slots are keyed by physical layer or the
+    scale is dropped."""
+    from train_gpt import BatchedLoRA, lora_site_dims
+
+    encoder, decoder = model.layer_order()
+    passes = len(encoder) + len(decoder)
+    assert passes > model.config.num_layers  # recurrence is on in this model
+    dims = lora_site_dims(model, sites=("q", "mlp_out", "head"))
+    assert sorted(slot for site, slot in dims if site == "q") == list(range(passes))
+    assert sorted(slot for site, slot in dims if site == "mlp_out") == list(range(passes))
+    lora = BatchedLoRA(2, dims, rank=4, alpha=7.2)
+    with torch.no_grad():
+        for name in lora.up:
+            lora.up[name].normal_()
+    x = torch.randn(2, 5, dims[("q", 3)][0])
+    name = lora.index[("q", 3)]
+    expected = torch.bmm(torch.bmm(x, lora.down[name]), lora.up[name]) * (7.2 / 4)
+    torch.testing.assert_close(lora("q", 3, x), expected)
+    assert lora("q", passes, x) is None  # no slot beyond the last pass
+
+
 def test_phased_documents_do_not_share_their_adapters(model, val):
     """Within a phase, per-document LoRA TTT: a document's score does not depend on the other
     documents batched with it (here: batches of 1 vs 3)."""
@@ -394,8 +418,9 @@ def test_phased_documents_do_not_share_their_adapters(model, val):
                               phased_ttt_lr=1e-4, phased_ttt_beta1=0.0, phased_ttt_beta2=0.999,
                               phased_ttt_weight_decay=0.5, phased_ttt_global_lr=0.001,
                               phased_ttt_global_momentum=0.9, phased_ttt_global_epochs=1,
-                              phased_ttt_global_chunk_tokens=32768)),
-    ("pr1855", "phased", dict(phased_ttt_lora_rank=80, phased_ttt_prefix_docs=2500, phased_ttt_beta2=0.99)),
+                              phased_ttt_global_chunk_tokens=32768, phased_ttt_lora_alpha=96.0)),
+    ("pr1855", "phased", dict(phased_ttt_lora_rank=80, phased_ttt_lora_alpha=144.0, phased_ttt_prefix_docs=2500,
+                              phased_ttt_beta2=0.99)),
 ])
 def test_each_published_preset_selects_its_ttt_system(preset, mode, expected):
     from train_gpt import Hyperparameters
@@ -452,7 +477,7 @@ def test_post_training_run_reports_every_eval_in_order_and_saves_the_final_token
     write_records(tmp_path / "fineweb_val_bytes_000000.bin", byte_counts)
     h = Hyperparameters.from_env({
         "PRESET": "tiny", "VOCAB_SIZE": str(VOCAB), "DATA_PATH": str(tmp_path), "EVAL_SEQ_LEN": "24",
-        "EVAL_BATCH_TOKENS": "96", "SLIDING_STRIDE": "8", "TTT_MODE": ttt_mode, "TTT_CHUNK_TOKENS": "64",
+        "EVAL_BATCH_TOKENS": "96", "SLIDING_WINDOW_ENABLED": "1", "SLIDING_STRIDE": "8", "TTT_MODE": ttt_mode, "TTT_CHUNK_TOKENS": "64",
         "PHASED_TTT_PREFIX_DOCS": "4", "PHASED_TTT_DOCS_PER_BATCH": "4", "PHASED_TTT_CHUNK_TOKENS": "8",
         "PHASED_TTT_GLOBAL_CHUNK_TOKENS": "64", "PHASED_TTT_LORA_RANK": "4"})
     h.eval.save_token_nll = True

@@ -115,6 +115,14 @@ def test_a_field_without_a_help_comment_is_an_error():
 
 
 SNAPSHOT = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "env_snapshot_9353cc0.json")))["presets"]
+# deliberate changes since the snapshot, each with its reason
+CHANGED_SINCE_SNAPSHOT = {
+    # PR 1736 and PR 1855 never ran a sliding-window eval (it costs eval time the TTT needs); PR 1493 did
+    ("pr1855", "SLIDING_WINDOW_ENABLED"): False, ("pr1736", "SLIDING_WINDOW_ENABLED"): False,
+    ("tiny", "SLIDING_WINDOW_ENABLED"): False,
+}
+for (preset_name, env_name), new_value in CHANGED_SINCE_SNAPSHOT.items():
+    SNAPSHOT[preset_name][env_name] = new_value
 
 
 @pytest.mark.parametrize("preset", sorted(SNAPSHOT))
@@ -145,7 +153,7 @@ def test_every_env_var_of_the_flat_settings_resolves_to_the_same_value(preset):
 @pytest.mark.parametrize("env, nearest", [
     ({"NUM_LAYER": "3"}, "NUM_LAYERS"), ({"MAX_WALLCLOK_SECONDS": "1"}, "MAX_WALLCLOCK_SECONDS"),
     ({"TTT_EPOCH": "2"}, "TTT_EPOCHS"), ({"MATRIX_LR_": "0.1"}, "MATRIX_LR"),
-    ({"QUANT_SOMETHING_NEW": "1"}, None), ({"PHASED_TTT_LORA_ALPHA_X": "1"}, None),
+    ({"QUANT_SOMETHING_NEW": "1"}, None), ({"PHASED_TTT_SOMETHING_ELSE": "1"}, None),
 ])
 def test_an_env_var_that_looks_like_a_knob_but_is_none_is_refused(env, nearest):
     with pytest.raises(ValueError, match=list(env)[0]) as error:

@@ -298,7 +298,7 @@ def test_varlen_layout_marks_every_document_and_row_start():
     ids[1, 0] = train_gpt.BOS_ID
     ids[1, 6] = train_gpt.BOS_ID
     layout = train_gpt.DocumentLayout.build(ids, "fa3")
-    assert layout.cu_seqlens.tolist() == [0, 3, 8, 14, 16] and layout.cu_seqlens.dtype == torch.int32
+    assert layout.cu_seqlens.tolist() == [0, 3, 8, 14] + [16] * 60 and layout.cu_seqlens.dtype == torch.int32
     dense = train_gpt.DocumentLayout.build(ids, "plain").dense_mask
     assert dense[0, 0, 4, 2].item() is False and dense[0, 0, 4, 3].item() is True
     assert dense[1, 0, 7, 5].item() is False and dense[1, 0, 5, 0].item() is True

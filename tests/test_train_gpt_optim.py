@@ -50,6 +50,9 @@ def test_lr_schedule_is_flat_then_linear_to_the_floor():
     assert f(1.7, 0.75, 0.0) == 0.0 and f(-1, 0.75, 0.0) == 1.0
     values = [f(p / 100, 0.85, 0.1) for p in range(101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+    # PR 1855's shape: linear (1 - f) / 0.85 until it meets the 0.1 floor at f = 0.915, then flat
+    assert f(0.9, 0.85, 0.1) == pytest.approx(0.1 / 0.85) and f(0.915, 0.85, 0.1) == pytest.approx(0.1)
+    assert f(0.95, 0.85, 0.1) == 0.1 and f(0.5, 0.85, 0.1) == pytest.approx(0.5 / 0.85)
 
 
 def test_momentum_warmup():

@@ -216,6 +216,7 @@ def test_main_fails_early_on_missing_data(tmp_path):
 
 
 POST_TRAINING_ENV = dict(POST_TRAINING_ENABLED="1", GPTQ_CALIBRATION_BATCHES="2", VAL_MAX_DOCS="12",
+                         SLIDING_WINDOW_ENABLED="1",
                          EVAL_SEQ_LEN="128", EVAL_BATCH_TOKENS="1024", SLIDING_STRIDE="64", TTT_MODE="chunked",
                          TTT_CHUNK_TOKENS="512", TTT_EPOCHS="1", SAVE_TOKEN_NLL="1", QUANT_SMALL_TENSOR_NUMEL="1024")
 

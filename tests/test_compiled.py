@@ -1,0 +1,148 @@
+"""The compiled path (COMPILE=1), proven on CPU: the record run on GPUs is compiled, so a crash, a graph
+break or a recompile storm there would cost the run. torch.compile's graph capture (dynamo + AOT
+autograd) is the same on CPU; `aot_eager` checks it without inductor's C++ code generation, which is
+slow on a 2-core machine, and one small test runs inductor itself. FA3 cannot run here, but its layout
+(bucketed cu_seqlens) runs through the `varlen` reference backend, which consumes exactly FA3's inputs."""
+
+import json
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import train_gpt
+from tg_helpers import perturb_parameters, random_tokens, tiny_h
+
+# a small model with every record feature (recurrence, parallel lanes, gates, smear, XSA)
+SMALL = dict(NUM_LAYERS=4, LOOP_START=1, LOOP_END=1, NUM_LOOPS=2, PARALLEL_START_LAYER=3, MODEL_DIM=32,
+             NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, SMEAR_GATE_DIMS=8, SPARSE_ATTN_GATE_DIMS=8)
+# still every feature (one looped layer, one parallel layer), fewest ops: tracing time is the test's cost
+MINIMAL = dict(NUM_LAYERS=2, LOOP_START=0, LOOP_END=0, NUM_LOOPS=2, PARALLEL_START_LAYER=1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def small_model(backend="varlen", seed=0, **overrides):
+    h = tiny_h(**dict(SMALL, **overrides))
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(h.model, backend)
+    perturb_parameters(model, seed)
+    return h, model
+
+
+def test_varlen_layout_pads_cu_seqlens_to_a_bucket_and_matches_dense_masking():
+    """FA3's inputs: document starts of the flattened batch (every row start is one), padded with B*T to
+    a multiple of 64 so the compiled graph sees few shapes; attention through them equals the dense
+    document mask. Fails if the padding or a row start is wrong (documents would merge across rows)."""
+    h, model = small_model("varlen")
+    ids = random_tokens(3, 128, vocab=512, seed=1, bos_every=5)  # 3 * 26 starts -> bucket 128
+    layout = train_gpt.DocumentLayout.build(ids, "varlen")
+    starts = torch.nonzero(layout.doc_start.flatten()).flatten()
+    assert layout.cu_seqlens.numel() == 128 and layout.cu_seqlens.dtype == torch.int32
+    assert layout.cu_seqlens[: starts.numel()].tolist() == starts.tolist()
+    assert (layout.cu_seqlens[starts.numel():] == 3 * 128).all() and layout.max_seqlen == 128
+    assert {0, 128, 256} <= set(layout.cu_seqlens.tolist())
+    reference = train_gpt.GPT(h.model, "plain")
+    reference.load_state_dict(model.state_dict())
+    model.set_recurrence(True)
+    reference.set_recurrence(True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_logits(ids), reference.forward_logits(ids), atol=2e-5, rtol=1e-4)
+
+
+def train_steps(model, compiled, optimizer, plan):
+    losses = []
+    for step, (bos_every, recurrence) in enumerate(plan):
+        model.set_recurrence(recurrence)
+        ids = random_tokens(2, 128, vocab=512, seed=step, bos_every=bos_every)
+        losses.append(train_gpt.forward_backward(compiled, [(ids, ids.roll(-1, 1))], optimizer, model.attn_backend,
+                                                 "fp32"))
+        optimizer.step()
+    return losses
+
+
+def test_training_compiles_once_per_bucket_and_recurrence_state_with_no_graph_break():
+    """Batches with few and many documents (cu_seqlens buckets 64 to 192), recurrence off then on: one
+    graph per (bucket, recurrence state), no more (the old in-graph nonzero recompiled on every new document count until dynamo gave up
+    and ran eager), no graph break (fullgraph), and the same losses as the eager model. Fails if the
+    layout is built inside the compiled graph or if cu_seqlens is not bucketed."""
+    train_gpt.configure_compile("aot_eager")
+    plan = [(0, False), (40, False), (3, False), (50, False), (2, False), (0, True), (3, True), (60, True)]
+    h, model = small_model("varlen")
+    eager_model = train_gpt.GPT(h.model, "varlen")
+    eager_model.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager")
+    losses = train_steps(model, compiled, train_gpt.TrainingOptimizer(model, h.optim), plan)
+    shapes = set()
+    for step, (bos_every, recurrence) in enumerate(plan):  # (cu_seqlens bucket, recurrence) of each step
+        ids = random_tokens(2, 128, vocab=512, seed=step, bos_every=bos_every)
+        starts = int((ids == train_gpt.BOS_ID).sum()) + int((ids[:, 0] != train_gpt.BOS_ID).sum())
+        shapes.add((-(-(starts + 1) // 64) * 64, recurrence))
+    assert len(shapes) == 5  # buckets 64, 128, 192 off; 64, 128 on
+    assert counters["stats"]["unique_graphs"] == len(shapes)
+    assert not counters["graph_break"]
+    eager_losses = train_steps(eager_model, eager_model, train_gpt.TrainingOptimizer(eager_model, h.optim), plan)
+    assert losses == pytest.approx(eager_losses, rel=1e-4)
+
+
+def test_hitting_the_recompile_limit_is_an_error_not_a_silent_eager_fallback():
+    """configure_compile makes the recompile limit fatal: a run can never continue eager without a word.
+    Fails if fail_on_recompile_limit_hit is not set (dynamo would then fall back to eager quietly)."""
+    train_gpt.configure_compile("aot_eager")
+    torch._dynamo.config.recompile_limit = 1
+    try:
+        h, model = small_model("varlen")
+        compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager")
+        optimizer = train_gpt.TrainingOptimizer(model, h.optim)
+        train_steps(model, compiled, optimizer, [(0, False)])
+        with pytest.raises(Exception, match="(?i)recompile|cache.*limit"):
+            train_steps(model, compiled, optimizer, [(3, False)])  # a second bucket: over the limit
+    finally:
+        torch._dynamo.config.recompile_limit = 64
+
+
+def test_inductor_compiles_the_forward_and_backward_of_a_small_model():
+    """The record run uses inductor: its generated code must agree with eager (forward loss and every
+    gradient). Two blocks (one of them parallel), to keep the C++ compile short on CPU."""
+    h, model = small_model("sdpa", **dict(MINIMAL, NUM_LOOPS=1))
+    ids = random_tokens(2, 32, vocab=512, seed=3, bos_every=11)
+    layout = train_gpt.DocumentLayout.build(ids, "sdpa")
+    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="inductor")
+    loss = compiled(ids, ids.roll(-1, 1), layout)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    eager_loss = model(ids, ids.roll(-1, 1))
+    eager_loss.backward()
+    assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(grads[name], param.grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_compiled_run_trains_quantizes_and_evaluates_every_mode(tiny_dataset, tmp_path):
+    """COMPILE=1 end to end (training with warm-up and the recurrence switch, GPTQ, the artifact, then
+    pre-quant, quantized, sliding-window and phased TTT evals through the compiled eval forward after a
+    warm-up on random tokens). The first record attempt crashed here before its first step."""
+    env = dict(PRESET="tiny", VOCAB_SIZE="512", ITERATIONS="4", MAX_WALLCLOCK_SECONDS="0", GPTQ_RESERVE_SECONDS="0",
+               TRAIN_BATCH_TOKENS="256", GRAD_ACCUM_STEPS="1", WARMUP_STEPS="2", TRAIN_LOG_EVERY="1", EMA_DECAY="0.9",
+               ATTN_BACKEND="varlen", COMPILE="1", COMPILE_BACKEND="aot_eager", DATA_PATH=tiny_dataset.path,
+               ARTIFACT_DIR=str(tmp_path / "run"), GPTQ_CALIBRATION_BATCHES="1", VAL_MAX_DOCS="4",
+               EVAL_SEQ_LEN="128", EVAL_BATCH_TOKENS="512", SLIDING_WINDOW_ENABLED="1", SLIDING_STRIDE="64",
+               PHASED_TTT_PREFIX_DOCS="2", PHASED_TTT_DOCS_PER_BATCH="2", QUANT_SMALL_TENSOR_NUMEL="1024",
+               EVAL_MAX_SECONDS="3600", **{key: str(value) for key, value in dict(SMALL, **MINIMAL).items()})
+    summary = train_gpt.main(env)
+    for key in ("pre_quant_val_bpb", "quant_val_bpb", "sliding_val_bpb", "ttt_val_bpb"):
+        assert summary[key] is not None and 0 < summary[key] < 20, key
+    assert summary["steps"] == 4 and summary["eval_warmup_time_s"] > 0
+    assert not summary["evals"]["quantized_ttt_phased"]["ttt_stopped_by_budget"]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "compile:aot_eager" in log and "recurrence: on" in log and "eval compile warm-up" in log
+    assert not counters["graph_break"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["ttt_mode"] == "phased"
