@@ -91,7 +91,7 @@ train_gpt, BROTLI_STATUS = import_train_gpt()
 
 PR1855_STEPS, PR1855_STEP_MS = 4945, 121.7  # published: 8xH100, 600 s, 786,432 tokens per step
 CHALLENGE_VAL_DOCS = 50_000
-TRAIN_SECONDS = 600.0
+AGREEMENT_TOLERANCE = 0.05  # max abs difference allowed, relative to max(1, the reference's largest magnitude)
 
 
 @dataclass
@@ -349,13 +349,17 @@ def check_agreement(h, shape: CheckShape, device: torch.device, deadline: Deadli
                 model.attn_backend = backend
                 with autocast:
                     logits_diff = (model.forward_logits(inputs).float() - reference_logits).abs().max()
-            result["backends"][backend] = dict(status="ok", attention_max_abs_diff=float(attention_diff),
-                                               logits_max_abs_diff=float(logits_diff))
+            diffs = dict(attention_max_abs_diff=float(attention_diff), logits_max_abs_diff=float(logits_diff))
             if backend == "flex":  # eager flex is an unfused reference; training runs the compiled kernel
                 compiled = torch.compile(train_gpt.attention, fullgraph=True, backend=shape.compile_backend)
                 with torch.no_grad():
                     compiled_diff = (compiled(q, k, v, layout).float() - reference_attention).abs().max()
-                result["backends"][backend]["attention_compiled_max_abs_diff"] = float(compiled_diff)
+                diffs["attention_compiled_max_abs_diff"] = float(compiled_diff)
+            # bf16 rounding moves O(1) outputs by a few ulps (~1e-2); a masking error moves them by O(1)
+            within = all(value <= AGREEMENT_TOLERANCE * max(1.0, result["reference_logits_max_abs" if "logits" in key
+                                                                      else "reference_attention_max_abs"])
+                         for key, value in diffs.items())
+            result["backends"][backend] = dict(status="ok", within_tolerance=within, **diffs)
         except Exception as error:  # one backend failing must not hide the others
             result["backends"][backend] = dict(status=f"error: {type(error).__name__}: {error}"[:500])
         finally:
@@ -654,15 +658,17 @@ def summary_lines(report: dict) -> list[str]:
     for backend, values in report.get("agreement", {}).get("backends", {}).items():
         lines.append(f"  agreement {backend:>6} vs plain (bf16): attention max|diff| "
                      f"{number(values.get('attention_max_abs_diff'), '.2e')}, logits max|diff| "
-                     f"{number(values.get('logits_max_abs_diff'), '.2e')} [{values.get('status')}]")
+                     f"{number(values.get('logits_max_abs_diff'), '.2e')} [{values.get('status')}, within tolerance "
+                     f"{values.get('within_tolerance')}]")
     compiled = report.get("compile", {})
     lines.append(f"  compile: {compiled.get('unique_graphs')} graphs (expected {compiled.get('expected_graphs')}), "
-                 f"{compiled.get('graph_breaks')} graph breaks, recompiled on: {compiled.get('recompile_reasons')} "
+                 f"{compiled.get('graph_breaks')} graph breaks, recompiled on: "
+                 f"{'; '.join(reason[:70] for reason in compiled.get('recompile_reasons', [])[:3])} "
                  f"[{compiled.get('status')}, ok={compiled.get('ok')}]")
     training = report.get("training", {})
     for name in ("recurrence_off", "recurrence_on"):
         state = training.get(name, {})
-        lines.append(f"  train {name}: step {number(state.get('step_s'), '.3f')} s on 1 GPU "
+        lines.append(f"  train {name}: step {number(state.get('step_s'), '.3f')} s on this device "
                      f"({training.get('grad_accum')} x {training.get('micro_rows')} x {training.get('seq_len')}), "
                      f"micro-step {number(state.get('micro_step_s'), '.4f')} s, optimizer "
                      f"{number(state.get('optimizer_step_s'), '.4f')} s, peak "
@@ -680,7 +686,7 @@ def summary_lines(report: dict) -> list[str]:
     lines.append(f"  eval warm-up: {number(evaluation.get('warm_up', {}).get('seconds'), '.1f')} s")
     for mode in ("plain", "ttt_phased"):
         values = evaluation.get(mode, {})
-        lines.append(f"  eval {mode}: {number(values.get('tokens_per_s'), ',.0f')} tokens/s on 1 GPU, projected "
+        lines.append(f"  eval {mode}: {number(values.get('tokens_per_s'), ',.0f')} tokens/s on this device, projected "
                      f"{number(values.get('projected_split_seconds_8gpu'), '.1f')} s for the split on 8 GPUs, "
                      f"{values.get('graphs_compiled')} new graphs [{values.get('status')}]")
     batch = evaluation.get("ttt_full_batch", {})
