@@ -107,6 +107,9 @@ def test_eval_measures_each_mode_and_projects_the_50000_document_split(smoke):
         projected = values["seconds"] * 50000 / values["documents"] / 8  # sample time scaled to the split, 8 ranks
         assert values["projected_split_seconds_8gpu"] == pytest.approx(projected)
         assert isinstance(values["graphs_compiled"], int) and isinstance(values["recompile_reasons"], list)
+        # the projection uses the second pass, after every graph the eval needs has been compiled
+        assert values["steady_state"] is True and values["graphs_compiled_in_second_pass"] == 0
+        assert values["compile_seconds_inside_eval"] == pytest.approx(values["first_seconds"] - values["seconds"])
     assert evaluation["ttt_phased"]["phases_trained"] >= 1
     batch = evaluation["ttt_full_batch"]
     assert batch["status"] == "ok" and batch["documents"] == 2 and batch["lora_rank"] == 4 and batch["context"] == 96
