@@ -117,9 +117,9 @@ class CheckShape:
 GPU_SHAPE = CheckShape(env=dict(PRESET="pr1855"), device="cuda", compile_backend="inductor", autocast="bf16",
                        micro_rows=48, accum=8, timed_steps=3, doc_mean=700.0, doc_max=32768, plain_docs=4096,
                        ttt_docs=320, agreement_rows=2, budget_s=450.0)
-# PRESET=tiny's features in a 2-layer model (layer 0 looped twice, layer 1 parallel) with short contexts, so every
-# section runs in seconds on 2 cores. Its eval batches are 2 rows / 2 documents, the warm-up's batch, because each
-# eval graph with dynamic shapes costs ~5 s of tracing here; the GPU run measures the recompiles of real batches.
+# PRESET=tiny's settings in a 1-layer model (run twice once recurrence is on) with short contexts, so every section
+# runs in seconds on 2 cores. Its eval batches are 2 rows / 2 documents, the warm-up's batch, because each eval
+# graph with dynamic shapes costs seconds of tracing here; the GPU run measures the recompiles of real batches.
 SMOKE_SHAPE = CheckShape(env=dict(PRESET="tiny", VOCAB_SIZE="512", NUM_LAYERS="1", MODEL_DIM="32", NUM_HEADS="2",
                                   NUM_KV_HEADS="1", ROPE_DIMS="8", LOOP_START="0", LOOP_END="0", NUM_LOOPS="2",
                                   PARALLEL_START_LAYER="-1", SMEAR_GATE_DIMS="8", SPARSE_ATTN_GATE_DIMS="8",
