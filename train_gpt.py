@@ -2913,11 +2913,13 @@ def warm_up_on_random_tokens(model: GPT, vocab_size: int, seq_len: int, batch_si
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randint(2, vocab_size, (batch_size, seq_len + 1), generator=generator).to(device)
     inputs[:, 0] = BOS_ID
+    # contiguous, like the evals' batches: memory layout is part of a graph's guards too
+    inputs, targets = inputs[:, :-1].contiguous(), inputs[:, 1:].contiguous()
     with torch.no_grad():
-        model.per_token_nll(inputs[:, :-1], inputs[:, 1:], lora=lora)
+        model.per_token_nll(inputs, targets, lora=lora)
     if backward:
         with torch.enable_grad():
-            model.per_token_nll(inputs[:, :-1], inputs[:, 1:], lora=lora).mean().backward()
+            model.per_token_nll(inputs, targets, lora=lora).mean().backward()
     model.zero_grad(set_to_none=True)
     if lora is not None:
         lora.zero_grad(set_to_none=True)
@@ -2980,13 +2982,14 @@ def evaluate_after_training(h: Hyperparameters, model: GPT, quantized: GPT, cont
     val = load_val_data(h.data.val_glob, h.model.vocab_size, h.data.tokenizer_path or None, h.data.val_max_docs)
     val = val.to(context.device)
     log(f"val: {val.num_docs} documents, {val.num_tokens} tokens, {int(val.byte_counts.sum())} bytes")
-    warmup_time_s = compile_and_warm_up_eval(h, model, quantized, context) if context.compile_backend else 0.0
     batch_rows = config.batch_rows(context.world_size)
     planned = ["pre_quant", "quantized"] + (["quantized_sliding_window"] if config.sliding_window_enabled else [])
     planned += [f"quantized_ttt_{config.ttt_mode}"] if config.ttt_enabled else []
-    evals = {}
+    evals, warmup_time_s = {}, 0.0
     use_bf16 = context.autocast == "bf16" and context.device.type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
+        if context.compile_backend:  # under the evals' own autocast: it is part of a graph's guards
+            warmup_time_s = compile_and_warm_up_eval(h, model, quantized, context)
         for label in planned:
             keep = config.save_token_nll and label == planned[-1]
             if label == "pre_quant":
