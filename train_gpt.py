@@ -1841,7 +1841,7 @@ def _array_group(dtype_name):
 # with the classes and tables counted. 1024 interleaved rANS states (Duda 2013, arXiv:1311.2540;
 # 32-bit state, 16-bit words, 15-bit probabilities) decode one code each per numpy step.
 
-_RANS_LANES = 1024
+_RANS_LANES = 1024  # at most; fewer for short streams (4 bytes of final state each)
 _RANS_BITS = 15
 _RANS_LOW = 1 << 16  # a state lives in [2^16, 2^32)
 _RANS_CLASSES = ((1, 1), (1, 4), (4, 1), (4, 4), (2, 8), (8, 8))  # (row bins, column bins) tried per role
@@ -1858,13 +1858,18 @@ def _rans_frequencies(counts):
     return freqs
 
 
+def _rans_lanes(n):
+    return max(1, min(_RANS_LANES, n >> 12))
+
+
 def _rans_encode(symbols, contexts, freqs):
     """symbols uint8 [n], contexts [n] (the table of each symbol), freqs [contexts, 256] ->
     (final states uint32 [min(n, lanes)], words uint16). Symbol i is in lane i % lanes, step
     i // lanes; encoding runs backwards so that decoding runs forwards."""
     freq_flat = freqs.astype(np.uint64).ravel()
     cum_flat = (np.cumsum(freqs, 1) - freqs).astype(np.uint64).ravel()
-    n, lanes = len(symbols), _RANS_LANES
+    n = len(symbols)
+    lanes = _rans_lanes(n)
     state = np.full(min(n, lanes), _RANS_LOW, dtype=np.uint64)
     emitted = []
     for start in range((n - 1) // lanes * lanes, -1, -lanes):
@@ -1881,12 +1886,13 @@ def _rans_decode(states, words, contexts, freqs):
     """Inverse of _rans_encode. The words must be used up exactly and every state must end at its
     start value: that is the stream's own integrity check."""
     n, mask = len(contexts), (1 << _RANS_BITS) - 1
+    lanes = _rans_lanes(n)
     symbol_of_slot = np.repeat(np.tile(np.arange(256, dtype=np.uint8), len(freqs)), freqs.ravel())
     freq_flat = freqs.astype(np.uint64).ravel()
     cum_flat = (np.cumsum(freqs, 1) - freqs).astype(np.uint64).ravel()
     x, out, position = states.astype(np.uint64), np.empty(n, dtype=np.uint8), 0
-    for start in range(0, n, _RANS_LANES):
-        context = contexts[start:start + _RANS_LANES].astype(np.int64)
+    for start in range(0, n, lanes):
+        context = contexts[start:start + lanes].astype(np.int64)
         k = len(context)
         slot = x[:k] & mask
         symbol = symbol_of_slot[(context << _RANS_BITS) + slot.astype(np.int64)]
@@ -1974,7 +1980,7 @@ def _rans_unpack(body, shapes):
     side_length, packed_length = struct.unpack_from("<II", body)
     # the largest honest side info: a role per matrix, every row and column binned, full tables
     limit = 2 * (1 + 3 * count + sum(rows + cols for rows, cols in shapes) + 256 * _RANS_MAX_CONTEXTS)
-    lanes = min(n, _RANS_LANES)
+    lanes = min(n, _rans_lanes(n))
     _require(side_length <= limit and 8 + packed_length + 4 * lanes <= len(body)
              and (len(body) - 8 - packed_length) % 2 == 0, "artifact codes stream has a malformed header")
     side = np.frombuffer(byte_unshuffle(_inflate(body[8:8 + packed_length], CODECS["brotli"], side_length,
