@@ -471,3 +471,62 @@ def test_fuzzed_descriptions_with_valid_checksums_raise_only_artifact_error_in_b
     """Fails on a reader that trusts the description's types, shapes, offsets, kinds, bits or LQER
     sizes (TypeError/KeyError/IndexError/RuntimeError escape, or a shape makes it allocate)."""
     only_artifact_errors(blob)
+
+
+def rans_stream_with_side(side_edit=None, states_edit=None, words_edit=None):
+    """An artifact whose rANS stream has its side info (as uint16 values), states or words edited
+    and re-packed with valid brotli and frame checksums: only the rANS reader's own checks remain."""
+    blob = BLOBS["rans"]
+    codec_id, streams = frame_streams(blob)
+    coder, stride, raw_length, crc, body = streams[train_gpt._CODES_STREAM]
+    side_length, packed_length = struct.unpack_from("<II", body)
+    side = np.frombuffer(train_gpt.byte_unshuffle(brotli.decompress(body[8:8 + packed_length]), 2), "<u2").copy()
+    lanes = train_gpt._rans_lanes(raw_length)
+    states = np.frombuffer(body, "<u4", count=lanes, offset=8 + packed_length).copy()
+    words = np.frombuffer(body, "<u2", offset=8 + packed_length + 4 * lanes).copy()
+    side, states, words = [edit(array) if edit else array for edit, array in
+                           ((side_edit, side), (states_edit, states), (words_edit, words))]
+    side_bytes = train_gpt.byte_shuffle(side.astype("<u2").tobytes(), 2)
+    packed = brotli.compress(side_bytes)
+    body = (struct.pack("<II", len(side_bytes), len(packed)) + packed + states.astype("<u4").tobytes()
+            + words.astype("<u2").tobytes())
+    streams[train_gpt._CODES_STREAM] = (coder, stride, raw_length, crc, body)
+    return train_gpt._frame(codec_id, streams)
+
+
+def set_at(index, value):
+    def edit(array):
+        array[index] = value
+        return array
+    return edit
+
+
+@pytest.mark.parametrize("edits, words", [
+    (dict(side_edit=set_at(0, 60000)), "side info truncated"),  # number of roles
+    (dict(side_edit=set_at(1, 0)), "bad roles or bins"),  # 0 row bins of role 0
+    (dict(side_edit=set_at(2, 65)), "bad roles or bins"),  # 65 column bins
+    (dict(side_edit=lambda side: np.concatenate([side, [0]])), "wrong length"),
+    (dict(side_edit=lambda side: side[:-1]), "wrong length"),
+    (dict(side_edit=set_at(-1, 7)), "do not sum to 2\\^15"),
+    (dict(states_edit=set_at(0, 5)), "invalid state"),
+    (dict(words_edit=lambda words: words[:-1]), "checksum mismatch"),
+    (dict(words_edit=lambda words: np.concatenate([words, [1]])), "checksum mismatch"),
+    (dict(words_edit=lambda words: words ^ 1), "checksum mismatch"),
+])
+def test_rans_side_info_states_and_words_are_checked_before_use(edits, words):
+    """Fails on a rANS reader that trusts its side info (role and bin counts, lengths, table sums,
+    start states) or reads past its words: IndexError / ValueError from numpy, or a wrong decode."""
+    with pytest.raises(ArtifactError, match=words):
+        deserialize_artifact(rans_stream_with_side(**edits))
+
+
+def test_rans_bins_out_of_range_are_refused():
+    """Fails on a rANS reader that does not check each matrix's row and column bins against its
+    role's bin counts (a bin past them selects another role's table, or none)."""
+    body = frame_streams(BLOBS["rans"])[1][train_gpt._CODES_STREAM][4]
+    _, packed_length = struct.unpack_from("<II", body)
+    roles = int(np.frombuffer(train_gpt.byte_unshuffle(brotli.decompress(body[8:8 + packed_length]), 2), "<u2")[0])
+    matrices = sum(1 for entry in tiny_container()["entries"].values() if entry["kind"] == "quant")
+    first_bin = 1 + 2 * roles + matrices  # after the role count, the bins of each role and each matrix's role
+    with pytest.raises(ArtifactError, match="bin out of range"):
+        deserialize_artifact(rans_stream_with_side(side_edit=set_at(first_bin, 64)))
