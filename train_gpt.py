@@ -1838,8 +1838,9 @@ def _array_group(dtype_name):
 # matrix's role (the tensor name without layer numbers, plus the bit width: every layer's attn.c_q
 # shares tables), refined by a row class and a column class: equal-size bins of the rows (columns)
 # ranked by mean |code| within the matrix, 1-8 bins each, chosen per role by the estimated size
-# with the classes and tables counted. 1024 interleaved rANS states (Duda 2013, arXiv:1311.2540;
-# 32-bit state, 16-bit words, 15-bit probabilities) decode one code each per numpy step.
+# with the classes and tables counted. Up to 1024 interleaved rANS states (Duda 2013,
+# arXiv:1311.2540; 32-bit state, 16-bit words, 15-bit probabilities) decode one code each per numpy
+# step. Nothing here is a new dependency: numpy only.
 
 _RANS_LANES = 1024  # at most; fewer for short streams (4 bytes of final state each)
 _RANS_BITS = 15
