@@ -2077,7 +2077,8 @@ def _read_frame(blob):
     blob = memoryview(blob)
     _require(len(blob) >= _HEADER.size, f"artifact truncated: {len(blob)} bytes, the header alone needs {_HEADER.size}")
     magic, version, codec_id, n_streams, _ = _HEADER.unpack_from(blob, 0)
-    _require(magic == ARTIFACT_MAGIC, f"not a quantized model artifact: magic {bytes(magic)!r}, expected {ARTIFACT_MAGIC!r}")
+    _require(magic == ARTIFACT_MAGIC,
+             f"not a quantized model artifact: magic {bytes(magic)!r}, expected {ARTIFACT_MAGIC!r}")
     _require(version in (1, ARTIFACT_VERSION),
              f"unsupported artifact version {version} (this code reads versions 1 and {ARTIFACT_VERSION})")
     row = _STREAM if version == ARTIFACT_VERSION else _STREAM_V1
@@ -2204,7 +2205,8 @@ def deserialize_artifact(blob):
         for key, dtype_name, shape, stream, start, nbytes in arrays:
             storage = np.dtype(_NUMPY_STORAGE[dtype_name])
             numel = math.prod(shape)
-            _require(0 < stream < len(raws) and numel * storage.itemsize == nbytes and start + nbytes <= len(raws[stream]),
+            _require(0 < stream < len(raws) and numel * storage.itemsize == nbytes
+                     and start + nbytes <= len(raws[stream]),
                      f"array {name}.{key}: shape {shape} does not fit {nbytes} bytes at {start} of stream {stream}")
             array = np.frombuffer(raws[stream], dtype=storage, count=numel, offset=start).copy()
             entry[key] = torch.from_numpy(array).view(_DTYPES[dtype_name]).reshape(shape)  # int16 bits -> bfloat16

@@ -385,7 +385,8 @@ def test_an_artifact_of_another_shape_is_refused_before_dequantizing():
     for key in [k for k in entry if k.startswith("lqer")]:
         del entry[key]
     restored = deserialize_artifact(serialize_artifact(container))
-    with pytest.raises(ArtifactError, match="blocks.0.mlp.fc.weight has shape \\[24, 48\\], the model's is \\[48, 24\\]"):
+    message = "blocks.0.mlp.fc.weight has shape \\[24, 48\\], the model's is \\[48, 24\\]"
+    with pytest.raises(ArtifactError, match=message):
         load_quantized_into(net, restored)
     with pytest.raises(ArtifactError, match="missing"):
         load_quantized_into(nn.Linear(2, 2), restored)
