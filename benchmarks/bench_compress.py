@@ -4,6 +4,7 @@ on the same quantized states (prints a table, asserts nothing).
     python benchmarks/bench_compress.py               # both states (~10 minutes on 2 shared cores)
     python benchmarks/bench_compress.py --quick       # tiny trained state only (~1 minute)
     python benchmarks/bench_compress.py --column-sigma 0   # record shape without column structure
+    python benchmarks/bench_compress.py --fast        # skip lzma and the per-group brotli/lzma/PPMd rows
     python benchmarks/bench_compress.py --checkpoint RUN/final_model.pt   # plus a real trained state
 
 States
@@ -217,7 +218,7 @@ def entropy_bits(container):
     return own, role, int(count)
 
 
-def report(label, container):
+def report(label, container, fast=False):
     own, role, weights = entropy_bits(container)
     print(f"\n== {label}: {weights:,} quantized weights; order-0 entropy of the codes: per matrix "
           f"{own / weights:.4f} bits/weight ({own / 8:,.0f} bytes), pooled per role {role / weights:.4f} "
@@ -237,6 +238,8 @@ def report(label, container):
                           ("lzma 1 stream", dict(codec="lzma")),
                           ("lzma per width", dict(codec="lzma", per_group=True)),
                           ("rans (default)", dict(codec="rans"))):
+        if fast and "lzma" in name:
+            continue
         blob, compress_s = timed(serialize_artifact, container, **options)
         restored, decompress_s = timed(deserialize_artifact, blob)
         assert all(torch.equal(restored["entries"][n]["codes"], e["codes"])
@@ -256,7 +259,7 @@ def report(label, container):
         add("~constriction 1 table/role", size + len(serialize_artifact(rest, codec="brotli", per_group=True)), seconds)
     except ImportError:
         print("(constriction not installed: cross-check skipped)")
-    for sort_rows in (False, True):
+    for sort_rows in () if fast else (False, True):
         total, chosen, seconds = per_group_sizes(container, sort_rows)
         add("~roles" + (" + L1 row sort" if sort_rows else "") + ", best coder", total, seconds)
         print("    " + ", ".join(f"{role.removeprefix('blocks.')}: {size:,} {coder}"
@@ -267,6 +270,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny trained state only")
     parser.add_argument("--column-sigma", type=float, default=0.25)
+    parser.add_argument("--fast", action="store_true", help="skip lzma and the per-group rows")
     parser.add_argument("--checkpoint", help="also a real trained state: final_model.pt of a run (quantized "
                         "with round-to-nearest and the default preset's settings; no Hessians are stored)")
     args = parser.parse_args()
@@ -275,13 +279,13 @@ def main():
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["model"]
         print(f"checkpoint: spread of log column RMS (median over matrices) {column_spread(state):.3f}")
         settings = quant_settings_from_hparams(Hyperparameters.from_env({}))
-        report(f"checkpoint {args.checkpoint} (round-to-nearest)", quantize_model_state(state, {}, settings))
+        report(f"checkpoint {args.checkpoint} (round-to-nearest)", quantize_model_state(state, {}, settings), args.fast)
     container, state_dict = tiny_trained_state()
     print(f"tiny trained: spread of log column RMS (median over matrices) {column_spread(state_dict):.3f}")
-    report("tiny trained (GPTQ)", container)
+    report("tiny trained (GPTQ)", container, args.fast)
     if not args.quick:
         report(f"record shape (synthetic t-tailed rows, column sigma {args.column_sigma})",
-               record_shape_state(args.column_sigma))
+               record_shape_state(args.column_sigma), args.fast)
 
 
 if __name__ == "__main__":
