@@ -7,7 +7,11 @@ This is the front end of every score the project reports, so it is built to be c
   and for every val document those counts sum to its UTF-8 length (checked during the run);
 - documents whose tokens do not decode back to the original text are counted, never hidden;
 - output is identical whatever --workers is, shards are written atomically, and an interrupted run
-  is resumed by running the same command again.
+  is resumed by running the same command again;
+- the output is built in a sibling work folder and renamed to --out when complete, so a dataset
+  already in --out stays until the new one is whole; a non-empty --out that this script did not
+  write (e.g. downloaded challenge shards) is refused unless --force;
+- Ctrl-C or SIGTERM stops the workers within seconds; the work folder is kept for the resume.
 
 Usage:
   # the published SP8192 CaseOps tokenizer on the challenge documents (50,000 val docs)
@@ -20,12 +24,13 @@ Usage:
 
 Output (flat): fineweb_val_%06d.bin, fineweb_val_bytes_%06d.bin, fineweb_train_%06d.bin,
 tokenizer.model, val_doc_sha256.txt (one sha256 per val document, in order) and manifest.json:
-input (path, sha256, lines, docs, skipped bad lines), transform, tokenizer (sha256, normalizer
+input (path, sha256, lines, docs, skipped blank and bad lines), transform, tokenizer (sha256, normalizer
 settings read from the model, operator ids, and either the --sp path or the training documents and
 trainer settings), per-split docs/tokens/original bytes/shards, every file's sha256, the val hash
 file's sha256, train/val duplicates, overrides used, and verification (val_sidecar_mismatch_docs,
-roundtrip_failed_docs per split with examples). Exit status: 0 done, 2 bad input, 3 interrupted by
-the PREPARE_CASEOPS_ABORT_AFTER_SHARDS test hook.
+roundtrip_failed_docs per split with examples). Blank input lines are skipped and counted. Exit status:
+0 done, 1 a worker process died, 2 bad input or arguments, 3 interrupted by the
+PREPARE_CASEOPS_ABORT_AFTER_SHARDS test hook, 130 SIGINT (Ctrl-C), 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -39,10 +44,13 @@ import io
 import itertools
 import json
 import os
+import pickle
+import shutil
+import signal
 import sys
 import sysconfig
+import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -120,8 +128,13 @@ def write_atomic(path: Path, payload: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames inside `path` durable (best effort: not every file system allows it)."""
+    try:
+        dir_fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -224,6 +237,8 @@ def train_tokenizer(texts, settings: dict) -> bytes:
 
 
 def load_tokenizer(model_bytes: bytes, source: str) -> spm.SentencePieceProcessor:
+    if not model_bytes:  # sentencepiece loads 0 bytes as a model with no pieces (other piece-less protos fail)
+        raise BadInputError(f"{source}: empty file (0 bytes), not a SentencePiece model")
     try:
         return spm.SentencePieceProcessor(model_proto=model_bytes)
     except Exception as exc:  # sentencepiece raises RuntimeError/OSError with a terse message
@@ -490,6 +505,8 @@ def encode_chunk(task: ChunkTask, ctx: WorkerContext | None = None) -> ChunkResu
     ctx = ctx or _WORKER
     texts, line_numbers = [], []
     for line_no, raw in iter_span_lines(ctx.docs_path, task.offset, task.length, task.first_line):
+        if is_blank(raw):
+            continue
         try:
             texts.append(parse_line(raw, ctx.docs_path, line_no))
         except BadInputError:
@@ -503,8 +520,9 @@ def encode_chunk(task: ChunkTask, ctx: WorkerContext | None = None) -> ChunkResu
 
 # -----------------------------------------------------------------------------
 # Input documents
-# One JSON value per line: {"text": "..."} or a bare JSON string. Lines are numbered from 1. A bad line
-# stops the run naming file and line, unless --skip-bad-lines, which skips and counts it.
+# One JSON value per line: {"text": "..."} or a bare JSON string. Lines are numbered from 1. Blank lines
+# (whitespace only) are no documents: skipped and counted. A bad line stops the run naming file and line,
+# unless --skip-bad-lines, which skips and counts it.
 # The file is cut into chunks of whole lines of about CHUNK_BYTES (by size only, so the same for any
 # --workers). A task names a chunk by byte offset and length; the worker reads and parses it itself,
 # so the main process only reads the file once to hash it and never parses a line.
@@ -525,7 +543,30 @@ def parse_line(raw: bytes, path: str, line_no: int) -> str:
             raise BadInputError(f'{path}:{line_no}: object has no string "text" field')
     elif not isinstance(value, str):
         raise BadInputError(f'{path}:{line_no}: expected {{"text": ...}} or a JSON string')
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON can spell one half of a surrogate pair alone: "\ud800"
+        raise BadInputError(f"{path}:{line_no}: text holds a lone surrogate (U+{ord(value[exc.start]):04X} at "
+                            f"character {exc.start}), which has no UTF-8 form") from exc
     return value
+
+
+def is_blank(raw: bytes) -> bool:
+    return not raw.strip()
+
+
+def check_not_utf16(path: str) -> None:
+    """Stop at once on a UTF-16 file (a byte-order mark, or a NUL every other byte), which would
+    otherwise fail on every line as invalid UTF-8 or malformed JSON."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read documents ({exc.strerror})") from exc
+    even_nuls, odd_nuls = head[0::2].count(0), head[1::2].count(0)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) >= 8 and max(even_nuls, odd_nuls) > len(head) // 4):
+        raise BadInputError(f"file {path} looks like UTF-16; convert it to UTF-8 "
+                            f"(e.g. iconv -f UTF-16 -t UTF-8 {path} > docs.jsonl)")
 
 
 CHUNK_BYTES = 1 << 17  # ~50 ms of encoding per task: IPC is negligible, and the last task barely idles a worker
@@ -570,6 +611,7 @@ class ChunkScan:
     doc_lines: np.ndarray  # (docs,) int64 line number of each good line
     doc_bytes: int  # UTF-8 bytes of all its documents
     bad_lines: list[tuple[int, str]]
+    blank_lines: int
 
 
 def scan_chunks(tasks: list[ChunkTask], path: str, skip_bad_lines: bool) -> list[ChunkScan]:
@@ -578,9 +620,12 @@ def scan_chunks(tasks: list[ChunkTask], path: str, skip_bad_lines: bool) -> list
 
 def scan_chunk(task: ChunkTask, path: str, skip_bad_lines: bool) -> ChunkScan:
     digests, doc_lines, bad_lines = [], [], []
-    doc_bytes = lines = 0
+    doc_bytes = lines = blank_lines = 0
     for line_no, raw in iter_span_lines(path, task.offset, task.length, task.first_line):
         lines += 1
+        if is_blank(raw):
+            blank_lines += 1
+            continue
         try:
             text = parse_line(raw, path, line_no)
         except BadInputError as exc:
@@ -592,7 +637,8 @@ def scan_chunk(task: ChunkTask, path: str, skip_bad_lines: bool) -> ChunkScan:
         doc_bytes += len(encoded)
         digests.append(hashlib.sha256(encoded).digest())
         doc_lines.append(line_no)
-    return ChunkScan(task, lines, b"".join(digests), np.array(doc_lines, dtype=np.int64), doc_bytes, bad_lines)
+    return ChunkScan(task, lines, b"".join(digests), np.array(doc_lines, dtype=np.int64), doc_bytes, bad_lines,
+                     blank_lines)
 
 
 @dataclass
@@ -606,6 +652,7 @@ class InputScan:
     train_val_duplicates: list[tuple[int, int]]  # (train line, val doc index), the first few
     doc_bytes: int
     duplicate_count: int
+    blank_lines: int = 0
     chunks: list[ChunkTask] = field(default_factory=list)  # with first_doc filled in
 
 
@@ -614,8 +661,9 @@ def scan_input(path: str, val_docs: int, skip_bad_lines: bool, workers: int = 1,
     """Whole-file pass before anything is written: validates every line, hashes the input and every
     val document, and finds training documents identical to a val document. Workers parse and hash
     the chunks; this process hashes the file, keeps the chunk table and matches the document hashes."""
+    check_not_utf16(path)
     digest = hashlib.sha256()
-    size = docs = doc_bytes = lines = 0
+    size = docs = doc_bytes = lines = blank_lines = 0
     bad_lines: list[tuple[int, str]] = []
     val_hashes: list[str] = []
     val_index: dict[bytes, int] = {}
@@ -625,13 +673,15 @@ def scan_input(path: str, val_docs: int, skip_bad_lines: bool, workers: int = 1,
     scan = functools.partial(scan_chunks, path=path, skip_bad_lines=skip_bad_lines)
     planned = plan_chunks(path, digest, CHUNK_BYTES)
     batches = iter(lambda: list(itertools.islice(planned, SCAN_BATCH)), [])
+    scanned = ordered_map(scan, batches, workers)
     try:
-        for part in itertools.chain.from_iterable(ordered_map(scan, batches, workers)):
+        for part in itertools.chain.from_iterable(scanned):
             chunks.append(part.task._replace(first_doc=docs))
             size += part.task.length
             lines += part.lines
             doc_bytes += part.doc_bytes
             bad_lines += part.bad_lines
+            blank_lines += part.blank_lines
             doc_hashes = [part.doc_digests[i : i + 32] for i in range(0, len(part.doc_digests), 32)]
             n_val = min(max(val_docs - docs, 0), len(doc_hashes))
             for i, doc_hash in enumerate(doc_hashes[:n_val]):
@@ -646,8 +696,10 @@ def scan_input(path: str, val_docs: int, skip_bad_lines: bool, workers: int = 1,
             docs += len(doc_hashes)
     except OSError as exc:
         raise BadInputError(f"{path}: cannot read documents ({exc.strerror})") from exc
+    finally:
+        scanned.close()  # stops the workers at once if this loop raises
     return InputScan(digest.hexdigest(), size, lines, docs, bad_lines, val_hashes, duplicates, doc_bytes,
-                     duplicate_count, chunks)
+                     duplicate_count, blank_lines, chunks)
 
 
 def iter_documents(path: str, bad_line_numbers: set[int], start_doc: int = 0):
@@ -655,7 +707,7 @@ def iter_documents(path: str, bad_line_numbers: set[int], start_doc: int = 0):
     doc_index = 0
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            if line_no in bad_line_numbers:
+            if line_no in bad_line_numbers or is_blank(raw):
                 continue
             if doc_index >= start_doc:
                 yield doc_index, line_no, parse_line(raw, path, line_no)
@@ -665,20 +717,216 @@ def iter_documents(path: str, bad_line_numbers: set[int], start_doc: int = 0):
 def ordered_map(fn, tasks, workers: int, initializer=None, initargs=()):
     """fn(task) for every task, yielded in task order, computed by `workers` processes (1: here), with
     at most 3 tasks per worker in flight: Pool.imap would read all tasks ahead and, when this process
-    is slower than the workers, buffer every result. Tasks and results are pickled: keep them compact."""
+    is slower than the workers, buffer every result. Tasks and results are pickled: keep them compact.
+    Closing the generator (or an exception or signal while it is open) stops the workers."""
     if workers == 1:
         yield from map(fn, tasks)
         return
-    import multiprocessing
+    with WorkerPool(fn, workers, initializer, initargs) as pool:
+        yield from pool.map(tasks)
 
-    with multiprocessing.get_context().Pool(workers, initializer, initargs) as pool:
-        in_flight: deque = deque()
-        for task in tasks:
-            in_flight.append(pool.apply_async(fn, (task,)))
-            if len(in_flight) >= 3 * workers:
-                yield in_flight.popleft().get()
-        while in_flight:
-            yield in_flight.popleft().get()
+
+# -----------------------------------------------------------------------------
+# Worker processes and signals
+# Ctrl-C sends SIGINT to every process of the terminal's process group; `kill` sends SIGTERM to this one.
+# Only this process decides: workers ignore SIGINT, die at once on SIGTERM (also when this process
+# dies: PR_SET_PDEATHSIG), and here either signal raises Interrupted. Leaving a WorkerPool kills its
+# workers without reading another message from them, so a worker killed halfway through sending a
+# result cannot leave this process waiting for the rest (multiprocessing.Pool could wait forever).
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM reached this process, or killed one of its workers."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class WorkerDiedError(Exception):
+    """A worker process ended without being asked to (killed by another signal, out of memory)."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """Inside the block, SIGINT and SIGTERM raise Interrupted in the main thread; the previous handlers
+    come back afterwards (signal handlers can only be set from the main thread: elsewhere, a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def ignore_stop_signals() -> None:
+    """From now on (until stop_signals_raise restores the handlers), SIGINT and SIGTERM are dropped."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred():
+    """SIGINT and SIGTERM are held until the block ends: for steps that must not stop halfway (starting
+    a worker, swapping the output folder, stopping the workers)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel sends this process SIGTERM when its parent dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's exit handler still stops the workers
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker_loop(conn, fn, initializer, initargs, parent_pid: int) -> None:
+    """Body of a worker process: receive (index, task), send back (index, ok, result or exception)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the parent, which stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # die at once, even inside C code
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held by the parent while it started us
+    _exit_with_parent(parent_pid)
+    if initializer is not None:
+        initializer(*initargs)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        index, task = message
+        try:
+            reply = (index, True, fn(task))
+        except Exception as exc:  # sent back and raised in the parent (BadInputError names file and line)
+            reply = (index, False, exc)
+        try:
+            conn.send(reply)
+        except (TypeError, AttributeError, pickle.PicklingError):  # an exception that does not pickle
+            conn.send((index, False, RuntimeError(repr(reply[2]))))
+
+
+_NO_TASK = object()
+
+
+class WorkerPool:
+    """`workers` processes running fn(task) with at most `depth` tasks each outstanding; map() yields
+    the results in task order. Leaving the `with` block, however it is left, stops every worker."""
+
+    def __init__(self, fn, workers: int, initializer=None, initargs=(), depth: int = 3):
+        import multiprocessing
+
+        context = multiprocessing.get_context()
+        self.depth = depth
+        self.processes, self.conns = [], []
+        try:
+            for _ in range(workers):
+                parent_end, child_end = context.Pipe()
+                with stop_signals_deferred():  # the worker starts with them held and sets its own handlers
+                    process = context.Process(target=_worker_loop, daemon=True,
+                                              args=(child_end, fn, initializer, initargs, os.getpid()))
+                    process.start()
+                child_end.close()
+                self.processes.append(process)
+                self.conns.append(parent_end)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """SIGTERM to every worker (immediate: they keep its default action), then reap them."""
+        with stop_signals_deferred():
+            for process in self.processes:
+                if process.is_alive():
+                    process.terminate()
+            deadline = time.monotonic() + 5.0
+            for process in self.processes:
+                process.join(max(deadline - time.monotonic(), 0.0))
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+            for conn in self.conns:
+                conn.close()
+            self.processes, self.conns = [], []
+
+    def map(self, tasks):
+        from multiprocessing.connection import wait
+
+        tasks = iter(tasks)
+        outstanding = [0] * len(self.processes)  # tasks sent to each worker and not yet answered
+        done: dict[int, tuple[bool, object]] = {}  # (ok, result or exception) not yet yielded, by task index
+        sent = yielded = 0
+        exhausted = False
+        while True:
+            while not exhausted and sent - yielded < self.depth * len(self.processes):
+                task = next(tasks, _NO_TASK)
+                if task is _NO_TASK:
+                    exhausted = True
+                    break
+                worker = outstanding.index(min(outstanding))
+                try:
+                    self.conns[worker].send((sent, task))
+                except OSError:  # the worker is gone
+                    self._raise_worker_death(worker)
+                outstanding[worker] += 1
+                sent += 1
+            if yielded in done:
+                ok, value = done.pop(yielded)
+                if not ok:  # raised in task order: the first bad task is the one reported
+                    raise value
+                yield value
+                yielded += 1
+                continue
+            if exhausted and yielded == sent:
+                return
+            by_conn = {conn: worker for worker, conn in enumerate(self.conns)}
+            ready = wait(self.conns + [process.sentinel for process in self.processes])
+            for item in ready:
+                worker = by_conn.get(item)
+                if worker is None:
+                    continue  # a sentinel: handled below, after reading what the worker sent first
+                try:
+                    index, ok, value = item.recv()
+                except (EOFError, OSError):
+                    self._raise_worker_death(worker)
+                outstanding[worker] -= 1
+                done[index] = (ok, value)
+            for worker, process in enumerate(self.processes):
+                if process.sentinel in ready and not self.conns[worker].poll():
+                    self._raise_worker_death(worker)
+
+    def _raise_worker_death(self, worker: int) -> None:
+        process = self.processes[worker]
+        process.join(1.0)
+        code = process.exitcode
+        if code is not None and -code in STOP_SIGNALS:  # e.g. SIGTERM sent to the whole process group
+            raise Interrupted(-code)
+        raise WorkerDiedError(f"a worker process died (exit code {code}); if it was killed for memory, "
+                              "use fewer --workers")
 
 
 # -----------------------------------------------------------------------------
@@ -835,11 +1083,6 @@ class ShardWriter:
         return {"name": name, "sha256": sha256_bytes(payload), "tokens": int(values.size)}
 
 
-def output_names(out_dir: Path) -> list[Path]:
-    patterns = ("fineweb_train_*.bin", "fineweb_val_*.bin", ".*.tmp-*")
-    return sorted({p for pattern in patterns for p in out_dir.glob(pattern)})
-
-
 def load_state(out_dir: Path, fingerprint: dict) -> dict | None:
     """The checkpoint of an unfinished run with this fingerprint whose shards are intact, else None."""
     try:
@@ -857,6 +1100,101 @@ def load_state(out_dir: Path, fingerprint: dict) -> dict | None:
 
 def save_state(out_dir: Path, state: dict) -> None:
     write_atomic(out_dir / STATE_NAME, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
+
+
+# -----------------------------------------------------------------------------
+# Output folder
+# The output is built in a sibling work folder (.NAME.prepare-work) and renamed to --out only when it
+# is complete, so an earlier dataset in --out stays usable until then, and stays if the run fails. An
+# interrupted run leaves the work folder; the same command resumes it. --out must be absent, empty or
+# this script's own output (a manifest of ours listing every file there): anything else, such as
+# downloaded challenge shards, is refused unless --force.
+
+DEMO_DOCS_NAME = "demo_docs.jsonl"
+OWN_FILE_NAMES = ("manifest.json", "tokenizer.model", VAL_HASHES_NAME, DEMO_DOCS_NAME)
+
+
+def output_path(out: str) -> Path:
+    """--out with symlinks resolved: the work folder goes beside the real folder, on its file system."""
+    path = Path(os.path.realpath(out))
+    if os.path.ismount(path):  # cannot be renamed: the output could not be swapped in
+        raise BadInputError(f"--out {out}: a mount point (or the root folder); use a folder inside it")
+    return path
+
+
+def work_dir_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.prepare-work"
+
+
+def old_dir_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.prepare-old"
+
+
+def foreign_entries(out_dir: Path) -> list[str]:
+    """Names in out_dir that this script did not write ([] for an absent or empty folder, or for a
+    complete output of ours, or one of the in-place interrupted runs of earlier versions)."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return []
+    if not out_dir.is_dir():
+        return [out_dir.name]
+    own: set[str] = set()
+    for record_name in ("manifest.json", STATE_NAME):
+        try:
+            record = json.loads((out_dir / record_name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict):
+            continue
+        fingerprint = record.get("fingerprint")
+        if not isinstance(fingerprint, dict) or not str(fingerprint.get("format", "")).startswith("prepare_caseops_data/"):
+            continue
+        own.update(OWN_FILE_NAMES, [record_name])
+        own.update(f["name"] for f in record.get("files", []) if isinstance(f, dict) and isinstance(f.get("name"), str))
+    return sorted(p.name for p in out_dir.iterdir()
+                  if p.name not in own and not (STATE_NAME in own and p.name.startswith(".") and ".tmp-" in p.name))
+
+
+def clear_work_dir(work_dir: Path, keep: set[str]) -> None:
+    """An empty work folder (but for `keep`): what an earlier, different run left there goes."""
+    work_dir.mkdir(exist_ok=True)
+    for entry in work_dir.iterdir():
+        if entry.name not in keep:
+            remove_path(entry)
+
+
+def install_output(work_dir: Path, out_dir: Path) -> None:
+    """Rename the complete work folder to out_dir; the earlier out_dir is deleted only afterwards. The
+    two renames run with SIGINT/SIGTERM held; a crash between them is repaired by the next run."""
+    old_dir = old_dir_for(out_dir)
+    with stop_signals_deferred():
+        remove_path(old_dir)
+        if out_dir.is_dir() and not out_dir.is_symlink() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        if out_dir.exists() or out_dir.is_symlink():
+            os.rename(out_dir, old_dir)
+        os.rename(work_dir, out_dir)
+        fsync_dir(out_dir.parent)
+    remove_path(old_dir)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a folder tree, a file or a symlink (not what it points to); nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def restore_interrupted_install(out_dir: Path) -> None:
+    """Undo a crash inside install_output: the earlier output goes back if --out is missing."""
+    old_dir = old_dir_for(out_dir)
+    if not old_dir.exists():
+        return
+    if out_dir.exists() or out_dir.is_symlink():
+        remove_path(old_dir)  # the new output was installed; only the deletion of the old one was cut short
+    else:
+        os.rename(old_dir, out_dir)
+        log(f"restored {out_dir} from {old_dir} (an earlier run stopped while replacing it)")
 
 
 # -----------------------------------------------------------------------------
@@ -918,6 +1256,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"allow --val-docs below {CHALLENGE_VAL_DOCS:,} on a corpus that has that many documents")
     p.add_argument("--allow-train-val-duplicates", action="store_true",
                    help="allow training documents identical to a validation document (counted in the manifest)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out that is not this script's output (deleted once the new output "
+                        "is complete)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     args = p.parse_args(argv)
     if args.demo == bool(args.docs):
@@ -926,6 +1267,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.val_docs = DEMO_VAL_DOCS if args.demo else CHALLENGE_VAL_DOCS
     if args.val_docs < 0 or args.shard_tokens < 1 or args.workers < 1:
         p.error("--val-docs must be >= 0, --shard-tokens and --workers >= 1")
+    if args.val_docs == 0:
+        print("prepare_caseops_data.py: warning: --val-docs 0: no validation split, so no val shards or byte "
+              "sidecars; the output can be trained on but not scored", file=sys.stderr)
     if args.vocab_size is not None and not (8 < args.vocab_size <= MAX_TOKEN_ID + 1):
         p.error(f"--vocab-size must be in 9..{MAX_TOKEN_ID + 1}")
     if args.tokenizer_spec and args.vocab_size is None:
@@ -958,8 +1302,9 @@ def check_split(args: argparse.Namespace, scan: InputScan) -> None:
             f"({scan.duplicate_count:,} such training documents); pass --allow-train-val-duplicates to accept")
 
 
-def prepare_tokenizer(args: argparse.Namespace, scan: InputScan, out_dir: Path, bad_lines: set[int]) -> tuple[bytes, dict]:
-    """The model bytes and the manifest's record of where they came from."""
+def prepare_tokenizer(args: argparse.Namespace, scan: InputScan, work_dir: Path, bad_lines: set[int]) -> tuple[bytes, dict]:
+    """The model bytes and the manifest's record of where they came from. Training runs in a worker
+    process: SentencePiece's C++ trainer would hold off a signal here until it finished."""
     if args.sp:
         model_bytes = read_tokenizer_file(args.sp)
         return model_bytes, {"source": "file", "path": str(args.sp)}
@@ -982,8 +1327,8 @@ def prepare_tokenizer(args: argparse.Namespace, scan: InputScan, out_dir: Path, 
                   "trained_on_docs": n_train, "trainer_settings": settings,
                   "note": "documents are transformed first; SentencePiece skips sentences longer than "
                           "max_sentence_length bytes"}
-    existing = out_dir / "tokenizer.model"
-    state_path = out_dir / STATE_NAME
+    existing = work_dir / "tokenizer.model"
+    state_path = work_dir / STATE_NAME
     if existing.is_file() and state_path.is_file():  # resume: reuse the model this run already trained
         try:
             state = json.loads(state_path.read_text(encoding="utf-8"))
@@ -995,37 +1340,62 @@ def prepare_tokenizer(args: argparse.Namespace, scan: InputScan, out_dir: Path, 
         except (OSError, ValueError):
             pass
     log(f"training a {args.vocab_size}-piece tokenizer on {n_train:,} training documents")
-
-    def training_texts():
-        for doc_index, _, text in iter_documents(args.docs, bad_lines, start_doc=args.val_docs):
-            if doc_index >= args.val_docs + n_train:
-                return
-            yield lossless_caps.encode_lossless_caps_v2(text) if args.transform == "caseops" else text
-
-    try:
-        model_bytes = train_tokenizer(training_texts(), settings)
-    except RuntimeError as exc:  # e.g. a vocabulary smaller than the characters it must cover
-        raise BadInputError(f"{args.docs}: SentencePiece training failed: {exc}") from exc
+    task = TrainingTask(args.docs, frozenset(bad_lines), args.val_docs, n_train, args.transform, settings)
+    with WorkerPool(train_tokenizer_on_documents, 1) as pool:
+        model_bytes = next(pool.map([task]))
     return model_bytes, provenance
 
 
-def run(args: argparse.Namespace) -> dict:
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.demo:
-        docs = build_demo_corpus()
-        args.docs = str(out_dir / "demo_docs.jsonl")
-        write_demo_docs(Path(args.docs), docs)
-        log(f"demo corpus: {len(docs):,} stdlib docstring documents -> {args.docs}")
+class TrainingTask(NamedTuple):
+    docs_path: str
+    bad_lines: frozenset
+    val_docs: int
+    n_train: int
+    transform: str
+    settings: dict
 
-    log(f"scanning {args.docs}")
+
+def train_tokenizer_on_documents(task: TrainingTask) -> bytes:
+    """Train on documents val_docs .. val_docs + n_train - 1 of the input, transformed."""
+    def training_texts():
+        for doc_index, _, text in iter_documents(task.docs_path, task.bad_lines, start_doc=task.val_docs):
+            if doc_index >= task.val_docs + task.n_train:
+                return
+            yield lossless_caps.encode_lossless_caps_v2(text) if task.transform == "caseops" else text
+
+    try:
+        return train_tokenizer(training_texts(), task.settings)
+    except RuntimeError as exc:  # e.g. a vocabulary smaller than the characters it must cover
+        raise BadInputError(f"{task.docs_path}: SentencePiece training failed: {exc}") from exc
+
+
+def run(args: argparse.Namespace) -> dict:
+    out_dir = output_path(args.out)
+    work_dir = work_dir_for(out_dir)
+    restore_interrupted_install(out_dir)
+    foreign = foreign_entries(out_dir)
+    if foreign and not args.force:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise BadInputError(f"{out_dir}: not empty and not this script's output ({len(foreign)} entries it did not "
+                            f"write: {shown}); nothing was changed. Choose another --out, or pass --force to "
+                            "replace the folder (its contents are deleted once the new output is complete)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    input_path = args.docs
+    if args.demo:  # the corpus is part of the output: it goes where the shards are built
+        docs = build_demo_corpus()
+        work_dir.mkdir(exist_ok=True)
+        args.docs, input_path = str(work_dir / DEMO_DOCS_NAME), str(out_dir / DEMO_DOCS_NAME)
+        write_demo_docs(Path(args.docs), docs)
+        log(f"demo corpus: {len(docs):,} stdlib docstring documents -> {input_path}")
+
+    log(f"scanning {input_path}")
     scan = scan_input(args.docs, args.val_docs, args.skip_bad_lines, args.workers)
     check_split(args, scan)
     bad_lines = {line for line, _ in scan.bad_lines}
     for line, why in scan.bad_lines[:5]:
         log(f"skipped bad line: {why}")
 
-    model_bytes, provenance = prepare_tokenizer(args, scan, out_dir, bad_lines)
+    model_bytes, provenance = prepare_tokenizer(args, scan, work_dir, bad_lines)
     sp = load_tokenizer(model_bytes, args.sp or "trained tokenizer")
     if sp.get_piece_size() > MAX_TOKEN_ID + 1:
         raise BadInputError(f"{args.sp}: vocabulary of {sp.get_piece_size():,} pieces: token ids would not fit "
@@ -1036,44 +1406,56 @@ def run(args: argparse.Namespace) -> dict:
     fingerprint = {"format": SCRIPT_FORMAT, "input_sha256": scan.sha256, "tokenizer_sha256": tokenizer_sha,
                    "transform": args.transform, "val_docs": args.val_docs, "shard_tokens": args.shard_tokens,
                    "skip_bad_lines": args.skip_bad_lines}
-    state = load_state(out_dir, fingerprint)
+    state = load_state(work_dir, fingerprint)
     if state is None:
-        manifest_path = out_dir / "manifest.json"
-        if manifest_path.is_file() and _completed_run_matches(out_dir, fingerprint):
+        if not foreign and _completed_run_matches(out_dir, fingerprint):
             log("output already complete for these arguments (all shard hashes verified)")
-            return json.loads(manifest_path.read_text(encoding="utf-8"))
-        stale = output_names(out_dir) + [p for p in (manifest_path, out_dir / VAL_HASHES_NAME) if p.exists()]
-        if stale:
-            log(f"removing {len(stale)} output files of an earlier, different run")
-        for path in stale:
-            path.unlink()
+            if work_dir.exists():
+                shutil.rmtree(work_dir)
+            return json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+        clear_work_dir(work_dir, keep={DEMO_DOCS_NAME} if args.demo else set())
         state = {"fingerprint": fingerprint, "files": [], "next_doc": 0, "next_doc_token_offset": 0,
                  "shard_index": {"val": 0, "train": 0},
                  "stats": {"val": SplitStats().to_json(), "train": SplitStats().to_json()}}
     else:
-        log(f"resuming: {len(state['files'])} files done, continuing at document {state['next_doc']:,}")
-        for leftover in out_dir.glob(".*.tmp-*"):  # temp files of the killed run
+        log(f"resuming in {work_dir}: {len(state['files'])} files done, continuing at document {state['next_doc']:,}")
+        for leftover in work_dir.glob(".*.tmp-*"):  # temp files of the killed run
             leftover.unlink()
     state["tokenizer_provenance"] = provenance
     state["tokenizer_sha256"] = tokenizer_sha
     state["input_sha256"] = scan.sha256
-    write_atomic(out_dir / "tokenizer.model", model_bytes)
-    save_state(out_dir, state)
+    write_atomic(work_dir / "tokenizer.model", model_bytes)
+    save_state(work_dir, state)
 
     stats = {split: SplitStats.from_json(state["stats"][split]) for split in ("val", "train")}
-    encode_documents(args, out_dir, state, stats, model_bytes, scan)
+    try:
+        encode_documents(args, work_dir, state, stats, model_bytes, scan)
+    except BadInputError:  # the same input would fail the same way: nothing to resume
+        shutil.rmtree(work_dir)
+        raise
 
     val_hash_payload = "".join(h + "\n" for h in scan.val_hashes).encode("ascii")
-    write_atomic(out_dir / VAL_HASHES_NAME, val_hash_payload)
-    manifest = build_manifest(args, scan, sp, model_bytes, provenance, state, stats, val_hash_payload, fingerprint)
-    write_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-    (out_dir / STATE_NAME).unlink()
+    write_atomic(work_dir / VAL_HASHES_NAME, val_hash_payload)
+    manifest = build_manifest(args, input_path, scan, sp, model_bytes, provenance, state, stats, val_hash_payload,
+                              fingerprint)
+    write_atomic(work_dir / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    (work_dir / STATE_NAME).unlink()
+    if foreign:
+        log(f"--force: replacing {out_dir} ({len(foreign)} entries this script did not write)")
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        log(f"replacing the earlier output in {out_dir}")
+    with stop_signals_deferred():
+        install_output(work_dir, out_dir)
+        ignore_stop_signals()  # the output is complete: a late Ctrl-C changes nothing and is dropped
     verification = manifest["verification"]
+    log(f"input: {scan.lines:,} lines, {scan.docs:,} documents; skipped {scan.blank_lines:,} blank lines and "
+        f"{len(scan.bad_lines):,} bad lines")
     log(f"val: {stats['val'].docs:,} docs, {stats['val'].tokens:,} tokens, {stats['val'].original_bytes:,} bytes; "
         f"train: {stats['train'].docs:,} docs, {stats['train'].tokens:,} tokens")
     log(f"verification: val sidecar mismatches {verification['val_sidecar_mismatch_docs']} (must be 0); "
         f"docs not decoding to the original text: val {verification['roundtrip_failed_docs']['val']}, "
         f"train {verification['roundtrip_failed_docs']['train']}")
+    log(f"done: {out_dir}")
     return manifest
 
 
@@ -1082,7 +1464,7 @@ def _completed_run_matches(out_dir: Path, fingerprint: dict) -> bool:
         manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if manifest.get("fingerprint") != fingerprint:
+    if not isinstance(manifest, dict) or manifest.get("fingerprint") != fingerprint:
         return False
     return all((out_dir / f["name"]).is_file() and sha256_file(out_dir / f["name"]) == f["sha256"]
                for f in manifest.get("files", []))
@@ -1163,7 +1545,7 @@ def encode_documents(args, out_dir: Path, state: dict, stats: dict, model_bytes:
     state["stats"] = {s: stats[s].to_json() for s in stats}
 
 
-def build_manifest(args, scan: InputScan, sp, model_bytes: bytes, provenance: dict, state: dict,
+def build_manifest(args, input_path: str, scan: InputScan, sp, model_bytes: bytes, provenance: dict, state: dict,
                    stats: dict, val_hash_payload: bytes, fingerprint: dict) -> dict:
     files = state["files"]
     tokenizer = tokenizer_summary(sp, model_bytes)
@@ -1181,9 +1563,9 @@ def build_manifest(args, scan: InputScan, sp, model_bytes: bytes, provenance: di
     return {
         "format": SCRIPT_FORMAT,
         "fingerprint": fingerprint,
-        "input": {"path": str(args.docs), "sha256": scan.sha256, "bytes": scan.size, "lines": scan.lines,
+        "input": {"path": str(input_path), "sha256": scan.sha256, "bytes": scan.size, "lines": scan.lines,
                   "docs": scan.docs, "doc_utf8_bytes": scan.doc_bytes, "demo": bool(args.demo),
-                  "bad_lines_skipped": len(scan.bad_lines),
+                  "blank_lines_skipped": scan.blank_lines, "bad_lines_skipped": len(scan.bad_lines),
                   "bad_lines_first": [{"line": line, "error": why} for line, why in scan.bad_lines[:20]]},
         "transform": lossless_caps.TRANSFORM_NAME if args.transform == "caseops" else "identity",
         "tokenizer": tokenizer,
@@ -1215,14 +1597,26 @@ def build_manifest(args, scan: InputScan, sp, model_bytes: bytes, provenance: di
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except BadInputError as exc:
-        print(f"prepare_caseops_data.py: error: {exc}", file=sys.stderr)
-        return 2
-    except SimulatedInterruption as exc:
-        print(f"prepare_caseops_data.py: interrupted: {exc}", file=sys.stderr)
-        return 3
+    with stop_signals_raise():
+        try:
+            run(args)
+        except BadInputError as exc:
+            print(f"prepare_caseops_data.py: error: {exc}", file=sys.stderr)
+            return 2
+        except SimulatedInterruption as exc:
+            print(f"prepare_caseops_data.py: interrupted: {exc}", file=sys.stderr)
+            return 3
+        except WorkerDiedError as exc:
+            print(f"prepare_caseops_data.py: error: {exc}", file=sys.stderr)
+            return 1
+        except Interrupted as exc:
+            ignore_stop_signals()  # a second Ctrl-C while this is printed: no traceback
+            work_dir = work_dir_for(output_path(args.out))
+            where = (f"the unfinished output in {work_dir} resumes when the same command runs again"
+                     if (work_dir / STATE_NAME).is_file() else "no shard was written")
+            print(f"{chr(10) if sys.stderr.isatty() else ''}prepare_caseops_data.py: stopped by {exc}: workers "
+                  f"stopped; {where}", file=sys.stderr, flush=True)
+            return 128 + exc.signum
     return 0
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import glob
 import hashlib
 import importlib.util
+import io
 import json
 import lzma
 import math
@@ -34,7 +35,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import brotli
 import numpy as np
@@ -43,174 +44,52 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-BOS_ID = 1  # every document starts with BOS; attention, smearing and scoring never cross it
+BOS_ID = 1  # every document starts with BOS; attention and smearing never cross it
 
 
 # -----------------------------------------------------------------------------
 # Config
 #
-# Every knob is a field of `Hyperparameters` with its default, environment variable, section and a
-# one-line help (`knob(...)`), so the README table is generated from this one definition.
-# `Hyperparameters.from_env()` is called when a run starts (never at import): defaults, then the
-# PRESET's published settings, then explicit environment variables; the result is validated.
+# Every knob is a field of one of the section dataclasses below, read from the environment variable of
+# the same name in upper case; the comment after a field is its help text (docs/env_table.py turns these
+# into the README's tables, so help costs no counted bytes). `Hyperparameters.from_env()` runs when a
+# run starts, never at import: defaults, then the PRESET's published settings, then explicit environment
+# variables; the result is validated, and each section of the script receives its part (`h.model`,
+# `h.quant`, `h.eval`, ...).
 # -----------------------------------------------------------------------------
 
 
-def knob(default: Any, section: str, help: str, env: str | None = None) -> Any:
-    """A hyperparameter field: default value, README section, one-line help, env name (default: NAME)."""
-    return field(default=default, metadata={"section": section, "help": help, "env": env})
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
 
 
 @dataclass
-class Hyperparameters:
-    # ---- run
-    preset: str = knob("pr1855", "run", "published configuration to start from (see PRESETS)")
-    run_id: str = knob("", "run", "run name; default: a fresh random id")
-    seed: int = knob(1337, "run", "seed for initialization and data order")
-    data_path: str = knob("./data/datasets/fineweb10B_sp8192_caseops", "run",
-                          "folder with fineweb_{train,val}_*.bin shards")
-    train_files: str = knob("", "run", "glob of train shards; default: DATA_PATH/fineweb_train_*.bin")
-    val_files: str = knob("", "run", "glob of val shards; default: DATA_PATH/fineweb_val_[0-9]*.bin")
-    tokenizer_path: str = knob("", "run", "SentencePiece model; its vocab size must equal VOCAB_SIZE")
-    artifact_dir: str = knob("", "run", "where checkpoint, log and summary.json go; default: runs/<RUN_ID>")
-    device: str = knob("auto", "run", "auto|cpu|cuda (auto: CUDA when available)")
-    compile: str = knob("auto", "run", "torch.compile the model: auto (on for CUDA, off for CPU)|0|1")
-    attn_backend: str = knob("auto", "run", "auto|fa3|flex|sdpa|plain attention kernel (auto: best available)")
-    autocast: str = knob("auto", "run", "auto|bf16|fp32 compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    cpu_threads: int = knob(0, "run", "CPU intra-op threads; 0 = torch's default (small models run best on 1)")
-    post_training_only: bool = knob(False, "run", "skip training; quantize/evaluate ARTIFACT_DIR/final_model.pt")
-    post_training_enabled: bool = knob(True, "run", "run quantization and evaluation after training (0: train only)")
+class RunSettings:
+    preset: str = "pr1855"  # published configuration to start from (see PRESETS)
+    run_id: str = ""  # run name; default: <preset>-<date>-<random>
+    seed: int = 1337  # seed for initialization and data order
+    artifact_dir: str = ""  # where checkpoint, log, code and summary.json go; default: runs/<RUN_ID>
+    device: str = "auto"  # auto|cpu|cuda (auto: CUDA when available)
+    compile: str = "auto"  # torch.compile the model: auto (on for CUDA, off for CPU)|0|1
+    attn_backend: str = "auto"  # auto|fa3|flex|sdpa|plain attention kernel (auto: best available)
+    autocast: str = "auto"  # auto|bf16|fp32 compute dtype (auto: bf16 on CUDA, fp32 on CPU)
+    cpu_threads: int = 0  # CPU intra-op threads; 0 = torch's default (small models run best on 1)
+    post_training_only: bool = False  # skip training; quantize/evaluate ARTIFACT_DIR/final_model.pt
+    post_training_enabled: bool = True  # run quantization and evaluation after training (0: train only)
+    ignore_env: str = ""  # comma-separated env vars that look like knobs but are not ours (else an error)
 
-    # ---- model (SPEC section 5)
-    vocab_size: int = knob(8192, "model", "vocabulary size (token ids must be below it)")
-    num_layers: int = knob(11, "model", "physical transformer blocks")
-    model_dim: int = knob(512, "model", "residual stream width")
-    num_heads: int = knob(8, "model", "query heads")
-    num_kv_heads: int = knob(4, "model", "key/value heads (grouped-query attention)")
-    mlp_mult: int = knob(4, "model", "MLP hidden width = MLP_MULT * MODEL_DIM")
-    mlp_act: str = knob("leaky_relu2", "model", "leaky_relu2 (LeakyReLU(0.5)^2, PR 1274+) | relu2 (baseline)")
-    tied_embed_init_std: float = knob(0.005, "model", "init std of the tied embedding / output head")
-    logit_softcap: float = knob(30.0, "model", "logits = c*tanh(z/c); 0 disables")
-    rope_dims: int = knob(16, "model", "head dims that get rotary embedding (partial RoPE); 0 = none")
-    rope_base: float = knob(10000.0, "model", "RoPE base frequency")
-    qk_gain_init: float = knob(5.0, "model", "init of the learned per-head query gain (q, k are RMS-normed)")
-    ln_scale: bool = knob(True, "model", "scale each block's normed input by 1/sqrt(layer+1)")
-    xsa: bool = knob(True, "model", "exclusive self-attention on all layers (remove own-value component)")
-    unet_skips: bool = knob(True, "model", "U-Net skip connections encoder -> decoder with learned weights")
-    skip_gates: bool = knob(True, "model", "sigmoid gate between the stream and each U-Net skip (PR 1493)")
-    resid_mix: bool = knob(True, "model", "per-block learned mix of the stream and the embedding stream")
-    loop_start: int = knob(3, "model", "first physical layer of the depth-recurrence loop")
-    loop_end: int = knob(5, "model", "last physical layer of the loop (inclusive)")
-    num_loops: int = knob(3, "model", "passes through the loop once recurrence is on (1 = no recurrence)")
-    enable_looping_at: float = knob(0.35, "model", "training fraction at which recurrence switches on")
-    parallel_start_layer: int = knob(8, "model", "first layer with two-lane parallel residuals; -1 = off")
-    gated_attn: bool = knob(True, "model", "per-head sigmoid gate on the attention output (PR 1736)")
-    gated_attn_init_std: float = knob(0.005, "model", "init std of the attention-gate weights")
-    sparse_attn_gate: bool = knob(True, "model", "feed the attention gate only the first dims of its input (PR 1855)")
-    sparse_attn_gate_dims: int = knob(12, "model", "input dims the sparse attention gate sees")
-    sparse_attn_gate_scale: float = knob(0.5, "model", "multiplier on the sparse gate's logits")
-    smear_gate: bool = knob(True, "model", "gated previous-token smear of the embedding, masked at BOS (PR 1855)")
-    smear_gate_dims: int = knob(12, "model", "embedding dims the smear gate sees")
 
-    # ---- optimization (SPEC section 6)
-    iterations: int = knob(20000, "optim", "step limit (the wallclock cap usually stops first)")
-    max_wallclock_seconds: float = knob(600.0, "optim", "absolute cap for training + GPTQ calibration; 0 = none")
-    train_batch_tokens: int = knob(786432, "optim", "tokens per optimizer step, all ranks together")
-    train_seq_len: int = knob(2048, "optim", "tokens per training sequence")
-    grad_accum_steps: int = knob(0, "optim", "micro-steps per optimizer step; 0 = 8 // WORLD_SIZE")
-    warmup_steps: int = knob(20, "optim", "compile warm-up steps, undone afterwards (weights + optimizer restored)")
-    warmdown_frac: float = knob(0.85, "optim", "last fraction of training with linear LR decay")
-    min_lr: float = knob(0.1, "optim", "LR floor at the end of warmdown, as a fraction of the peak")
-    matrix_lr: float = knob(0.026, "optim", "Muon learning rate for matrix weights")
-    muon_momentum: float = knob(0.97, "optim", "Muon momentum after warm-up")
-    muon_momentum_warmup_start: float = knob(0.92, "optim", "Muon momentum at step 0")
-    muon_momentum_warmup_steps: int = knob(1500, "optim", "steps to warm Muon momentum up")
-    muon_nesterov: bool = knob(True, "optim", "Nesterov momentum in Muon")
-    muon_backend_steps: int = knob(5, "optim", "Newton-Schulz iterations")
-    muon_polar_express: bool = knob(True, "optim", "Polar-Express Newton-Schulz coefficients (PR 1855)")
-    muon_row_normalize: bool = knob(True, "optim", "MuonEq-R: normalize update rows before Newton-Schulz")
-    muon_weight_decay: float = knob(0.095, "optim", "decoupled weight decay of Muon matrices")
-    muon_weight_decay_mlp: float = knob(-1.0, "optim",
-                                        "weight decay of MLP matrices; <0 = MUON_WEIGHT_DECAY (PR 1812: 0.115)")
-    embed_lr: float = knob(0.03, "optim", "AdamW learning rate of the tied embedding")
-    embed_weight_decay: float = knob(0.085, "optim", "AdamW weight decay of the tied embedding")
-    scalar_lr: float = knob(0.02, "optim", "AdamW learning rate of gains, gates, mixes and skip weights")
-    scalar_weight_decay: float = knob(0.02, "optim", "AdamW weight decay of the scalar group")
-    adam_beta1: float = knob(0.9, "optim", "AdamW beta1")
-    adam_beta2: float = knob(0.99, "optim", "AdamW beta2 (0.95 before PR 1855)")
-    adam_eps: float = knob(1e-8, "optim", "AdamW epsilon")
-    grad_clip_norm: float = knob(0.3, "optim", "global gradient-norm clip; 0 = off")
-    ema_decay: float = knob(0.9965, "optim", "EMA of weights (the EMA is what gets quantized); 0 = off")
-    train_log_every: int = knob(50, "optim", "log a step line every N steps")
-    checkpoint_every: int = knob(0, "optim", "also write a checkpoint every N steps; 0 = only at the end")
-
-    # ---- quantization and artifact (SPEC section 7; read by the quantization section)
-    quant_scheme: str = knob("gptq", "quant", "gptq (SDClip GPTQ) | int8 (per-row int8, baseline)")
-    gptq_calibration_batches: int = knob(16, "quant", "training batches used for GPTQ Hessians")
-    gptq_calibration_source: str = knob("train", "quant", "train | generated (model-sampled sequences, PR 1274)")
-    gptq_reserve_seconds: float = knob(4.0, "quant", "part of MAX_WALLCLOCK_SECONDS kept for GPTQ calibration")
-    gptq_generated_seq_len: int = knob(512, "quant", "length of each model-sampled calibration sequence")
-    gptq_generated_temperature: float = knob(0.8, "quant", "sampling temperature of generated calibration")
-    gptq_damp: float = knob(0.01, "quant", "GPTQ Hessian damping (fraction of the mean diagonal)")
-    gptq_block_size: int = knob(128, "quant", "GPTQ column block size")
-    quant_matrix_bits: int = knob(6, "quant", "bits of attention/MLP matrices")
-    quant_mlp_bits: int = knob(6, "quant", "bits of MLP matrices (PR 1274: 5)")
-    quant_matrix_clip_sigmas: float = knob(12.85, "quant", "SDClip sigmas of matrices not listed below")
-    quant_mlp_clip_sigmas: float = knob(11.5, "quant", "SDClip sigmas of MLP matrices")
-    quant_attn_clip_sigmas: float = knob(13.0, "quant", "SDClip sigmas of attention matrices")
-    quant_embed_bits: int = knob(7, "quant", "bits of the tied embedding")
-    quant_embed_clip_sigmas: float = knob(14.0, "quant", "SDClip sigmas of the tied embedding")
-    quant_gate_bits: int = knob(8, "quant", "bits of attention-gate weights (per row)")
-    quant_small_tensor_numel: int = knob(65536, "quant", "tensors with at most this many elements stay fp16")
-    quant_compressor: str = knob("brotli", "quant", "brotli | lzma | zlib")
-    quant_byte_shuffle: bool = knob(True, "quant", "byte shuffle (stride 2) before compression")
-    lqer_enabled: bool = knob(True, "quant", "low-rank correction of the quantization error (PR 1855)")
-    lqer_rank: int = knob(4, "quant", "LQER rank")
-    lqer_bits: int = knob(4, "quant", "LQER factor bits (asymmetric)")
-    lqer_group_size: int = knob(64, "quant", "LQER factor quantization group size")
-    lqer_top_k: int = knob(3, "quant", "tensors that get an LQER correction")
-    artifact_limit_bytes: int = knob(16_000_000, "quant", "challenge cap on code + compressed model bytes")
-
-    # ---- evaluation and test-time training (SPEC section 8; read by the evaluation section)
-    val_max_docs: int = knob(50000, "eval", "validation documents scored (challenge: first 50,000)")
-    eval_seq_len: int = knob(2048, "eval", "context length of evaluation")
-    eval_batch_tokens: int = knob(524288, "eval", "tokens per evaluation batch, all ranks together")
-    eval_max_seconds: float = knob(600.0, "eval", "evaluation time limit checked in the summary")
-    sliding_window_enabled: bool = knob(True, "eval", "report quantized sliding-window val_bpb")
-    sliding_stride: int = knob(64, "eval", "sliding-window stride")
-    save_token_nll: bool = knob(False, "eval", "write token_nll.npz: every scored token of the final eval mode")
-    ttt_enabled: bool = knob(True, "eval", "run test-time training")
-    ttt_mode: str = knob("phased", "eval", "phased (LoRA, PR 1736) | chunked (score-first SGD, PR 1493)")
-    ttt_lr: float = knob(0.005, "eval", "chunked TTT: SGD learning rate")
-    ttt_momentum: float = knob(0.9, "eval", "chunked TTT: SGD momentum")
-    ttt_epochs: int = knob(3, "eval", "chunked TTT: epochs per chunk")
-    ttt_chunk_tokens: int = knob(32768, "eval", "chunked TTT: tokens per chunk")
-    ttt_grad_clip: float = knob(1.0, "eval", "chunked TTT: gradient clip")
-    ttt_params: str = knob("all", "eval", "chunked TTT: weights that adapt, all or comma-separated name parts")
-    phased_ttt_prefix_docs: int = knob(2500, "eval", "phased TTT: scored documents split into phases")
-    phased_ttt_num_phases: int = knob(3, "eval", "phased TTT: global-SGD phases")
-    phased_ttt_lora_rank: int = knob(80, "eval", "phased TTT: LoRA rank")
-    phased_ttt_lora_sites: str = knob("q,k,v,o,mlp_in,mlp_out,head", "eval",
-                                      "phased TTT: linears that get a LoRA (q,k,v,o,mlp_in,mlp_out,head)")
-    phased_ttt_lr: float = knob(1e-4, "eval", "phased TTT: LoRA Adam learning rate")
-    phased_ttt_beta1: float = knob(0.0, "eval", "phased TTT: LoRA Adam beta1")
-    phased_ttt_beta2: float = knob(0.99, "eval", "phased TTT: LoRA Adam beta2")
-    phased_ttt_weight_decay: float = knob(0.5, "eval", "phased TTT: LoRA Adam weight decay")
-    phased_ttt_chunk_tokens: int = knob(48, "eval", "phased TTT: tokens scored per LoRA update")
-    phased_ttt_docs_per_batch: int = knob(64, "eval", "phased TTT: documents per length-sorted batch")
-    phased_ttt_global_lr: float = knob(0.001, "eval", "phased TTT: global SGD learning rate")
-    phased_ttt_global_momentum: float = knob(0.9, "eval", "phased TTT: global SGD momentum")
-    phased_ttt_global_epochs: int = knob(1, "eval", "phased TTT: global SGD epochs per phase")
-    phased_ttt_global_chunk_tokens: int = knob(32768, "eval", "phased TTT: global SGD chunk tokens")
-
-    # ------------------------------------------------------------------ derived values
-    @property
-    def head_dim(self) -> int:
-        return self.model_dim // self.num_heads
-
-    @property
-    def recurrence_enabled(self) -> bool:
-        return self.num_loops > 1
+@dataclass
+class DataSettings:
+    data_path: str = "./data/datasets/fineweb10B_sp8192_caseops"  # folder with fineweb_{train,val}_*.bin shards
+    train_files: str = ""  # glob of train shards; default: DATA_PATH/fineweb_train_*.bin
+    val_files: str = ""  # glob of val shards; default: DATA_PATH/fineweb_val_[0-9]*.bin
+    tokenizer_path: str = ""  # SentencePiece model; its vocab size must equal VOCAB_SIZE
+    train_seq_len: int = 2048  # tokens per training sequence
+    train_batch_tokens: int = 786432  # tokens per optimizer step, all ranks together
+    grad_accum_steps: int = 0  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE
+    val_max_docs: int = 50000  # validation documents scored (challenge: first 50,000)
 
     @property
     def train_glob(self) -> str:
@@ -220,101 +99,274 @@ class Hyperparameters:
     def val_glob(self) -> str:
         return self.val_files or os.path.join(self.data_path, "fineweb_val_[0-9]*.bin")
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Hyperparameters":
-        """Defaults < PRESET < explicit env vars; then validate. Raises ValueError naming the env var."""
-        environ = os.environ if environ is None else environ
-        by_env = {env_name(f): f for f in dataclasses.fields(cls)}
-        preset = environ.get("PRESET", cls.preset_default())
-        if preset not in PRESETS:
-            raise ValueError(f"PRESET={preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-        values: dict[str, Any] = {"preset": preset}
-        for name, value in resolve_preset(preset).items():
-            values[name] = value
-        for key, f in by_env.items():
-            if key in environ and key != "PRESET":
-                values[f.name] = parse_env_value(key, environ[key], type(f.default))
-        h = cls(**values)
-        h.validate()
-        return h
-
-    @staticmethod
-    def preset_default() -> str:
-        return next(f.default for f in dataclasses.fields(Hyperparameters) if f.name == "preset")
-
-    def validate(self) -> None:
-        def require(condition: bool, message: str) -> None:
-            if not condition:
-                raise ValueError(message)
-
-        choices = {"device": ("auto", "cpu", "cuda"), "compile": ("auto", "0", "1"),
-                   "attn_backend": ("auto", "fa3", "flex", "sdpa", "plain"), "autocast": ("auto", "bf16", "fp32"),
-                   "mlp_act": ("leaky_relu2", "relu2"), "quant_scheme": ("gptq", "int8"),
-                   "gptq_calibration_source": ("train", "generated"), "quant_compressor": ("brotli", "lzma", "zlib"),
-                   "ttt_mode": ("phased", "chunked")}
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            require(value in allowed, f"{name.upper()}={value!r} is not one of {', '.join(allowed)}")
-        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-                     "train_batch_tokens", "train_seq_len", "iterations", "num_loops", "muon_backend_steps"):
-            require(getattr(self, name) > 0, f"{name.upper()} must be positive, got {getattr(self, name)}")
-        require(self.cpu_threads >= 0, f"CPU_THREADS={self.cpu_threads} must be >= 0")
-        require(self.gptq_calibration_batches >= 0, f"GPTQ_CALIBRATION_BATCHES={self.gptq_calibration_batches} < 0")
-        require(self.gptq_generated_seq_len >= 2 and self.gptq_generated_temperature > 0,
-                f"GPTQ_GENERATED_SEQ_LEN={self.gptq_generated_seq_len} must be >= 2 and GPTQ_GENERATED_TEMPERATURE="
-                f"{self.gptq_generated_temperature} > 0")
-        sites = [site.strip() for site in self.phased_ttt_lora_sites.split(",") if site.strip()]
-        require(bool(sites) and all(site in LORA_SITES for site in sites),
-                f"PHASED_TTT_LORA_SITES={self.phased_ttt_lora_sites!r}: use a comma-separated subset of "
-                f"{','.join(LORA_SITES)}")
-        require(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
-        require(self.vocab_size > BOS_ID, f"VOCAB_SIZE={self.vocab_size} must include the BOS id {BOS_ID}")
-        require(self.model_dim % self.num_heads == 0,
-                f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
-        require(self.num_heads % self.num_kv_heads == 0,
-                f"NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        require(self.head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even (RoPE)")
-        require(0 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0,
-                f"ROPE_DIMS={self.rope_dims} must be even and within the head dim {self.head_dim}")
-        if self.recurrence_enabled:
-            require(0 <= self.loop_start <= self.loop_end < self.num_layers,
-                    f"LOOP_START={self.loop_start}..LOOP_END={self.loop_end} must lie within 0..NUM_LAYERS-1="
-                    f"{self.num_layers - 1}")
-            require(self.parallel_start_layer < 0 or self.parallel_start_layer > self.loop_end,
-                    f"PARALLEL_START_LAYER={self.parallel_start_layer} must come after LOOP_END={self.loop_end}")
-        require(self.parallel_start_layer < self.num_layers,
-                f"PARALLEL_START_LAYER={self.parallel_start_layer} must be < NUM_LAYERS={self.num_layers} or -1")
-        require(0.0 <= self.enable_looping_at <= 1.0, f"ENABLE_LOOPING_AT={self.enable_looping_at} must be in [0, 1]")
-        require(0.0 <= self.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={self.warmdown_frac} must be in [0, 1]")
-        require(0.0 <= self.min_lr <= 1.0, f"MIN_LR={self.min_lr} must be in [0, 1]")
-        require(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay} must be in [0, 1)")
-        require(self.max_wallclock_seconds >= 0, f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} must be >= 0")
-        require(self.max_wallclock_seconds == 0 or self.gptq_reserve_seconds < self.max_wallclock_seconds,
-                f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time within "
-                f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
-        if self.sparse_attn_gate:
-            require(self.gated_attn, "SPARSE_ATTN_GATE=1 needs GATED_ATTN=1 (it changes the gate's input)")
-            require(0 < self.sparse_attn_gate_dims <= self.model_dim,
-                    f"SPARSE_ATTN_GATE_DIMS={self.sparse_attn_gate_dims} must be in 1..MODEL_DIM")
-        if self.smear_gate:
-            require(0 < self.smear_gate_dims <= self.model_dim,
-                    f"SMEAR_GATE_DIMS={self.smear_gate_dims} must be in 1..MODEL_DIM")
-
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(grad_accum_steps, sequences per rank per micro-step) for this world size; errors name env vars."""
         accum = self.grad_accum_steps or max(1, 8 // world_size)
         per_micro = world_size * accum * self.train_seq_len
-        if self.train_batch_tokens % per_micro != 0:
+        if self.train_batch_tokens % per_micro:
             raise ValueError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not divisible by WORLD_SIZE*"
                              f"GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN={world_size}*{accum}*{self.train_seq_len}")
         return accum, self.train_batch_tokens // per_micro
 
+
+@dataclass
+class ModelSettings:
+    vocab_size: int = 8192  # vocabulary size (token ids must be below it)
+    num_layers: int = 11  # physical transformer blocks
+    model_dim: int = 512  # residual stream width
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention)
+    mlp_mult: int = 4  # MLP hidden width = MLP_MULT * MODEL_DIM
+    mlp_act: str = "leaky_relu2"  # leaky_relu2 (LeakyReLU(0.5)^2, PR 1274+) | relu2 (baseline)
+    tied_embed_init_std: float = 0.005  # init std of the tied embedding / output head
+    logit_softcap: float = 30.0  # logits = c*tanh(z/c); 0 disables
+    rope_dims: int = 16  # head dims that get rotary embedding (partial RoPE); 0 = none
+    rope_base: float = 10000.0  # RoPE base frequency
+    qk_gain_init: float = 5.0  # init of the learned per-head query gain (q, k are RMS-normed)
+    ln_scale: bool = True  # scale each block's normed input by 1/sqrt(layer+1)
+    xsa: bool = True  # exclusive self-attention on all layers (remove own-value component)
+    unet_skips: bool = True  # U-Net skip connections encoder -> decoder with learned weights
+    skip_gates: bool = True  # sigmoid gate between the stream and each U-Net skip (PR 1493)
+    resid_mix: bool = True  # per-block learned mix of the stream and the embedding stream
+    loop_start: int = 3  # first physical layer of the depth-recurrence loop
+    loop_end: int = 5  # last physical layer of the loop (inclusive)
+    num_loops: int = 3  # passes through the loop once recurrence is on (1 = no recurrence)
+    enable_looping_at: float = 0.35  # training fraction at which recurrence switches on
+    parallel_start_layer: int = 8  # first layer with two-lane parallel residuals; -1 = off
+    gated_attn: bool = True  # per-head sigmoid gate on the attention output (PR 1736)
+    gated_attn_init_std: float = 0.005  # init std of the attention-gate weights
+    sparse_attn_gate: bool = True  # feed the attention gate only the first dims of its input (PR 1855)
+    sparse_attn_gate_dims: int = 12  # input dims the sparse attention gate sees
+    sparse_attn_gate_scale: float = 0.5  # multiplier on the sparse gate's logits
+    smear_gate: bool = True  # gated previous-token smear of the embedding, masked at BOS (PR 1855)
+    smear_gate_dims: int = 12  # embedding dims the smear gate sees
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def recurrence_enabled(self) -> bool:
+        return self.num_loops > 1
+
+
+@dataclass
+class OptimSettings:
+    iterations: int = 20000  # step limit (the wallclock cap usually stops first)
+    max_wallclock_seconds: float = 600.0  # absolute cap for training + GPTQ calibration; 0 = none
+    warmup_steps: int = 20  # compile warm-up steps, undone afterwards (weights + optimizer restored)
+    warmdown_frac: float = 0.85  # last fraction of training with linear LR decay
+    min_lr: float = 0.1  # LR floor at the end of warmdown, as a fraction of the peak
+    matrix_lr: float = 0.026  # Muon learning rate for matrix weights
+    muon_momentum: float = 0.97  # Muon momentum after warm-up
+    muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0
+    muon_momentum_warmup_steps: int = 1500  # steps to warm Muon momentum up
+    muon_nesterov: bool = True  # Nesterov momentum in Muon
+    muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_polar_express: bool = True  # Polar-Express Newton-Schulz coefficients (PR 1855)
+    muon_row_normalize: bool = True  # MuonEq-R: normalize update rows before Newton-Schulz
+    muon_weight_decay: float = 0.095  # decoupled weight decay of Muon matrices
+    muon_weight_decay_mlp: float = -1.0  # weight decay of MLP matrices; <0 = MUON_WEIGHT_DECAY (PR 1812: 0.115)
+    embed_lr: float = 0.03  # AdamW learning rate of the tied embedding
+    embed_weight_decay: float = 0.085  # AdamW weight decay of the tied embedding
+    scalar_lr: float = 0.02  # AdamW learning rate of gains, gates, mixes and skip weights
+    scalar_weight_decay: float = 0.02  # AdamW weight decay of the scalar group
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.99  # AdamW beta2 (0.95 before PR 1855)
+    adam_eps: float = 1e-8  # AdamW epsilon
+    grad_clip_norm: float = 0.3  # global gradient-norm clip; 0 = off
+    ema_decay: float = 0.9965  # EMA of weights (the EMA is what gets quantized); 0 = off
+    train_log_every: int = 50  # log a step line every N steps
+    checkpoint_every: int = 0  # also write a checkpoint every N steps; 0 = only at the end
+
+
+@dataclass
+class QuantSettings:
+    quant_scheme: str = "gptq"  # gptq (SDClip GPTQ) | int8 (per-row int8, baseline)
+    gptq_calibration_batches: int = 16  # training batches used for GPTQ Hessians
+    gptq_calibration_source: str = "train"  # train | generated (model-sampled sequences, PR 1274)
+    gptq_reserve_seconds: float = 4.0  # part of MAX_WALLCLOCK_SECONDS kept for GPTQ calibration
+    gptq_generated_seq_len: int = 512  # length of each model-sampled calibration sequence
+    gptq_generated_temperature: float = 0.8  # sampling temperature of generated calibration
+    gptq_damp: float = 0.01  # GPTQ Hessian damping (fraction of the mean diagonal)
+    gptq_block_size: int = 128  # GPTQ column block size
+    quant_matrix_bits: int = 6  # bits of attention and other matrices
+    quant_mlp_bits: int = 6  # bits of MLP matrices (PR 1274: 5)
+    quant_matrix_clip_sigmas: float = 12.85  # SDClip sigmas of matrices not listed below
+    quant_mlp_clip_sigmas: float = 11.5  # SDClip sigmas of MLP matrices
+    quant_attn_clip_sigmas: float = 13.0  # SDClip sigmas of attention matrices
+    quant_embed_bits: int = 7  # bits of the tied embedding
+    quant_embed_clip_sigmas: float = 14.0  # SDClip sigmas of the tied embedding
+    quant_gate_bits: int = 8  # bits of attention-gate weights (per row)
+    quant_small_tensor_numel: int = 65536  # tensors with at most this many elements stay fp16
+    quant_compressor: str = "brotli"  # brotli | lzma | zlib
+    quant_byte_shuffle: bool = True  # byte shuffle (stride 2) before compression
+    lqer_enabled: bool = True  # low-rank correction of the quantization error (PR 1855)
+    lqer_rank: int = 4  # LQER rank
+    lqer_bits: int = 4  # LQER factor bits (asymmetric)
+    lqer_group_size: int = 64  # LQER factor quantization group size
+    lqer_top_k: int = 3  # tensors that get an LQER correction
+    artifact_limit_bytes: int = 16_000_000  # challenge cap on code + compressed model bytes
+
+
+@dataclass
+class EvalSettings:
+    eval_seq_len: int = 2048  # context length of evaluation
+    eval_batch_tokens: int = 524288  # tokens per evaluation batch, all ranks together
+    eval_max_seconds: float = 600.0  # evaluation time limit checked in the summary
+    sliding_window_enabled: bool = True  # report quantized sliding-window val_bpb
+    sliding_stride: int = 64  # sliding-window stride
+    save_token_nll: bool = False  # write token_nll.npz: every scored token of the final eval mode
+    ttt_enabled: bool = True  # run test-time training
+    ttt_mode: str = "phased"  # phased (LoRA, PR 1736) | chunked (score-first SGD, PR 1493)
+    ttt_lr: float = 0.005  # chunked TTT: SGD learning rate
+    ttt_momentum: float = 0.9  # chunked TTT: SGD momentum
+    ttt_epochs: int = 3  # chunked TTT: epochs per chunk
+    ttt_chunk_tokens: int = 32768  # chunked TTT: tokens per chunk
+    ttt_batch_seqs: int = 32  # chunked TTT: rows of EVAL_SEQ_LEN per SGD step, all ranks together
+    ttt_grad_clip: float = 1.0  # chunked TTT: gradient clip
+    ttt_params: str = "all"  # chunked TTT: weights that adapt, all or comma-separated name parts
+    phased_ttt_prefix_docs: int = 2500  # phased TTT: scored documents split into phases
+    phased_ttt_num_phases: int = 3  # phased TTT: global-SGD phases
+    phased_ttt_lora_rank: int = 80  # phased TTT: LoRA rank
+    phased_ttt_lora_sites: str = "q,k,v,o,mlp_in,mlp_out,head"  # phased TTT: linears with a LoRA (a subset)
+    phased_ttt_lr: float = 1e-4  # phased TTT: LoRA Adam learning rate
+    phased_ttt_beta1: float = 0.0  # phased TTT: LoRA Adam beta1
+    phased_ttt_beta2: float = 0.99  # phased TTT: LoRA Adam beta2
+    phased_ttt_weight_decay: float = 0.5  # phased TTT: LoRA Adam weight decay
+    phased_ttt_chunk_tokens: int = 48  # phased TTT: tokens scored per LoRA update
+    phased_ttt_docs_per_batch: int = 64  # phased TTT: documents per length-sorted batch
+    phased_ttt_global_lr: float = 0.001  # phased TTT: global SGD learning rate
+    phased_ttt_global_momentum: float = 0.9  # phased TTT: global SGD momentum
+    phased_ttt_global_epochs: int = 1  # phased TTT: global SGD epochs per phase
+    phased_ttt_global_chunk_tokens: int = 32768  # phased TTT: global SGD chunk tokens
+    phased_ttt_global_grad_clip: float = 1.0  # phased TTT: global SGD gradient clip
+
+    def batch_rows(self, world_size: int = 1) -> int:
+        """Rows of EVAL_SEQ_LEN per forward on one rank (EVAL_BATCH_TOKENS counts all ranks)."""
+        return max(1, self.eval_batch_tokens // (world_size * self.eval_seq_len))
+
+
+@dataclass
+class Hyperparameters:
+    run: RunSettings = field(default_factory=RunSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    quant: QuantSettings = field(default_factory=QuantSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Hyperparameters":
+        """Defaults < PRESET < explicit env vars; then validate. Raises ValueError naming the env var."""
+        environ = os.environ if environ is None else environ
+        knobs = knob_fields()
+        preset = environ.get("PRESET", RunSettings.preset)
+        if preset not in PRESETS:
+            raise ValueError(f"PRESET={preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+        values = {"preset": preset, **resolve_preset(preset)}
+        for name, (_, kind) in knobs.items():
+            if name.upper() in environ:
+                values[name] = parse_env_value(name.upper(), environ[name.upper()], kind)
+        refuse_unknown_env(environ, values.get("ignore_env", ""))
+        sections = {section: {} for section in SECTIONS}
+        for name, value in values.items():
+            sections[knobs[name][0]][name] = value
+        h = cls(**{section: SECTIONS[section](**fields) for section, fields in sections.items()})
+        h.validate()
+        return h
+
+    def validate(self) -> None:
+        """Raise ValueError naming the env var of the first setting that is out of range."""
+        self._validate_choices_and_signs()
+        self._validate_shapes_and_schedules()
+
+    def _validate_choices_and_signs(self) -> None:
+        run, data, model, optim, quant, eval = self.run, self.data, self.model, self.optim, self.quant, self.eval
+        choices = [(run, "device", "auto cpu cuda"), (run, "compile", "auto 0 1"),
+                   (run, "attn_backend", "auto fa3 flex sdpa plain"), (run, "autocast", "auto bf16 fp32"),
+                   (model, "mlp_act", "leaky_relu2 relu2"), (quant, "quant_scheme", "gptq int8"),
+                   (quant, "gptq_calibration_source", "train generated"),
+                   (quant, "quant_compressor", "brotli lzma zlib"),
+                   (eval, "ttt_mode", "phased chunked")]
+        for section, name, allowed in choices:
+            allowed = allowed.split()
+            value = getattr(section, name)
+            require(value in allowed, f"{name.upper()}={value!r} is not one of {', '.join(allowed)}")
+        for section, names in ((data, "train_seq_len train_batch_tokens"), (optim, "iterations muon_backend_steps"),
+                               (model, "vocab_size num_layers model_dim num_heads num_kv_heads mlp_mult num_loops"),
+                               (optim, "matrix_lr embed_lr scalar_lr adam_eps"),
+                               (eval, "eval_seq_len eval_batch_tokens sliding_stride ttt_chunk_tokens ttt_batch_seqs "
+                                      "phased_ttt_chunk_tokens phased_ttt_docs_per_batch phased_ttt_lora_rank "
+                                      "phased_ttt_global_chunk_tokens")):
+            for name in names.split():
+                require(getattr(section, name) > 0, f"{name.upper()} must be positive, got {getattr(section, name)}")
+        for section, names in ((run, "cpu_threads"), (data, "grad_accum_steps val_max_docs"),
+                               (optim, "warmup_steps muon_momentum_warmup_steps checkpoint_every muon_weight_decay "
+                                       "embed_weight_decay scalar_weight_decay grad_clip_norm ema_decay"),
+                               (quant, "gptq_calibration_batches gptq_reserve_seconds gptq_damp"),
+                               (eval, "ttt_lr ttt_epochs ttt_grad_clip phased_ttt_prefix_docs phased_ttt_lr "
+                                      "phased_ttt_weight_decay phased_ttt_global_lr phased_ttt_global_epochs")):
+            for name in names.split():
+                require(getattr(section, name) >= 0, f"{name.upper()}={getattr(section, name)} must be >= 0")
+        for section, name in ((model, "enable_looping_at"), (optim, "warmdown_frac"), (optim, "min_lr"),
+                              (optim, "muon_momentum"), (optim, "muon_momentum_warmup_start"), (optim, "adam_beta1"),
+                              (optim, "adam_beta2"), (eval, "ttt_momentum"), (eval, "phased_ttt_beta1"),
+                              (eval, "phased_ttt_beta2"), (eval, "phased_ttt_global_momentum")):
+            require(0.0 <= getattr(section, name) <= 1.0, f"{name.upper()}={getattr(section, name)} must be in [0, 1]")
+
+    def _validate_shapes_and_schedules(self) -> None:
+        model, optim, quant, eval = self.model, self.optim, self.quant, self.eval
+        require(quant.gptq_generated_seq_len >= 2 and quant.gptq_generated_temperature > 0,
+                f"GPTQ_GENERATED_SEQ_LEN={quant.gptq_generated_seq_len} must be >= 2 and GPTQ_GENERATED_TEMPERATURE="
+                f"{quant.gptq_generated_temperature} > 0")
+        sites = [site.strip() for site in eval.phased_ttt_lora_sites.split(",") if site.strip()]
+        require(bool(sites) and all(site in LORA_SITES for site in sites),
+                f"PHASED_TTT_LORA_SITES={eval.phased_ttt_lora_sites!r}: use a comma-separated subset of "
+                f"{','.join(LORA_SITES)}")
+        require(model.vocab_size <= 65536, f"VOCAB_SIZE={model.vocab_size} does not fit the uint16 shard format")
+        require(model.vocab_size > BOS_ID, f"VOCAB_SIZE={model.vocab_size} must include the BOS id {BOS_ID}")
+        require(model.model_dim % model.num_heads == 0,
+                f"MODEL_DIM={model.model_dim} is not divisible by NUM_HEADS={model.num_heads}")
+        require(model.num_heads % model.num_kv_heads == 0,
+                f"NUM_HEADS={model.num_heads} is not divisible by NUM_KV_HEADS={model.num_kv_heads}")
+        require(model.head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={model.head_dim} must be even (RoPE)")
+        require(0 <= model.rope_dims <= model.head_dim and model.rope_dims % 2 == 0,
+                f"ROPE_DIMS={model.rope_dims} must be even and within the head dim {model.head_dim}")
+        if model.recurrence_enabled:
+            require(0 <= model.loop_start <= model.loop_end < model.num_layers,
+                    f"LOOP_START={model.loop_start}..LOOP_END={model.loop_end} must lie within 0..NUM_LAYERS-1="
+                    f"{model.num_layers - 1}")
+            require(model.parallel_start_layer < 0 or model.parallel_start_layer > model.loop_end,
+                    f"PARALLEL_START_LAYER={model.parallel_start_layer} must come after LOOP_END={model.loop_end}")
+        require(model.parallel_start_layer < model.num_layers,
+                f"PARALLEL_START_LAYER={model.parallel_start_layer} must be < NUM_LAYERS={model.num_layers} or -1")
+        require(optim.ema_decay < 1.0, f"EMA_DECAY={optim.ema_decay} must be < 1")
+        require(optim.max_wallclock_seconds >= 0, f"MAX_WALLCLOCK_SECONDS={optim.max_wallclock_seconds} must be >= 0")
+        require(optim.max_wallclock_seconds == 0 or quant.gptq_reserve_seconds < optim.max_wallclock_seconds,
+                f"GPTQ_RESERVE_SECONDS={quant.gptq_reserve_seconds} leaves no training time within "
+                f"MAX_WALLCLOCK_SECONDS={optim.max_wallclock_seconds}")
+        if model.sparse_attn_gate:
+            require(model.gated_attn, "SPARSE_ATTN_GATE=1 needs GATED_ATTN=1 (it changes the gate's input)")
+            require(0 < model.sparse_attn_gate_dims <= model.model_dim,
+                    f"SPARSE_ATTN_GATE_DIMS={model.sparse_attn_gate_dims} must be in 1..MODEL_DIM")
+        if model.smear_gate:
+            require(0 < model.smear_gate_dims <= model.model_dim,
+                    f"SMEAR_GATE_DIMS={model.smear_gate_dims} must be in 1..MODEL_DIM")
+
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting by its field name (one flat namespace: names are unique across sections)."""
+        return {name: value for section in SECTIONS
+                for name, value in dataclasses.asdict(getattr(self, section)).items()}
 
 
-def env_name(f: dataclasses.Field) -> str:
-    return f.metadata.get("env") or f.name.upper()
+SECTIONS = {"run": RunSettings, "data": DataSettings, "model": ModelSettings, "optim": OptimSettings,
+            "quant": QuantSettings, "eval": EvalSettings}
+
+
+def knob_fields() -> dict[str, tuple[str, type]]:
+    """Field name -> (section, type) of every knob; its env var is the name in upper case."""
+    return {f.name: (section, type(f.default)) for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)}
 
 
 def parse_env_value(key: str, raw: str, kind: type) -> Any:
@@ -334,41 +386,38 @@ def parse_env_value(key: str, raw: str, kind: type) -> Any:
                 raise ValueError("expected an integer")
             return int(number)
         if kind is float:
-            return float(text)
+            number = float(text)
+            if not math.isfinite(number):
+                raise ValueError("expected a finite number")
+            return number
         return text
     except ValueError as error:
         raise ValueError(f"{key}={raw!r} is not a valid {kind.__name__}: {error}") from None
 
 
-def env_var_table() -> list[dict[str, Any]]:
-    """One row per knob: env name, default, section, help. The README's env-var table is generated from it."""
-    return [{"env": env_name(f), "default": f.default, "section": f.metadata["section"], "help": f.metadata["help"]}
-            for f in dataclasses.fields(Hyperparameters)]
+def refuse_unknown_env(environ: Mapping[str, str], ignored: str) -> None:
+    """A variable that looks like one of our knobs but is none (a typo such as NUM_LAYER or
+    MAX_WALLCLOK_SECONDS) would silently run the defaults: refuse it, naming it and its nearest knob.
+    "Looks like": it starts with the first word shared by three or more knobs (QUANT_, GPTQ_, TTT_, ...)
+    or is within a few edits of a knob name. IGNORE_ENV lists the ones that are meant."""
+    import difflib
+
+    names = [name.upper() for name in knob_fields()]
+    first_words = [name.split("_")[0] for name in names]
+    prefixes = {word + "_" for word in first_words if first_words.count(word) >= 3}
+    allowed = {name.strip() for name in ignored.split(",")}
+    for key in environ:
+        if key in names or key in allowed:
+            continue
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+        if close or any(key.startswith(prefix) for prefix in prefixes):
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"environment variable {key} is not a train_gpt.py setting{hint} (list it in "
+                             f"IGNORE_ENV to pass it anyway)")
 
 
-ENV_SECTION_TITLES = {"run": "Run", "model": "Model", "optim": "Optimizers and training",
-                      "quant": "Quantization and artifact", "eval": "Evaluation and TTT"}
-
-
-def env_var_markdown() -> str:
-    """The env-var tables as Markdown, one per section (`python train_gpt.py --env-table`; the README's
-    copy is checked against this by a test)."""
-    def cell(text: str) -> str:
-        return str(text).replace("|", "\\|")  # a bare | would split the table cell
-
-    parts = []
-    for section, title in ENV_SECTION_TITLES.items():
-        parts += [f"### {title}", "", "| variable | default | meaning |", "|---|---|---|"]
-        for row in env_var_table():
-            if row["section"] == section:
-                default = row["default"] if row["default"] != "" else '""'
-                parts.append(f"| `{row['env']}` | `{cell(default)}` | {cell(row['help'])} |")
-        parts.append("")
-    return "\n".join(parts).rstrip("\n")
-
-
-# Published systems (SPEC section 11) as (parent preset, field overrides). The dataclass defaults are
-# the record line (PR 1855), so `pr1855` has no overrides; the others undo or change its settings.
+# Published systems as (parent preset, field overrides). The dataclass defaults are the record line
+# (PR 1855), so `pr1855` has no overrides; the others undo or change its settings.
 PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "pr1855": (None, {}),
     "pr1736": ("pr1855", dict(  # without PR 1855's SmearGate, sparse gate, Polar-Express, MIN_LR, LQER
@@ -539,7 +588,7 @@ class TrainLoader:
 # -----------------------------------------------------------------------------
 # Model
 #
-# A GPT with tied embeddings and the record line's additions (SPEC section 5), each one switch.
+# A GPT with tied embeddings and the record line's additions, each one switch.
 # One forward implementation (`GPT.hidden_states`) serves training, evaluation and TTT; adapters
 # (LoRA) enter through the `lora` argument at every adaptable linear. Attention is causal and never
 # crosses a document: a document starts at each BOS and at position 0 of every row.
@@ -682,26 +731,26 @@ class Rotary(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, h: Hyperparameters, layer_index: int):
+    def __init__(self, config: ModelSettings, layer_index: int):
         super().__init__()
         self.layer_index, self.num_heads, self.num_kv_heads, self.head_dim = (
-            layer_index, h.num_heads, h.num_kv_heads, h.head_dim)
-        self.q_proj = MatrixLinear(h.model_dim, h.num_heads * h.head_dim)
-        self.k_proj = MatrixLinear(h.model_dim, h.num_kv_heads * h.head_dim)
-        self.v_proj = MatrixLinear(h.model_dim, h.num_kv_heads * h.head_dim)
-        self.out_proj = MatrixLinear(h.num_heads * h.head_dim, h.model_dim, zero_init=True)
+            layer_index, config.num_heads, config.num_kv_heads, config.head_dim)
+        self.q_proj = MatrixLinear(config.model_dim, config.num_heads * config.head_dim)
+        self.k_proj = MatrixLinear(config.model_dim, config.num_kv_heads * config.head_dim)
+        self.v_proj = MatrixLinear(config.model_dim, config.num_kv_heads * config.head_dim)
+        self.out_proj = MatrixLinear(config.num_heads * config.head_dim, config.model_dim, zero_init=True)
         # q and k are RMS-normed per head, so attention sharpness is this learned per-head gain
-        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.rotary = Rotary(h.rope_dims, h.rope_base)
-        self.xsa = h.xsa
+        self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init))
+        self.rotary = Rotary(config.rope_dims, config.rope_base)
+        self.xsa = config.xsa
         # Gated attention (PR 1736): sigmoid(W x) per head scales the head's output before out_proj.
         # The sparse variant (PR 1855) feeds the gate only the first SPARSE_ATTN_GATE_DIMS input dims.
-        self.gate_dims = h.sparse_attn_gate_dims if h.sparse_attn_gate else h.model_dim
-        self.gate_scale = h.sparse_attn_gate_scale if h.sparse_attn_gate else 1.0
+        self.gate_dims = config.sparse_attn_gate_dims if config.sparse_attn_gate else config.model_dim
+        self.gate_scale = config.sparse_attn_gate_scale if config.sparse_attn_gate else 1.0
         self.gate = None
-        if h.gated_attn:
-            self.gate = nn.Linear(self.gate_dims, h.num_heads, bias=False)
-            nn.init.normal_(self.gate.weight, std=h.gated_attn_init_std)
+        if config.gated_attn:
+            self.gate = nn.Linear(self.gate_dims, config.num_heads, bias=False)
+            nn.init.normal_(self.gate.weight, std=config.gated_attn_init_std)
 
     def forward(self, x: torch.Tensor, layout: DocumentLayout, lora: Any = None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
@@ -725,11 +774,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, h: Hyperparameters, layer_index: int):
+    def __init__(self, config: ModelSettings, layer_index: int):
         super().__init__()
-        self.layer_index, self.act = layer_index, h.mlp_act
-        self.fc = MatrixLinear(h.model_dim, h.mlp_mult * h.model_dim)
-        self.proj = MatrixLinear(h.mlp_mult * h.model_dim, h.model_dim, zero_init=True)
+        self.layer_index, self.act = layer_index, config.mlp_act
+        self.fc = MatrixLinear(config.model_dim, config.mlp_mult * config.model_dim)
+        self.proj = MatrixLinear(config.mlp_mult * config.model_dim, config.model_dim, zero_init=True)
 
     def forward(self, x: torch.Tensor, lora: Any = None) -> torch.Tensor:
         hidden = apply_lora(self.fc, "mlp_in", self.layer_index, x, lora)
@@ -748,17 +797,18 @@ class Block(nn.Module):
     scalars (init 1: equal lanes, i.e. a GPT-J parallel block); the model output is the lanes' mean.
     """
 
-    def __init__(self, h: Hyperparameters, layer_index: int):
+    def __init__(self, config: ModelSettings, layer_index: int):
         super().__init__()
-        self.attn, self.mlp = CausalSelfAttention(h, layer_index), MLP(h, layer_index)
-        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.attn, self.mlp = CausalSelfAttention(config, layer_index), MLP(config, layer_index)
+        self.attn_scale = nn.Parameter(torch.ones(config.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(config.model_dim))
         # LN scale (PR 1493 line): deeper blocks see a smaller normed input, 1/sqrt(layer+1)
-        self.ln_scale = 1.0 / math.sqrt(layer_index + 1) if h.ln_scale else 1.0
+        self.ln_scale = 1.0 / math.sqrt(layer_index + 1) if config.ln_scale else 1.0
         # resid mix: x <- m0 * x + m1 * x0, a learned re-injection of the embedding stream
-        self.resid_mix = nn.Parameter(torch.stack([torch.ones(h.model_dim), torch.zeros(h.model_dim)])) \
-            if h.resid_mix else None
-        self.parallel = 0 <= h.parallel_start_layer <= layer_index
+        self.resid_mix = None
+        if config.resid_mix:
+            self.resid_mix = nn.Parameter(torch.stack([torch.ones(config.model_dim), torch.zeros(config.model_dim)]))
+        self.parallel = 0 <= config.parallel_start_layer <= layer_index
         if self.parallel:
             self.lane_mix = nn.Parameter(torch.ones(2, 2))    # [target lane, (attn, mlp)]
             self.lane_resid = nn.Parameter(torch.ones(2))     # per-lane residual scale
@@ -785,10 +835,10 @@ class SmearGate(nn.Module):
     """x_t += lambda * sigmoid(W x_t[:dims]) * x_{t-1} (PR 1855): a cheap bigram-like previous-token
     signal. Masked to zero where a document starts, so nothing leaks across a BOS."""
 
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, config: ModelSettings):
         super().__init__()
-        self.dims = h.smear_gate_dims
-        self.gate = nn.Linear(h.smear_gate_dims, 1, bias=False)
+        self.dims = config.smear_gate_dims
+        self.gate = nn.Linear(config.smear_gate_dims, 1, bias=False)
         nn.init.zeros_(self.gate.weight)
         self.smear_lambda = nn.Parameter(torch.zeros(1))  # starts as the identity
 
@@ -806,35 +856,38 @@ class GPT(nn.Module):
     forward_logits, per_token_nll, set_recurrence; `lora` hooks at every adaptable linear.
     """
 
-    def __init__(self, h: Hyperparameters, attn_backend: str = "sdpa"):
+    def __init__(self, config: ModelSettings, attn_backend: str = "sdpa"):
         super().__init__()
         if attn_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend {attn_backend!r} is not one of {ATTENTION_BACKENDS}")
-        self.h, self.attn_backend = h, attn_backend
-        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
-        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
-        self.smear = SmearGate(h) if h.smear_gate else None
-        self.blocks = nn.ModuleList([Block(h, index) for index in range(h.num_layers)])
+        self.config, self.attn_backend = config, attn_backend
+        self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=config.tied_embed_init_std)
+        self.smear = SmearGate(config) if config.smear_gate else None
+        self.blocks = nn.ModuleList([Block(config, index) for index in range(config.num_layers)])
         self.recurrence_active = False
         # skip parameters are sized for the longest layer order (recurrence on); fewer are used when off
-        encoder, decoder = self.layer_order(looping=h.recurrence_enabled)
-        num_skips = min(len(encoder), len(decoder)) if h.unet_skips else 0
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim)) if num_skips else None
-        self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim)) if num_skips and h.skip_gates else None
+        encoder, decoder = self.layer_order(looping=config.recurrence_enabled)
+        num_skips = min(len(encoder), len(decoder)) if config.unet_skips else 0
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, config.model_dim)) if num_skips else None
+        self.skip_gates = None
+        if num_skips and config.skip_gates:
+            self.skip_gates = nn.Parameter(torch.zeros(num_skips, config.model_dim))
 
     def set_recurrence(self, active: bool) -> None:
         """Turn depth recurrence on/off (switched on at ENABLE_LOOPING_AT of training)."""
-        self.recurrence_active = bool(active) and self.h.recurrence_enabled
+        self.recurrence_active = bool(active) and self.config.recurrence_enabled
 
     def layer_order(self, looping: bool | None = None) -> tuple[list[int], list[int]]:
         """Physical block indices of the encoder and decoder halves, e.g. for 11 layers with loop 3-5 run
         3 times: encoder 0,1,2,3,4,5,3,4 and decoder 5,3,4,5,6,7,8,9,10 (PR 1493)."""
-        h = self.h
+        config = self.config
         looping = self.recurrence_active if looping is None else looping
-        order = list(range(h.num_layers))
+        order = list(range(config.num_layers))
         if looping:
-            loop = list(range(h.loop_start, h.loop_end + 1))
-            order = list(range(h.loop_start)) + loop * h.num_loops + list(range(h.loop_end + 1, h.num_layers))
+            loop = list(range(config.loop_start, config.loop_end + 1))
+            order = (list(range(config.loop_start)) + loop * config.num_loops
+                     + list(range(config.loop_end + 1, config.num_layers)))
         middle = len(order) // 2
         return order[:middle], order[middle:]
 
@@ -867,7 +920,7 @@ class GPT(nn.Module):
         hidden = self.hidden_states(input_ids, lora)
         logits = apply_lora(lambda z: F.linear(z, self.tok_emb.weight.to(z.dtype)), "head", -1, hidden, lora)
         logits = logits.float()
-        cap = self.h.logit_softcap
+        cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def per_token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor, lora: Any = None) -> torch.Tensor:
@@ -930,10 +983,10 @@ def lr_multiplier(progress: float, warmdown_frac: float, min_lr: float) -> float
     return min_lr + (1.0 - min_lr) * remaining
 
 
-def muon_momentum_at(step: int, h: Hyperparameters) -> float:
+def muon_momentum_at(step: int, config: OptimSettings) -> float:
     """Muon momentum warmed up linearly from MUON_MOMENTUM_WARMUP_START over the first steps."""
-    frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
-    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+    frac = min(step / config.muon_momentum_warmup_steps, 1.0) if config.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * config.muon_momentum_warmup_start + frac * config.muon_momentum
 
 
 def distributed_info() -> tuple[int, int]:
@@ -941,6 +994,30 @@ def distributed_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def all_reduce_flat_(tensors: list[torch.Tensor], average: bool) -> None:
+    """Sum (or average) same-dtype tensors across ranks in place, as one flat all-reduce."""
+    _, world = distributed_info()
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    if average:
+        flat /= world
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+
+
+def rank0_decides(values: list[float], device: torch.device) -> list[float]:
+    """Rank 0's values on every rank, so that all ranks take the same decision (stop, skip, ...)."""
+    if distributed_info()[1] == 1:
+        return values
+    shared = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(shared, src=0)
+    return shared.tolist()
 
 
 class Muon(torch.optim.Optimizer):
@@ -1022,8 +1099,8 @@ class TrainingOptimizer:
     """Muon for block matrices + AdamW for the embedding and scalars, with cross-rank gradient
     averaging, global gradient clipping and the schedules. One `step()` per optimizer step."""
 
-    def __init__(self, model: GPT, h: Hyperparameters):
-        self.h = h
+    def __init__(self, model: GPT, config: OptimSettings):
+        self.config = config
         matrices, scalars = [], []
         for module_name, module in model.named_modules():
             for name, param in module.named_parameters(recurse=False):
@@ -1031,22 +1108,23 @@ class TrainingOptimizer:
                     continue
                 (matrices if isinstance(module, MatrixLinear) else scalars).append((f"{module_name}.{name}", param))
         # Muon groups share a shape (so they stack) and a weight decay (MLP may differ, PR 1812)
-        mlp_wd = h.muon_weight_decay_mlp if h.muon_weight_decay_mlp >= 0 else h.muon_weight_decay
+        mlp_wd = config.muon_weight_decay_mlp if config.muon_weight_decay_mlp >= 0 else config.muon_weight_decay
         muon_groups: dict[tuple, list[nn.Parameter]] = {}
         for name, param in matrices:
-            decay = mlp_wd if ".mlp." in name else h.muon_weight_decay
+            decay = mlp_wd if ".mlp." in name else config.muon_weight_decay
             muon_groups.setdefault((tuple(param.shape), decay), []).append(param)
-        self.muon = Muon([dict(params=params, weight_decay=decay, base_lr=h.matrix_lr)
+        self.muon = Muon([dict(params=params, weight_decay=decay, base_lr=config.matrix_lr)
                           for (_, decay), params in muon_groups.items()],
-                         lr=h.matrix_lr, momentum=h.muon_momentum, nesterov=h.muon_nesterov,
-                         backend_steps=h.muon_backend_steps, polar_express=h.muon_polar_express,
-                         row_normalize=h.muon_row_normalize)
-        adam_groups = [dict(params=[model.tok_emb.weight], lr=h.embed_lr, base_lr=h.embed_lr,
-                            weight_decay=h.embed_weight_decay),
-                       dict(params=[param for _, param in scalars], lr=h.scalar_lr, base_lr=h.scalar_lr,
-                            weight_decay=h.scalar_weight_decay)]
+                         lr=config.matrix_lr, momentum=config.muon_momentum, nesterov=config.muon_nesterov,
+                         backend_steps=config.muon_backend_steps, polar_express=config.muon_polar_express,
+                         row_normalize=config.muon_row_normalize)
+        adam_groups = [dict(params=[model.tok_emb.weight], lr=config.embed_lr, base_lr=config.embed_lr,
+                            weight_decay=config.embed_weight_decay),
+                       dict(params=[param for _, param in scalars], lr=config.scalar_lr, base_lr=config.scalar_lr,
+                            weight_decay=config.scalar_weight_decay)]
         fused = model.tok_emb.weight.is_cuda
-        self.adam = torch.optim.AdamW(adam_groups, betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, fused=fused)
+        self.adam = torch.optim.AdamW(adam_groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                                      fused=fused)
         self.adam_params = [p for group in adam_groups for p in group["params"]]
 
     def zero_grad(self) -> None:
@@ -1064,24 +1142,18 @@ class TrainingOptimizer:
         _, world = distributed_info()
         shards = self.muon.reduce_gradients()
         adam_grads = [p.grad for p in self.adam_params if p.grad is not None]
-        if world > 1 and adam_grads:
-            flat = torch.cat([g.flatten() for g in adam_grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat /= world
-            offset = 0
-            for grad in adam_grads:
-                grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
-                offset += grad.numel()
+        all_reduce_flat_(adam_grads, average=True)
         # global norm of the averaged gradient: Muon shards are disjoint across ranks, Adam grads replicated
-        muon_sq = sum((shard.float().square().sum() for shard in shards), torch.zeros((), device=shards[0].device)) \
-            if shards else torch.zeros(())
+        muon_sq = torch.zeros((), device=self.adam_params[0].device)
+        for shard in shards:
+            muon_sq = muon_sq + shard.float().square().sum()
         if world > 1:
             dist.all_reduce(muon_sq, op=dist.ReduceOp.SUM)
         adam_sq = sum(g.float().square().sum() for g in adam_grads) if adam_grads else 0.0
         norm = float(torch.sqrt(muon_sq + adam_sq))
         scale = 1.0
-        if self.h.grad_clip_norm > 0 and norm > self.h.grad_clip_norm:
-            scale = self.h.grad_clip_norm / (norm + 1e-6)
+        if self.config.grad_clip_norm > 0 and norm > self.config.grad_clip_norm:
+            scale = self.config.grad_clip_norm / (norm + 1e-6)
             for grad in adam_grads:
                 grad.mul_(scale)
         self.muon.apply_updates(shards, grad_scale=scale)
@@ -1125,6 +1197,23 @@ class TrainResult:
     final_train_loss: float
 
 
+@dataclass
+class RunContext:
+    """What a run's sections share besides `h` and the model: where to write, how to log, which
+    device and rank; the training fields are filled in once training has run."""
+    artifact_dir: str
+    log: Callable[[str], None]
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    autocast: str = "fp32"
+    make_train_loader: Callable[[], Any] | None = None  # fresh training stream (GPTQ calibration data)
+    clock: Callable[[], float] = time.perf_counter
+    training_start: float | None = None  # clock() at the start of timed training (None: not trained here)
+    train_time_s: float = 0.0
+    micro_step_seconds: float = 0.0  # mean training micro-batch (forward + backward) time
+
+
 class ExponentialMovingAverage:
     """fp32 EMA of every floating tensor of the model's state; its weights are what gets quantized."""
 
@@ -1148,29 +1237,38 @@ class ExponentialMovingAverage:
 
 def training_budget_seconds(h: Hyperparameters) -> float | None:
     """Seconds of timed training allowed: the cap minus the GPTQ calibration reserve (None: no cap)."""
-    if h.max_wallclock_seconds <= 0:
+    if h.optim.max_wallclock_seconds <= 0:
         return None
-    return h.max_wallclock_seconds - h.gptq_reserve_seconds
+    return h.optim.max_wallclock_seconds - h.quant.gptq_reserve_seconds
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: no half-written file under `path`."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: a reader never
+    sees a half-written file. The file gets the usual permissions (umask), not mkstemp's 0600."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
 
 
 def save_checkpoint(path: str, model: nn.Module, h: Hyperparameters, step: int) -> None:
     """Model weights + resolved hyperparameters; loadable with torch.load(weights_only=True)."""
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    atomic_torch_save({"model": state, "step": step, "hyperparameters": h.as_dict()}, path)
+    buffer = io.BytesIO()
+    torch.save({"model": state, "step": step, "hyperparameters": h.as_dict()}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str, model: nn.Module) -> int:
@@ -1187,6 +1285,43 @@ def compute_context(device: torch.device, autocast: str) -> Any:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def forward_backward(forward: Callable, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     optimizer: TrainingOptimizer, device: torch.device, autocast: str) -> float:
+    """Gradients of the mean loss over this rank's micro-batches; returns the loss averaged over all
+    ranks (the optimizer is not stepped here)."""
+    optimizer.zero_grad()
+    total = torch.zeros((), device=device)
+    for inputs, targets in batches:
+        with compute_context(device, autocast):
+            loss = forward(inputs, targets)
+        (loss / len(batches)).backward()
+        total += loss.detach().float()
+    total /= len(batches)
+    all_reduce_flat_([total], average=True)
+    return float(total)
+
+
+def compile_warm_up(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, make_loader: Callable[[], Any],
+                    train_step: Callable[[list], float], log: Callable[[str], None]) -> None:
+    """Run a few real steps so every kernel (recurrence off and on) is compiled, then put weights and
+    optimizer state back exactly as they were (the caller restarts the data stream). The timed run is
+    therefore identical to a run without warm-up: it gains nothing from it except compiled kernels."""
+    if h.optim.warmup_steps <= 0:
+        return
+    initial_model = copy.deepcopy(model.state_dict())
+    initial_optimizer = copy.deepcopy(optimizer.state_dict())
+    warmup_loader = make_loader()
+    for warmup_step in range(h.optim.warmup_steps):
+        model.set_recurrence(h.model.recurrence_enabled and warmup_step >= h.optim.warmup_steps // 2)
+        train_step(warmup_loader.next_step())
+        optimizer.step()
+    model.load_state_dict(initial_model)
+    optimizer.load_state_dict(initial_optimizer)
+    optimizer.zero_grad()
+    model.set_recurrence(False)
+    log(f"warmup: {h.optim.warmup_steps} compile steps done, weights and optimizer state restored")
+
+
 def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, make_loader: Callable[[], Any],
                 log: Callable[[str], None], *, forward: Callable | None = None, autocast: str = "fp32",
                 clock: Callable[[], float] = time.perf_counter, synchronize: Callable[[], None] = lambda: None,
@@ -1194,107 +1329,86 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     """Train `model` in place. `make_loader()` returns a fresh loader whose `next_step()` gives this
     rank's micro-batches; `forward` is the (possibly compiled) loss function, default `model`;
     `clock` is injectable so tests can prove the wallclock cap with a fake clock."""
-    forward = forward or model
+    forward = model if forward is None else forward  # `or` would call len() on a compiled module
     device = model.tok_emb.weight.device
-    rank, world = distributed_info()
+    rank, _ = distributed_info()
 
     def train_step(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Forward/backward over the micro-batches; returns the rank-averaged loss (optimizer not stepped)."""
-        optimizer.zero_grad()
-        total = torch.zeros((), device=device)
-        for inputs, targets in batches:
-            with compute_context(device, autocast):
-                loss = forward(inputs, targets)
-            (loss / len(batches)).backward()
-            total += loss.detach().float()
-        total /= len(batches)
-        if world > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-            total /= world
-        return float(total)
+        return forward_backward(forward, batches, optimizer, device, autocast)
 
-    # Compile warm-up: run a few real steps so every kernel (recurrence off and on) is compiled, then put
-    # weights and optimizer state back exactly as they were and restart the data stream. The timed run is
-    # therefore identical to a run without warm-up: it gains nothing from it except compiled kernels.
     warmup_start = clock()
-    if h.warmup_steps > 0:
-        initial_model = copy.deepcopy(model.state_dict())
-        initial_optimizer = copy.deepcopy(optimizer.state_dict())
-        warmup_loader = make_loader()
-        for warmup_step in range(h.warmup_steps):
-            model.set_recurrence(h.recurrence_enabled and warmup_step >= h.warmup_steps // 2)
-            train_step(warmup_loader.next_step())
-            optimizer.step()
-        model.load_state_dict(initial_model)
-        optimizer.load_state_dict(initial_optimizer)
-        optimizer.zero_grad()
-        model.set_recurrence(False)
-        log(f"warmup: {h.warmup_steps} compile steps done, weights and optimizer state restored")
+    compile_warm_up(h, model, optimizer, make_loader, train_step, log)
     synchronize()
     warmup_time = clock() - warmup_start
 
     loader = make_loader()
     budget = training_budget_seconds(h)
-    step_tokens = h.train_batch_tokens
     step_durations: list[float] = []
     stop_reason, loss_value, step = "iterations", float("nan"), 0
     synchronize()
     start = clock()
     previous_top = start
-    while step < h.iterations:
+    while step < h.optim.iterations:
         # A step starts only if the slowest recent iteration (measured top to top: step, EMA, logging,
         # checkpoint) still fits in the budget. Rank 0 decides for everyone so all ranks stop together.
         now = clock()
         if step > 0:
             step_durations.append(now - previous_top)
         previous_top = now
-        elapsed, predicted = now - start, max(step_durations[-10:], default=0.0)
-        if world > 1:
-            shared = torch.tensor([elapsed, predicted], dtype=torch.float64, device=device)
-            dist.broadcast(shared, src=0)
-            elapsed, predicted = shared.tolist()
-        progress = elapsed / budget if budget is not None else step / h.iterations
-        if h.recurrence_enabled and not model.recurrence_active and progress >= h.enable_looping_at:
-            passes_before = sum(map(len, model.layer_order()))
-            model.set_recurrence(True)
-            # looped steps are slower: rescale the measured durations by the number of layer passes
-            slowdown = sum(map(len, model.layer_order())) / passes_before
+        elapsed, predicted = rank0_decides([now - start, max(step_durations[-10:], default=0.0)], device)
+        progress = elapsed / budget if budget is not None else step / h.optim.iterations
+        if h.model.recurrence_enabled and not model.recurrence_active and progress >= h.model.enable_looping_at:
+            slowdown = switch_on_recurrence(model, step, progress, log)
             step_durations = [duration * slowdown for duration in step_durations]
             predicted *= slowdown
-            log(f"recurrence: on at step {step} (progress {progress:.3f}), layer order {model.layer_order()}")
         if budget is not None and elapsed + predicted > budget:
             stop_reason = "wallclock"
             break
-        optimizer.set_schedule(lr_multiplier(progress, h.warmdown_frac, h.min_lr), muon_momentum_at(step, h))
-
+        optimizer.set_schedule(lr_multiplier(progress, h.optim.warmdown_frac, h.optim.min_lr),
+                               muon_momentum_at(step, h.optim))
         loss_value = train_step(loader.next_step())
-        if not math.isfinite(loss_value):
-            # weights were not updated with this loss; the last checkpoint on disk is left untouched
-            kept = checkpoint_path if checkpoint_path and os.path.exists(checkpoint_path) else "none"
-            message = f"stopping: non-finite train loss {loss_value} at step {step + 1}; last good checkpoint: {kept}"
-            log(message)
-            raise TrainingDiverged(step + 1, message)
+        stop_if_diverged(loss_value, step + 1, checkpoint_path, log)
         optimizer.step()
         if ema is not None:
             ema.update(model)
         synchronize()
         step += 1
-        elapsed = clock() - start
-
-        if step % h.train_log_every == 0 or step == 1 or step == h.iterations:
-            log(f"step:{step}/{h.iterations} train_loss:{loss_value:.4f} train_time:{elapsed * 1000:.0f}ms "
-                f"step_avg:{elapsed * 1000 / step:.2f}ms tok/s:{step * step_tokens / max(elapsed, 1e-9):.0f}")
-        if checkpoint_path and h.checkpoint_every > 0 and step % h.checkpoint_every == 0 and rank == 0:
+        log_step(h, step, loss_value, clock() - start, log)
+        if checkpoint_path and h.optim.checkpoint_every > 0 and step % h.optim.checkpoint_every == 0 and rank == 0:
             save_checkpoint(checkpoint_path, model, h, step)
-
     synchronize()
     elapsed = clock() - start
-    log(f"training stopped ({stop_reason}) after {step} steps, train_time:{elapsed * 1000:.0f}ms"
-        + (f" of a {budget:.1f}s budget (+{h.gptq_reserve_seconds:.1f}s GPTQ reserve)" if budget is not None else ""))
-    tokens = step * step_tokens
+    cap = f" of a {budget:.1f}s budget (+{h.quant.gptq_reserve_seconds:.1f}s GPTQ reserve)" if budget is not None else ""
+    log(f"training stopped ({stop_reason}) after {step} steps, train_time:{elapsed * 1000:.0f}ms{cap}")
+    tokens = step * h.data.train_batch_tokens
     return TrainResult(steps=step, train_time_s=elapsed, warmup_time_s=warmup_time, tokens=tokens,
                        tokens_per_s=tokens / max(elapsed, 1e-9), stop_reason=stop_reason,
                        final_train_loss=loss_value)
+
+
+def stop_if_diverged(loss_value: float, step: int, checkpoint_path: str | None, log: Callable[[str], None]) -> None:
+    """A NaN/inf loss stops the run before the optimizer applies it; the last checkpoint on disk is kept."""
+    if math.isfinite(loss_value):
+        return
+    kept = checkpoint_path if checkpoint_path and os.path.exists(checkpoint_path) else "none"
+    message = f"stopping: non-finite train loss {loss_value} at step {step}; last good checkpoint: {kept}"
+    log(message)
+    raise TrainingDiverged(step, message)
+
+
+def switch_on_recurrence(model: GPT, step: int, progress: float, log: Callable[[str], None]) -> float:
+    """Turn depth recurrence on; returns the slowdown of a step (ratio of layer passes), by which the
+    measured step durations are rescaled so the wallclock prediction stays honest."""
+    passes_before = sum(map(len, model.layer_order()))
+    model.set_recurrence(True)
+    log(f"recurrence: on at step {step} (progress {progress:.3f}), layer order {model.layer_order()}")
+    return sum(map(len, model.layer_order())) / passes_before
+
+
+def log_step(h: Hyperparameters, step: int, loss_value: float, elapsed: float, log: Callable[[str], None]) -> None:
+    if step % h.optim.train_log_every == 0 or step == 1 or step == h.optim.iterations:
+        log(f"step:{step}/{h.optim.iterations} train_loss:{loss_value:.4f} train_time:{elapsed * 1000:.0f}ms "
+            f"step_avg:{elapsed * 1000 / step:.2f}ms tok/s:{step * h.data.train_batch_tokens / max(elapsed, 1e-9):.0f}")
 
 
 # -----------------------------------------------------------------------------
@@ -1311,6 +1425,7 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
 # -----------------------------------------------------------------------------
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal, as in the challenge rules
+TIED_EMBEDDING = "tok_emb.weight"  # the embedding that is also the output head
 
 
 def _dtype_name(tensor):
@@ -1324,38 +1439,31 @@ class _HeadInputTap:
     """Passed as the model's `lora` argument: records the input of the output head (site "head")
     and adds nothing (returns None), so the tied embedding gets the Hessian of its output use."""
 
-    def __init__(self, record):
+    def __init__(self, record: Callable[[torch.Tensor], None]):
         self.record = record
 
-    def __call__(self, site, layer_index, x):
+    def __call__(self, site: str, layer_index: int, x: torch.Tensor) -> None:
         if site == "head":
             self.record(x)
-        return None
-
-
-def _default_forward(model, input_ids, head_tap):
-    model.forward_logits(input_ids, lora=head_tap)
 
 
 @torch.no_grad()
-def collect_hessians(model, batches, *, tied_head_name="tok_emb.weight", head_input_module=None,
-                     run_forward=None, accumulate_dtype=torch.float32, call_counts=None):
+def collect_hessians(model: nn.Module, batches: Iterable, call_counts: dict | None = None) -> dict[str, torch.Tensor]:
     """Hessians H = mean over tokens of x x^T for the input x of every nn.Linear (key: the module's
-    weight name in model.state_dict()) and of the output head of the tied embedding.
+    weight name in model.state_dict()) and of the output head of the tied embedding, read through
+    the model's `lora` hook at site "head".
 
     `batches` must be TRAINING batches (LongTensor[B, T] input ids, or (input_ids, targets) pairs):
     calibration on validation tokens would leak them before they are scored. Pass the uncompiled
     module: hooks fire on every call, so a looped layer accumulates every pass (its count of calls
-    is written to `call_counts[name]` if a dict is given). The head input is read either from the
-    output of the module named `head_input_module`, or (default) through the model's `lora` hook at
-    site "head" via `run_forward(model, input_ids, head_tap)`. Under torch.distributed the sums are
+    is written to `call_counts[name]` if a dict is given). Under torch.distributed the sums are
     all-reduced, so every rank returns the same Hessians."""
     sums, rows, calls = {}, {}, {}
 
-    def accumulate(key, x):
-        x = x.detach().reshape(-1, x.shape[-1]).to(accumulate_dtype)  # (tokens, in_features)
+    def accumulate(key: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in_features)
         if key not in sums:
-            sums[key] = torch.zeros(x.shape[1], x.shape[1], dtype=accumulate_dtype, device=x.device)
+            sums[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
             rows[key], calls[key] = 0, 0
         sums[key].addmm_(x.t(), x)
         rows[key] += x.shape[0]
@@ -1367,21 +1475,14 @@ def collect_hessians(model, batches, *, tied_head_name="tok_emb.weight", head_in
             key = f"{name}.weight" if name else "weight"
             handles.append(module.register_forward_pre_hook(
                 lambda mod, inputs, key=key: accumulate(key, inputs[0])))
-    if head_input_module is not None:
-        head = dict(model.named_modules())[head_input_module]
-        handles.append(head.register_forward_hook(
-            lambda mod, inputs, output: accumulate(tied_head_name, output)))
-        head_tap = None
-    else:
-        head_tap = _HeadInputTap(lambda x: accumulate(tied_head_name, x))
-    run_forward = run_forward or _default_forward
+    head_tap = _HeadInputTap(lambda x: accumulate(TIED_EMBEDDING, x))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         for batch in batches:
             input_ids = batch[0] if isinstance(batch, (tuple, list)) else batch
-            run_forward(model, input_ids.to(device), head_tap)
+            model.forward_logits(input_ids.to(device), lora=head_tap)
     finally:
         for handle in handles:
             handle.remove()
@@ -1573,85 +1674,46 @@ def lqer_factors(error, rank, hessian=None, damp=0.01):
 # --- Whole-model quantization --------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class QuantSettings:
-    """Per-class bit widths and SDClip sigmas; the caller fills these from Hyperparameters (presets
-    included). Defaults are the PR 1736 record settings."""
-    method: str = "gptq"  # "gptq" | "rtn" (round-to-nearest, same scales) | "int8" (baseline per-row)
-    matrix_bits: int = 6
-    matrix_clip: float = 12.85
-    mlp_bits: int = 6
-    mlp_clip: float = 12.0
-    attn_bits: int = 6
-    attn_clip: float = 13.0
-    embed_bits: int = 7
-    embed_clip: float = 15.0
-    embed_name: str = "tok_emb.weight"
-    gate_bits: int = 8  # attention-gate weights, per-row absmax; 0 = treat as any other tensor
-    gate_patterns: tuple = ("attn.gate", "attn_gate")
-    mlp_patterns: tuple = ("mlp",)
-    attn_patterns: tuple = ("attn",)
-    small_numel: int = 65_536  # float tensors up to this size are kept in fp16
-    block_size: int = 128
-    damp: float = 0.01
-    lqer_rank: int = 0  # 0 = off; PR 1855: rank 4 on the top 3 tensors
-    lqer_top_k: int = 3
-    lqer_bits: int = 4
-    lqer_group_size: int = 64
-
-
-def quant_settings_from_hparams(h):
-    """QuantSettings from the run's Hyperparameters (duck-typed: only the quant_*/gptq_*/lqer_*
-    fields are read). Attention matrices use QUANT_MATRIX_BITS."""
-    return QuantSettings(
-        method="int8" if h.quant_scheme == "int8" else "gptq",
-        matrix_bits=h.quant_matrix_bits, matrix_clip=h.quant_matrix_clip_sigmas,
-        mlp_bits=h.quant_mlp_bits, mlp_clip=h.quant_mlp_clip_sigmas,
-        attn_bits=h.quant_matrix_bits, attn_clip=h.quant_attn_clip_sigmas,
-        embed_bits=h.quant_embed_bits, embed_clip=h.quant_embed_clip_sigmas,
-        gate_bits=h.quant_gate_bits, small_numel=h.quant_small_tensor_numel,
-        block_size=h.gptq_block_size, damp=h.gptq_damp,
-        lqer_rank=h.lqer_rank if h.lqer_enabled else 0, lqer_top_k=h.lqer_top_k,
-        lqer_bits=h.lqer_bits, lqer_group_size=h.lqer_group_size)
-
-
-def classify_tensor(name, tensor, settings):
+def classify_tensor(name: str, tensor: torch.Tensor, config: QuantSettings) -> tuple[str, int, float]:
     """-> (kind, bits, clip_sigmas): "raw" (non-float, stored as is), "float" (fp16), "gate"
-    (int8 per-row absmax) or "matrix" (GPTQ/RTN with SDClip)."""
+    (int8 per-row absmax) or "matrix" (GPTQ with SDClip; per-row int8 under QUANT_SCHEME=int8)."""
     if not tensor.is_floating_point():
         return "raw", 0, 0.0
-    if settings.gate_bits and tensor.ndim == 2 and any(p in name for p in settings.gate_patterns):
-        return "gate", settings.gate_bits, 0.0
-    if tensor.ndim < 2 or tensor.numel() <= settings.small_numel:
+    if config.quant_gate_bits and tensor.ndim == 2 and "attn.gate" in name:
+        return "gate", config.quant_gate_bits, 0.0
+    if tensor.ndim < 2 or tensor.numel() <= config.quant_small_tensor_numel:
         return "float", 16, 0.0
-    if name == settings.embed_name:
-        return "matrix", settings.embed_bits, settings.embed_clip
-    if any(p in name for p in settings.mlp_patterns):
-        return "matrix", settings.mlp_bits, settings.mlp_clip
-    if any(p in name for p in settings.attn_patterns):
-        return "matrix", settings.attn_bits, settings.attn_clip
-    return "matrix", settings.matrix_bits, settings.matrix_clip
+    if config.quant_scheme == "int8":
+        return "matrix", 8, 0.0
+    if name == TIED_EMBEDDING:
+        return "matrix", config.quant_embed_bits, config.quant_embed_clip_sigmas
+    if "mlp" in name:
+        return "matrix", config.quant_mlp_bits, config.quant_mlp_clip_sigmas
+    if "attn" in name:
+        return "matrix", config.quant_matrix_bits, config.quant_attn_clip_sigmas
+    return "matrix", config.quant_matrix_bits, config.quant_matrix_clip_sigmas
 
 
-def _quantize_matrix(weight, hessian, bits, clip, settings):
-    if settings.method == "int8":
+def _quantize_matrix(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int, clip: float,
+                     config: QuantSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    if config.quant_scheme == "int8":
         return quantile_int8_quantize(weight)
-    if hessian is None or settings.method == "rtn":
+    if hessian is None:
         return rtn_quantize(weight, bits, clip)
-    return gptq_quantize(weight, hessian, bits, clip, settings.block_size, settings.damp)
+    return gptq_quantize(weight, hessian, bits, clip, config.gptq_block_size, config.gptq_damp)
 
 
 @torch.no_grad()
-def quantize_model_state(state_dict, hessians, settings, log=None):
+def quantize_model_state(state_dict: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
+                         config: QuantSettings, log: Callable[[str], None] | None = None) -> dict:
     """state_dict (name -> tensor) + Hessians (name -> [cols, cols]) -> container
     {"entries": {name: entry}}; each entry is a flat dict of attributes (str/int/float/list) and
     tensors. Matrices without a Hessian fall back to round-to-nearest (logged)."""
     entries, errors = {}, {}
+    use_lqer = config.quant_scheme == "gptq" and config.lqer_enabled and config.lqer_rank > 0
     for name, tensor in state_dict.items():
         tensor = tensor.detach()
-        kind, bits, clip = classify_tensor(name, tensor, settings)
-        if kind == "matrix" and settings.method == "int8":
-            bits = 8
+        kind, bits, clip = classify_tensor(name, tensor, config)
         dtype_name = _dtype_name(tensor)
         if kind == "raw":
             entries[name] = {"kind": "raw", "tensor": tensor.cpu().contiguous()}
@@ -1661,33 +1723,37 @@ def quantize_model_state(state_dict, hessians, settings, log=None):
             shape = list(tensor.shape)
             weight = tensor.float().reshape(shape[0], -1)
             hessian = hessians.get(name) if kind == "matrix" else None
-            if kind == "matrix" and hessian is None and settings.method == "gptq" and log is not None:
+            if kind == "matrix" and hessian is None and config.quant_scheme == "gptq" and log is not None:
                 log(f"quant: no Hessian for {name}, using round-to-nearest")
             if kind == "gate":
                 codes, scales = absmax_quantize(weight, bits)
             else:
-                codes, scales = _quantize_matrix(weight, hessian, bits, clip, settings)
+                codes, scales = _quantize_matrix(weight, hessian, bits, clip, config)
             entries[name] = {"kind": "quant", "dtype": dtype_name, "shape": shape, "bits": bits,
                              "codes": codes.cpu(), "scales": scales.cpu()}
-            if kind == "matrix" and settings.lqer_rank > 0:
+            if kind == "matrix" and use_lqer:
                 approx = dequantize_codes(codes, scales)
                 errors[name] = (hessian_weighted_error(weight, approx, hessian, relative=False)
                                 if hessian is not None else (weight - approx).square().sum().item())
-    if settings.lqer_rank > 0:
-        for name in sorted(errors, key=errors.get, reverse=True)[:settings.lqer_top_k]:
-            entry = entries[name]
-            weight = state_dict[name].detach().float().reshape(entry["shape"][0], -1)
-            error = weight - dequantize_codes(entry["codes"], entry["scales"]).to(weight.device)
-            factor_a, factor_b = lqer_factors(error, settings.lqer_rank, hessians.get(name), settings.damp)
-            for label, factor in (("a", factor_a.t()), ("b", factor_b)):  # groups run along rows/cols
-                codes, scale, low = quantize_groups_asymmetric(factor, settings.lqer_bits, settings.lqer_group_size)
-                entry[f"lqer_{label}_codes"] = codes.cpu()
-                entry[f"lqer_{label}_scale"] = scale.cpu()
-                entry[f"lqer_{label}_low"] = low.cpu()
-            entry.update(lqer_rank=settings.lqer_rank, lqer_bits=settings.lqer_bits)
-            if log is not None:
-                log(f"quant: LQER rank {settings.lqer_rank} on {name}")
+    for name in sorted(errors, key=errors.get, reverse=True)[:config.lqer_top_k]:
+        add_lqer_correction(entries[name], state_dict[name], hessians.get(name), config)
+        if log is not None:
+            log(f"quant: LQER rank {config.lqer_rank} on {name}")
     return {"entries": entries}
+
+
+def add_lqer_correction(entry: dict, tensor: torch.Tensor, hessian: torch.Tensor | None,
+                        config: QuantSettings) -> None:
+    """Store int-quantized low-rank factors of the entry's quantization error in the entry."""
+    weight = tensor.detach().float().reshape(entry["shape"][0], -1)
+    error = weight - dequantize_codes(entry["codes"], entry["scales"]).to(weight.device)
+    factor_a, factor_b = lqer_factors(error, config.lqer_rank, hessian, config.gptq_damp)
+    for label, factor in (("a", factor_a.t()), ("b", factor_b)):  # groups run along rows/cols
+        codes, scale, low = quantize_groups_asymmetric(factor, config.lqer_bits, config.lqer_group_size)
+        entry[f"lqer_{label}_codes"] = codes.cpu()
+        entry[f"lqer_{label}_scale"] = scale.cpu()
+        entry[f"lqer_{label}_low"] = low.cpu()
+    entry.update(lqer_rank=config.lqer_rank, lqer_bits=config.lqer_bits)
 
 
 def _dequantize_entry(entry):
@@ -2237,14 +2303,12 @@ def minify_source(source):
             remove_argument_annotations=True, remove_class_attribute_annotations=False),
         # docstrings are prose; kept only if the script reads __doc__ (e.g. as --help text)
         remove_literal_statements=not _reads_docstrings(source),
-        # off: lzma already shares repeated strings; hoisting them into names made the lzma stream
-        # ~100 bytes larger on train_gpt.py (14,736 vs 14,633)
+        # off: lzma already shares repeated strings; hoisting them into names made the stream larger
         hoist_literals=False,
-        # function-local names only (saves ~600 compressed bytes on train_gpt.py); keyword-callable
-        # argument names and class attributes
-        # (dataclass fields, looked up by string from env names) are never renamed
+        # function-local names only; keyword-callable argument names and class attributes (dataclass
+        # fields, looked up by string from env names) are never renamed
         rename_locals=True,
-        # off: tests, tools and the lead import module-level names (GPT, Hyperparameters, ...)
+        # off: tests and tools import module-level names (GPT, Hyperparameters, ...)
         rename_globals=False,
         # off: asserts and `if __debug__` checks are behaviour
         remove_asserts=False,
@@ -2279,24 +2343,6 @@ def pack_code(source):
 def counted_code_bytes(path):
     with open(path, encoding="utf-8") as handle:
         return len(pack_code(handle.read()).encode("utf-8"))
-
-
-def atomic_write_bytes(path, data):
-    """Write to a temporary file in the same directory, fsync, then rename over `path`: a reader
-    never sees a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def write_artifact(artifact_dir, container, code_path, *, codec="rans", per_group=False, shuffle=True,
@@ -2336,7 +2382,8 @@ def read_artifact(path):
 
 
 @torch.no_grad()
-def sample_sequences(model, rows, length, temperature, generator):
+def sample_sequences(model: GPT, rows: int, length: int, temperature: float,
+                     generator: torch.Generator) -> torch.Tensor:
     """Model-generated calibration text (PR 1274): `rows` sequences of `length` tokens sampled from
     the model itself, each starting with BOS. Uses no data at all, so it cannot leak validation tokens.
     Every step re-runs the prefix (no KV cache): calibration is short, the forward stays the shared one."""
@@ -2350,37 +2397,37 @@ def sample_sequences(model, rows, length, temperature, generator):
     return tokens
 
 
-def calibration_batches(h, model, context, time_left):
+def calibration_batches(h: Hyperparameters, model: GPT, context: RunContext,
+                        time_left: Callable[[], float]) -> Iterator[torch.Tensor]:
     """Yield GPTQ calibration inputs: this rank's TRAINING micro-batches (a fresh stream from the start
     of the training data; validation data is never read here), or model-sampled sequences with
     GPTQ_CALIBRATION_SOURCE=generated. Stops early, before a batch that would not fit `time_left()`, so
     training plus calibration never exceeds MAX_WALLCLOCK_SECONDS (the challenge counts calibration as
     training). Every rank yields the same number of batches, because collect_hessians all-reduces."""
     rank, world = distributed_info()
-    if h.gptq_calibration_source == "generated":
-        generator = torch.Generator().manual_seed(h.seed * 1000 + rank)
-        rows = h.batch_layout(world)[1]
-        produce = lambda: sample_sequences(model, rows, h.gptq_generated_seq_len, h.gptq_generated_temperature,
-                                           generator)
+    config = h.quant
+    if config.gptq_calibration_source == "generated":
+        generator = torch.Generator().manual_seed(h.run.seed * 1000 + rank)
+        rows = h.data.batch_layout(world)[1]
+
+        def produce() -> torch.Tensor:
+            return sample_sequences(model, rows, config.gptq_generated_seq_len, config.gptq_generated_temperature,
+                                    generator)
     else:
         loader = context.make_train_loader()
         pending = []
 
-        def produce():
+        def produce() -> torch.Tensor:
             if not pending:
                 pending.extend(inputs for inputs, _ in loader.next_step())
             return pending.pop(0)
     # before the first batch is timed, a training micro-batch (forward + backward, same size) stands in
     # for its cost; a generated batch costs more and is timed from the first one on
     slowest = context.micro_step_seconds
-    for index in range(h.gptq_calibration_batches):
-        remaining = time_left()
-        if world > 1:  # rank 0 decides, so all ranks take part in the same all-reduces
-            shared = torch.tensor([remaining], dtype=torch.float64, device=context.device)
-            dist.broadcast(shared, src=0)
-            remaining = float(shared)
+    for index in range(config.gptq_calibration_batches):
+        remaining, = rank0_decides([time_left()], context.device)  # all ranks take part in the same all-reduces
         if remaining < 2 * slowest:  # `slowest` spans producing a batch and its Hessian forward; 2x margin
-            context.log(f"quant: calibration stopped after {index} of {h.gptq_calibration_batches} batches "
+            context.log(f"quant: calibration stopped after {index} of {config.gptq_calibration_batches} batches "
                         f"(wallclock cap)")
             return
         started = context.clock()
@@ -2389,63 +2436,66 @@ def calibration_batches(h, model, context, time_left):
         slowest = max(slowest, context.clock() - started)
 
 
-def quantize_and_write_artifact(h, model, context):
-    """Collect Hessians, quantize the (EMA) weights, write the artifact (rank 0), then load the model
-    back FROM THE WRITTEN FILE on every rank: what is evaluated is exactly what is submitted.
-    Returns summary fields plus results["quantized_model"] for the evaluation section."""
-    log, rank, world = context.log, context.rank, context.world_size
-    model.set_recurrence(h.recurrence_enabled)  # looped layers must see their looped inputs
-    settings = quant_settings_from_hparams(h)
+def calibrate(h: Hyperparameters, model: GPT, context: RunContext) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """GPTQ Hessians within what the timed training left of MAX_WALLCLOCK_SECONDS (compile warm-up is not
+    timed, as upstream), and the summary fields that prove the cap held."""
     start = context.clock()
-    if h.max_wallclock_seconds > 0 and context.training_start is not None:
-        # what the timed training loop left of the cap (compile warm-up is not timed, as upstream)
-        deadline = start + h.max_wallclock_seconds - context.train_time_s
-        time_left = lambda: deadline - context.clock()
-    else:
-        time_left = lambda: math.inf
+    deadline = math.inf
+    if h.optim.max_wallclock_seconds > 0 and context.training_start is not None:
+        deadline = start + h.optim.max_wallclock_seconds - context.train_time_s
     hessians, call_counts = {}, {}
-    if settings.method == "gptq":
-        hessians = collect_hessians(model, calibration_batches(h, model, context, time_left), call_counts=call_counts)
+    if h.quant.quant_scheme == "gptq":
+        batches = calibration_batches(h, model, context, lambda: deadline - context.clock())
+        hessians = collect_hessians(model, batches, call_counts=call_counts)
     calibration_time = context.clock() - start
-    used = max(call_counts.values(), default=0)
-    log(f"quant: {h.gptq_calibration_source} calibration, {len(hessians)} Hessians from up to {used} forward calls "
-        f"in {calibration_time:.2f}s")
+    context.log(f"quant: {h.quant.gptq_calibration_source} calibration, {len(hessians)} Hessians from up to "
+                f"{max(call_counts.values(), default=0)} forward calls in {calibration_time:.2f}s")
     fields = {"gptq_calibration_time_s": round(calibration_time, 3)}
     if context.training_start is not None:
         total = context.train_time_s + calibration_time
-        budget_ok = h.max_wallclock_seconds <= 0 or total <= h.max_wallclock_seconds
+        cap = h.optim.max_wallclock_seconds
+        budget_ok = cap <= 0 or total <= cap
         fields.update(train_plus_calibration_s=round(total, 3), train_time_ok=budget_ok)
-        log(f"train_time + calibration: {total:.2f}s (cap {h.max_wallclock_seconds:.0f}s, ok:{budget_ok})")
+        context.log(f"train_time + calibration: {total:.2f}s (cap {cap:.0f}s, ok:{budget_ok})")
+    return hessians, fields
 
-    path = os.path.join(context.artifact_dir, "final_model.ptz")
+
+def quantize_and_write_artifact(h: Hyperparameters, model: GPT, context: RunContext) -> tuple[dict[str, Any], GPT]:
+    """Collect Hessians, quantize the (EMA) weights, write the artifact (rank 0), then load the model
+    back FROM THE WRITTEN FILE on every rank: what is evaluated is exactly what is submitted.
+    Returns the summary fields and the quantized model."""
+    model.set_recurrence(h.model.recurrence_enabled)  # looped layers must see their looped inputs
+    hessians, fields = calibrate(h, model, context)
     sizes = [None]
-    if rank == 0:
+    if context.rank == 0:
         quant_start = context.clock()
-        container = quantize_model_state(model.state_dict(), hessians, settings, log=log)
+        container = quantize_model_state(model.state_dict(), hessians, h.quant, log=context.log)
         sizes[0] = write_artifact(context.artifact_dir, container, os.path.abspath(__file__),
-                                  codec=h.quant_compressor, shuffle=h.quant_byte_shuffle,
-                                  limit_bytes=h.artifact_limit_bytes, log=log)
+                                  codec=h.quant.quant_compressor, shuffle=h.quant.quant_byte_shuffle,
+                                  limit_bytes=h.quant.artifact_limit_bytes, log=context.log)
         sizes[0]["quantize_time_s"] = round(context.clock() - quant_start, 3)
-    if world > 1:
+    if context.world_size > 1:
         dist.broadcast_object_list(sizes, src=0)  # also a barrier: the file exists once this returns
     quantized = copy.deepcopy(model)
-    load_quantized_into(quantized, read_artifact(path))
-    quantized.set_recurrence(h.recurrence_enabled)
-    return dict(fields, **sizes[0], quantized_model=quantized)
+    load_quantized_into(quantized, read_artifact(os.path.join(context.artifact_dir, "final_model.ptz")))
+    quantized.set_recurrence(h.model.recurrence_enabled)
+    return dict(fields, **sizes[0]), quantized
 
 
 # -----------------------------------------------------------------------------
 # Evaluation and test-time training (TTT)
 #
 # The score is bits per byte of the ORIGINAL text, so tokenizers of any vocabulary compare fairly:
-# sum of per-token NLL (nats) over scored tokens / ln 2 / sum of those tokens' original UTF-8 bytes
-# (SPEC 2). Every document starts with BOS (id 1); every token after it is scored exactly once, BOS
-# never is. Four modes share one model forward (`per_token_nll`): plain rows, sliding windows,
-# chunked score-first SGD TTT (PR 1493/1812) and phased per-document LoRA TTT (PR 1736). The TTT
-# drivers are written so that the order "score a token, then (maybe) train on it" is visible in one
-# short loop and can be recorded through an `audit(event, positions)` callback; the tests use it:
-# ("score", stream positions whose NLL was just recorded), ("update", every stream position the
-# update's forward read).
+# sum of per-token NLL (nats) over scored tokens / ln 2 / sum of those tokens' original UTF-8 bytes.
+# Every document starts with BOS (id 1). Every token of the stream after its first is a target and is
+# scored exactly once, in every mode; that includes each BOS that starts the next document (its target
+# means "the previous document ended") at 0 bytes, as the challenge's flat-stream eval and the
+# phased-TTT records score it. The stream's first token is never a target. Four modes share one model
+# forward (`per_token_nll`): plain rows, sliding windows, chunked score-first SGD TTT (PR 1493/1812)
+# and phased per-document LoRA TTT (PR 1736). The TTT drivers are written so that the order "score a
+# token, then (maybe) train on it" is visible in one short loop and can be recorded through an
+# `audit(event, positions)` callback; the tests use it: ("score", stream positions whose NLL was just
+# recorded), ("update", every stream position the update's forward read).
 # Work is split across ranks with torch.distributed (sums all-reduced); no files are shared.
 # -----------------------------------------------------------------------------
 
@@ -2464,7 +2514,7 @@ def val_sidecar_path(shard_path: str) -> str:
 
 
 def piece_byte_tables(sentencepiece_model, vocab_size: int):
-    """Per-token byte tables of the SentencePiece byte rule (SPEC 2), for shards without a sidecar.
+    """Per-token byte tables of the SentencePiece byte rule, for shards without a sidecar.
 
     Returns (base_bytes int64[V], has_leading_space bool[V], is_boundary bool[V]): a token counts
     base_bytes (piece UTF-8 length without the leading "\u2581"; byte-fallback pieces 1), plus 1
@@ -2537,6 +2587,11 @@ class ValData:
 
     def to(self, device) -> "ValData":
         return ValData(self.tokens.to(device), self.byte_counts.to(device), self.doc_starts, self.doc_lengths)
+
+    def target_ends(self, doc_ids: np.ndarray) -> np.ndarray:
+        """Stream position just after each document's last target. A document's targets are its own
+        tokens after its BOS, then the BOS that starts the next document (the last document has none)."""
+        return np.minimum(self.doc_starts[doc_ids] + self.doc_lengths[doc_ids] + 1, self.num_tokens)
 
 
 def make_val_data(tokens, byte_counts, vocab_size: int | None = None, max_docs: int | None = None) -> ValData:
@@ -2636,9 +2691,10 @@ class TokenScores:
             nll.to(torch.float64).sum(),
             torch.tensor(float(positions.numel()), dtype=torch.float64, device=device),
             self.val.byte_counts[positions].to(torch.float64).sum(),
+            (self.val.tokens[positions] == BOS_ID).to(torch.float64).sum(),
         ])
         _all_reduce_(sums)
-        nll_sum, token_count, byte_sum = (float(x) for x in sums.tolist())
+        nll_sum, token_count, byte_sum, bos_targets = (float(x) for x in sums.tolist())
         if token_count == 0 or byte_sum == 0:
             raise ValueError(f"{mode}: nothing was scored ({int(token_count)} tokens, {int(byte_sum)} bytes)")
         result = {
@@ -2647,6 +2703,7 @@ class TokenScores:
             "val_bpb": bits_per_byte(nll_sum, byte_sum),
             "scored_tokens": int(token_count),
             "scored_bytes": int(byte_sum),
+            "bos_targets": int(bos_targets),
             "eval_time_s": time.perf_counter() - started_at,
             **extra,
         }
@@ -2666,7 +2723,7 @@ def _time_is_up(deadline: float | None, device) -> bool:
 
 # --- windows: which tokens a forward sees, and which of its targets it scores -----------------
 # A window is (input_start, input_length, first_scored): inputs tokens[s : s+n], targets
-# tokens[s+1 : s+n+1]; targets at window index >= first_scored are scored (BOS targets never).
+# tokens[s+1 : s+n+1]; targets at window index >= first_scored are scored (BOS targets too).
 
 
 def plain_windows(num_tokens: int, seq_len: int) -> np.ndarray:
@@ -2700,26 +2757,27 @@ def _rank_slice(items, rank: int, world: int):
     return items[count * rank // world: count * (rank + 1) // world]
 
 
-def _gather_windows(val: ValData, windows: np.ndarray):
-    """Batch of windows -> (inputs, targets, positions, scored_mask), padded with BOS; shapes [B, W]."""
+def gather_windows(val: ValData, windows: np.ndarray, width: int | None = None):
+    """Windows [B, 3] -> (inputs, targets, target positions, inside, scored), each [B, W], padded with
+    BOS past each window's length; W = `width` or the longest window."""
     device = val.tokens.device
     windows_t = torch.as_tensor(windows, dtype=torch.int64, device=device)
     starts, lengths, first_scored = windows_t[:, 0:1], windows_t[:, 1:2], windows_t[:, 2:3]
-    width = int(lengths.max())
+    width = int(lengths.max()) if width is None else width
     offsets = torch.arange(width, device=device).unsqueeze(0)  # [1, W]
     inside = offsets < lengths  # [B, W]
     input_positions = (starts + offsets).clamp(max=val.num_tokens - 2)
     inputs = torch.where(inside, val.tokens[input_positions], BOS_ID)
     targets = torch.where(inside, val.tokens[input_positions + 1], BOS_ID)
-    scored = inside & (offsets >= first_scored) & (targets != BOS_ID)
-    return inputs, targets, input_positions + 1, scored
+    return inputs, targets, input_positions + 1, inside, inside & (offsets >= first_scored)
 
 
 @torch.no_grad()
-def _score_windows(model, val, windows, batch_size, scores: TokenScores, audit=None, lora=None):
+def _score_windows(model: GPT, val: ValData, windows: np.ndarray, batch_size: int, scores: TokenScores,
+                   audit: Callable | None = None) -> None:
     for begin in range(0, len(windows), batch_size):
-        inputs, targets, positions, scored = _gather_windows(val, windows[begin: begin + batch_size])
-        nll = model.per_token_nll(inputs, targets, lora=lora)  # [B, W] nats
+        inputs, targets, positions, _, scored = gather_windows(val, windows[begin: begin + batch_size])
+        nll = model.per_token_nll(inputs, targets)  # [B, W] nats
         scores.add(positions[scored], nll[scored])
         if audit is not None:
             audit("score", positions[scored].cpu().numpy())
@@ -2728,28 +2786,21 @@ def _score_windows(model, val, windows, batch_size, scores: TokenScores, audit=N
 # --- plain and sliding-window evaluation ------------------------------------------------------
 
 
-def eval_plain(model, val: ValData, seq_len: int, batch_size: int = 16, audit=None,
-               keep_token_scores: bool = False) -> dict:
-    """Rows of seq_len tokens (documents packed back to back); each target scored once."""
+def eval_stream(model: GPT, val: ValData, seq_len: int, batch_size: int, stride: int = 0,
+                audit: Callable | None = None, keep_token_scores: bool = False) -> dict:
+    """stride 0 ("plain"): rows of seq_len tokens packed back to back, each target scored with the
+    context before it in its row. stride > 0 ("sliding"): windows of seq_len tokens advancing by
+    stride, only the new targets scored. Either way every target is scored once."""
     started_at = time.perf_counter()
     rank, world = distributed_info()
     model.eval()
     scores = TokenScores(val)
-    windows = _rank_slice(plain_windows(val.num_tokens, seq_len), rank, world)
-    _score_windows(model, val, windows, batch_size, scores, audit)
-    return scores.summarize("plain", started_at, keep_token_scores)
-
-
-def eval_sliding(model, val: ValData, context: int = 2048, stride: int = 64, batch_size: int = 16,
-                 audit=None, keep_token_scores: bool = False) -> dict:
-    """Overlapping windows of `context` tokens advancing by `stride`; only new targets scored."""
-    started_at = time.perf_counter()
-    rank, world = distributed_info()
-    model.eval()
-    scores = TokenScores(val)
-    windows = _rank_slice(sliding_windows(1, val.num_tokens, context, stride), rank, world)
-    _score_windows(model, val, windows, batch_size, scores, audit)
-    return scores.summarize("sliding", started_at, keep_token_scores, context=context, stride=stride)
+    if stride:
+        windows, mode, extra = sliding_windows(1, val.num_tokens, seq_len, stride), "sliding", {"stride": stride}
+    else:
+        windows, mode, extra = plain_windows(val.num_tokens, seq_len), "plain", {}
+    _score_windows(model, val, _rank_slice(windows, rank, world), batch_size, scores, audit)
+    return scores.summarize(mode, started_at, keep_token_scores, context=seq_len, **extra)
 
 
 # --- weight training on already-scored tokens (chunked TTT and the phase boundaries) ----------
@@ -2771,8 +2822,9 @@ def _cosine(base_lr: float, index: int, count: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * index / max(count, 1)))
 
 
-def _train_on_targets(model, val, first_target, end_target, seq_len, rows_per_step, params, optimizer,
-                      epochs=1, grad_clip=0.0, audit=None):
+def _train_on_targets(model: GPT, val: ValData, first_target: int, end_target: int, seq_len: int,
+                      rows_per_step: int, params: list, optimizer: torch.optim.Optimizer, epochs: int = 1,
+                      grad_clip: float = 0.0, audit: Callable | None = None) -> None:
     """SGD steps on the targets [first_target, end_target), rows of seq_len. A step's loss is the
     mean over the global batch of rows (each rank's share summed, gradients all-reduced), so any
     number of ranks takes the same steps as one process."""
@@ -2782,52 +2834,38 @@ def _train_on_targets(model, val, first_target, end_target, seq_len, rows_per_st
     for _ in range(epochs):
         for begin in range(0, len(windows), rows_per_step):
             step_windows = windows[begin: begin + rows_per_step]
-            _, all_targets, _, all_scored = _gather_windows(val, step_windows)
-            token_count = max(int(all_scored.sum()), 1)
+            token_count = max(int(step_windows[:, 1].sum()), 1)  # every target of a training row counts
             my_windows = _rank_slice(step_windows, rank, world)
             optimizer.zero_grad(set_to_none=True)
             if len(my_windows):
-                inputs, targets, positions, used = _gather_windows(val, my_windows)
+                inputs, targets, _, _, used = gather_windows(val, my_windows)
                 with torch.enable_grad():
                     nll = model.per_token_nll(inputs, targets)
                     (nll[used].sum() / token_count).backward()
                 if audit is not None:  # every stream position this step's forward read
                     audit("update", _window_positions(my_windows))
-            _all_reduce_grads(params)
+            for param in params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            all_reduce_flat_([param.grad for param in params], average=False)
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
 
 
-def _all_reduce_grads(params) -> None:
-    for param in params:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-    if distributed_info()[1] == 1:
-        return
-    flat = torch.cat([param.grad.reshape(-1) for param in params])
-    _all_reduce_(flat)
-    offset = 0
-    for param in params:
-        param.grad.copy_(flat[offset: offset + param.numel()].view_as(param))
-        offset += param.numel()
-
-
 class _WeightsRestored:
     """Context: TTT changes weights in place; put them (and requires_grad) back afterwards."""
 
-    def __init__(self, model, enabled=True):
-        self.model, self.enabled = model, enabled
+    def __init__(self, model: nn.Module):
+        self.model = model
 
     def __enter__(self):
         self.flags = [(param, param.requires_grad) for param in self.model.parameters()]
-        if self.enabled:
-            self.saved = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
+        self.saved = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
         return self
 
     def __exit__(self, *exc):
-        if self.enabled:
-            self.model.load_state_dict(self.saved)
+        self.model.load_state_dict(self.saved)
         for param, flag in self.flags:
             param.requires_grad_(flag)
             param.grad = None
@@ -2836,54 +2874,40 @@ class _WeightsRestored:
 # --- chunked score-first SGD TTT (PR 1493 / 1812 / 1755) ---------------------------------------
 
 
-@dataclass
-class ChunkedTTTConfig:
-    chunk_tokens: int = 32768  # targets per chunk (65536 in PR 1812)
-    epochs: int = 3  # passes over each scored chunk (4 in PR 1812)
-    lr: float = 0.005
-    momentum: float = 0.9
-    grad_clip: float = 1.0
-    params: str = "all"  # which weights adapt: "all" or name substrings
-    seq_len: int = 2048  # training row length
-    rows_per_step: int = 32  # rows of seq_len per SGD step (all ranks together)
-    context: int = 2048  # sliding-window scoring
-    stride: int = 64
-    score_batch_size: int = 16
-
-
-def eval_ttt_chunked(model, val: ValData, cfg: ChunkedTTTConfig, audit=None, time_budget_s=None,
-                     keep_token_scores=False, restore_weights=True) -> dict:
+def eval_ttt_chunked(model: GPT, val: ValData, config: EvalSettings, audit: Callable | None = None,
+                     time_budget_s: float | None = None, keep_token_scores: bool = False) -> dict:
     """Score chunk c with sliding windows (no_grad), THEN train on chunk c; the last chunk is
     never trained on. The learning rate follows a cosine across chunks."""
     started_at = time.perf_counter()
     deadline = None if time_budget_s is None else started_at + time_budget_s
     rank, world = distributed_info()
     scores = TokenScores(val)
-    chunk_starts = list(range(1, val.num_tokens, cfg.chunk_tokens))
+    chunk_starts = list(range(1, val.num_tokens, config.ttt_chunk_tokens))
+    score_rows = config.batch_rows(world)
     updates, stopped_early = 0, False
-    with _WeightsRestored(model, restore_weights):
+    with _WeightsRestored(model):
         model.eval()
-        params = select_parameters(model, cfg.params)
+        params = select_parameters(model, config.ttt_params)
         for param in model.parameters():
             param.requires_grad_(False)
         for param in params:
             param.requires_grad_(True)
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+        optimizer = torch.optim.SGD(params, lr=config.ttt_lr, momentum=config.ttt_momentum)
         for chunk_index, first_target in enumerate(chunk_starts):
-            end_target = min(first_target + cfg.chunk_tokens, val.num_tokens)
+            end_target = min(first_target + config.ttt_chunk_tokens, val.num_tokens)
             # 1) score every target of the chunk with the weights trained on earlier chunks only
-            windows = sliding_windows(first_target, end_target, cfg.context, cfg.stride)
-            _score_windows(model, val, _rank_slice(windows, rank, world), cfg.score_batch_size, scores, audit)
+            windows = sliding_windows(first_target, end_target, config.eval_seq_len, config.sliding_stride)
+            _score_windows(model, val, _rank_slice(windows, rank, world), score_rows, scores, audit)
             # 2) then adapt on the chunk just scored (not the last one, and not past the budget)
-            if chunk_index == len(chunk_starts) - 1 or cfg.epochs <= 0:
+            if chunk_index == len(chunk_starts) - 1 or config.ttt_epochs <= 0:
                 continue
             if _time_is_up(deadline, val.tokens.device):
                 stopped_early = True
                 continue
             for group in optimizer.param_groups:
-                group["lr"] = _cosine(cfg.lr, chunk_index, len(chunk_starts) - 1)
-            _train_on_targets(model, val, first_target, end_target, cfg.seq_len, cfg.rows_per_step,
-                              params, optimizer, cfg.epochs, cfg.grad_clip, audit)
+                group["lr"] = _cosine(config.ttt_lr, chunk_index, len(chunk_starts) - 1)
+            _train_on_targets(model, val, first_target, end_target, config.eval_seq_len, config.ttt_batch_seqs,
+                              params, optimizer, config.ttt_epochs, config.ttt_grad_clip, audit)
             updates += 1
     return scores.summarize("ttt_chunked", started_at, keep_token_scores, ttt_chunks=len(chunk_starts),
                             ttt_chunks_trained=updates, ttt_stopped_by_budget=stopped_early)
@@ -2933,9 +2957,8 @@ class BatchedLoRA(nn.Module):
     """One rank-r adapter per batch element (= per document) at every site: delta = x A_b B_b.
     B starts at zero, so a fresh adapter leaves the model unchanged."""
 
-    def __init__(self, batch_size: int, site_dims: dict, rank: int, alpha: float | None = None, seed: int = 0):
+    def __init__(self, batch_size: int, site_dims: dict, rank: int, seed: int = 0):
         super().__init__()
-        self.scale = (alpha if alpha is not None else rank) / rank
         self.index = {key: str(i) for i, key in enumerate(sorted(site_dims, key=str))}
         # every document starts from the same A (seeded), so a score never depends on which batch,
         # rank or random state a document happened to get
@@ -2948,33 +2971,12 @@ class BatchedLoRA(nn.Module):
         self.up = nn.ParameterDict({
             self.index[key]: nn.Parameter(torch.zeros(batch_size, rank, dims[1])) for key, dims in site_dims.items()})
 
-    def forward(self, site, layer_index, x):  # x: [B, T, in] -> [B, T, out] or None
+    def forward(self, site: str, layer_index: int, x: torch.Tensor) -> torch.Tensor | None:
+        # x: [B, T, in] -> [B, T, out], or None where this site has no adapter
         name = self.index.get((site, layer_index))
         if name is None:
             return None
-        return torch.bmm(torch.bmm(x, self.down[name].to(x.dtype)), self.up[name].to(x.dtype)) * self.scale
-
-
-@dataclass
-class PhasedTTTConfig:
-    lora_rank: int = 96  # 80 in PR 1855
-    lora_alpha: float | None = None  # scale alpha/rank; None -> 1
-    lora_sites: str = "q,k,v,o,mlp_in,mlp_out,head"
-    lora_lr: float = 1e-4
-    beta1: float = 0.0
-    beta2: float = 0.999  # 0.99 in PR 1855
-    weight_decay: float = 0.5
-    chunk_size: int = 48  # targets scored, then trained on, per step of a document
-    context: int = 2048  # left context window of each chunk
-    docs_per_batch: int = 64
-    prefix_docs: int = 2000  # 2500 in PR 1855
-    num_phases: int = 3
-    global_lr: float = 0.001
-    global_momentum: float = 0.9
-    global_epochs: int = 1
-    global_chunk_tokens: int = 32768
-    global_seq_len: int = 2048
-    global_grad_clip: float = 1.0
+        return torch.bmm(torch.bmm(x, self.down[name].to(x.dtype)), self.up[name].to(x.dtype))
 
 
 def _document_batches(doc_ids: np.ndarray, doc_lengths: np.ndarray, docs_per_batch: int) -> list:
@@ -2983,28 +2985,25 @@ def _document_batches(doc_ids: np.ndarray, doc_lengths: np.ndarray, docs_per_bat
     return [order[i: i + docs_per_batch] for i in range(0, len(order), docs_per_batch)]
 
 
-def _score_and_adapt_documents(model, val, doc_ids, cfg, site_dims, scores, audit, adapt):
+def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, config: EvalSettings,
+                               site_dims: dict, scores: TokenScores, audit: Callable | None, adapt: bool) -> None:
     """Score a batch of documents chunk by chunk, each with its own fresh LoRA; after scoring a
     chunk, take one Adam step per document on that chunk (documents never share an adapter)."""
-    device = val.tokens.device
-    starts = torch.as_tensor(val.doc_starts[doc_ids], device=device)  # [B]
-    target_counts = torch.as_tensor(val.doc_lengths[doc_ids] - 1, device=device)  # [B]
-    lora = BatchedLoRA(len(doc_ids), site_dims, cfg.lora_rank, cfg.lora_alpha).to(device) if adapt else None
+    chunk, context = config.phased_ttt_chunk_tokens, config.eval_seq_len
+    starts = val.doc_starts[doc_ids]
+    target_counts = val.target_ends(doc_ids) - 1 - starts  # [B]: own tokens after BOS + the next BOS
+    lora = BatchedLoRA(len(doc_ids), site_dims, config.phased_ttt_lora_rank).to(val.tokens.device) if adapt else None
     if adapt:
-        optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr, betas=(cfg.beta1, cfg.beta2),
-                                      eps=1e-10, weight_decay=cfg.weight_decay)
-    num_chunks = -(-int(target_counts.max()) // cfg.chunk_size)
-    for chunk_index in range(num_chunks):
-        chunk_end = (chunk_index + 1) * cfg.chunk_size  # targets 1..chunk_end of each document seen
-        window_start = max(0, chunk_end - cfg.context)  # document-relative index of the first input
-        width = chunk_end - window_start
-        target_index = window_start + 1 + torch.arange(width, device=device).unsqueeze(0)  # [1, W]
-        inside = target_index <= target_counts.unsqueeze(1)  # [B, W]
-        positions = (starts.unsqueeze(1) + target_index).clamp(max=val.num_tokens - 1)
-        inputs = torch.where(inside, val.tokens[positions - 1], BOS_ID)
-        targets = torch.where(inside, val.tokens[positions], BOS_ID)
-        in_chunk = inside & (target_index > chunk_index * cfg.chunk_size)  # [B, W]
-        more_chunks_follow = target_counts > chunk_end  # [B]: this document is trained on the chunk
+        optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr, eps=1e-10,
+                                      betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
+                                      weight_decay=config.phased_ttt_weight_decay)
+    for chunk_index in range(-(-int(target_counts.max()) // chunk)):
+        chunk_end = (chunk_index + 1) * chunk  # targets 1..chunk_end of each document seen
+        window_start = max(0, chunk_end - context)  # document-relative index of the first input
+        windows = np.stack([starts + window_start, np.clip(target_counts - window_start, 0, chunk_end - window_start),
+                            np.full_like(starts, chunk_index * chunk - window_start)], axis=1)
+        inputs, targets, positions, inside, in_chunk = gather_windows(val, windows, width=chunk_end - window_start)
+        more_chunks_follow = torch.as_tensor(target_counts > chunk_end, device=inputs.device)  # [B]: train on it
         train_now = adapt and bool(more_chunks_follow.any())
         with torch.set_grad_enabled(train_now):
             nll = model.per_token_nll(inputs, targets, lora=lora)  # [B, W]
@@ -3024,99 +3023,74 @@ def _score_and_adapt_documents(model, val, doc_ids, cfg, site_dims, scores, audi
                 audit("update", torch.cat([positions[read], positions[read] - 1]).unique().cpu().numpy())
 
 
-def _global_sgd(model, val, end_target, cfg, audit):
+def _global_sgd(model: GPT, val: ValData, end_target: int, config: EvalSettings, audit: Callable | None) -> None:
     """All weights, SGD with momentum, over the targets [1, end_target) (the documents scored so
-    far) in chunks of global_chunk_tokens, one step per chunk, cosine learning rate over chunks."""
+    far) in chunks of PHASED_TTT_GLOBAL_CHUNK_TOKENS, one step per chunk, cosine learning rate."""
     params = list(model.parameters())
     for param in params:
         param.requires_grad_(True)
-    optimizer = torch.optim.SGD(params, lr=cfg.global_lr, momentum=cfg.global_momentum)
-    chunk_starts = list(range(1, end_target, cfg.global_chunk_tokens))
+    optimizer = torch.optim.SGD(params, lr=config.phased_ttt_global_lr, momentum=config.phased_ttt_global_momentum)
+    chunk_starts = list(range(1, end_target, config.phased_ttt_global_chunk_tokens))
     for chunk_index, first_target in enumerate(chunk_starts):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine(cfg.global_lr, chunk_index, len(chunk_starts))
-        chunk_end = min(first_target + cfg.global_chunk_tokens, end_target)
-        _train_on_targets(model, val, first_target, chunk_end, cfg.global_seq_len, rows_per_step=10**9,
-                          params=params, optimizer=optimizer, epochs=cfg.global_epochs,
-                          grad_clip=cfg.global_grad_clip, audit=audit)
+            group["lr"] = _cosine(config.phased_ttt_global_lr, chunk_index, len(chunk_starts))
+        chunk_end = min(first_target + config.phased_ttt_global_chunk_tokens, end_target)
+        _train_on_targets(model, val, first_target, chunk_end, config.eval_seq_len, rows_per_step=10**9,
+                          params=params, optimizer=optimizer, epochs=config.phased_ttt_global_epochs,
+                          grad_clip=config.phased_ttt_global_grad_clip, audit=audit)
 
 
-def eval_ttt_phased(model, val: ValData, cfg: PhasedTTTConfig, audit=None, time_budget_s=None,
-                    keep_token_scores=False, restore_weights=True, site_dims=None) -> dict:
-    """The first prefix_docs documents (stream order) form num_phases groups; the rest is a last
-    group. Each group is scored with per-document LoRA TTT; after each prefix group, all weights
-    are trained with SGD on every document scored so far. Past the time budget nothing adapts
+def eval_ttt_phased(model: GPT, val: ValData, config: EvalSettings, audit: Callable | None = None,
+                    time_budget_s: float | None = None, keep_token_scores: bool = False) -> dict:
+    """The first PHASED_TTT_PREFIX_DOCS documents (stream order) form PHASED_TTT_NUM_PHASES groups; the
+    rest is a last group. Each group is scored with per-document LoRA TTT; after each prefix group, all
+    weights are trained with SGD on every document scored so far. Past the time budget nothing adapts
     any more, but every token is still scored."""
     started_at = time.perf_counter()
     deadline = None if time_budget_s is None else started_at + time_budget_s
     rank, world = distributed_info()
     device = val.tokens.device
     scores = TokenScores(val)
-    prefix_docs = min(cfg.prefix_docs, val.num_docs)
-    num_phases = max(1, cfg.num_phases)
+    prefix_docs = min(config.phased_ttt_prefix_docs, val.num_docs)
+    num_phases = max(1, config.phased_ttt_num_phases)
     phase_ends = [prefix_docs * (k + 1) // num_phases for k in range(num_phases)] if prefix_docs else []
     group_bounds = list(zip([0] + phase_ends, phase_ends + [val.num_docs]))
-    sites = tuple(site.strip() for site in cfg.lora_sites.split(",") if site.strip())
+    sites = tuple(site.strip() for site in config.phased_ttt_lora_sites.split(",") if site.strip())
     global_updates, stopped_early = 0, False
-    with _WeightsRestored(model, restore_weights):
+    with _WeightsRestored(model):
         model.eval()
-        site_dims = site_dims or lora_site_dims(model, sites=sites)
+        site_dims = lora_site_dims(model, sites=sites)
         for group_index, (first_doc, end_doc) in enumerate(group_bounds):
             # 1) score the group's documents (length-sorted batches, round-robin over ranks)
             for param in model.parameters():
                 param.requires_grad_(False)
-            batches = _document_batches(np.arange(first_doc, end_doc), val.doc_lengths, cfg.docs_per_batch)
+            batches = _document_batches(np.arange(first_doc, end_doc), val.doc_lengths,
+                                        config.phased_ttt_docs_per_batch)
             for doc_ids in batches[rank::world]:
                 adapt = deadline is None or time.perf_counter() < deadline
                 stopped_early |= not adapt
-                _score_and_adapt_documents(model, val, doc_ids, cfg, site_dims, scores, audit, adapt)
+                _score_and_adapt_documents(model, val, doc_ids, config, site_dims, scores, audit, adapt)
             # 2) phase boundary: global SGD over all documents scored so far (prefix phases only)
-            if group_index >= len(phase_ends) or end_doc == 0 or cfg.global_epochs <= 0:
+            if group_index >= len(phase_ends) or end_doc == 0 or config.phased_ttt_global_epochs <= 0:
                 continue
             if _time_is_up(deadline, device):
                 stopped_early = True
                 continue
-            _global_sgd(model, val, int(val.doc_starts[end_doc - 1] + val.doc_lengths[end_doc - 1]), cfg, audit)
+            _global_sgd(model, val, int(val.target_ends(np.array([end_doc - 1]))[0]), config, audit)
             global_updates += 1
     stopped_early = bool(_all_reduce_(torch.tensor([float(stopped_early)], device=device), dist.ReduceOp.MAX) > 0)
     return scores.summarize("ttt_phased", started_at, keep_token_scores, ttt_phases_trained=global_updates,
                             ttt_prefix_docs=prefix_docs, ttt_stopped_by_budget=stopped_early)
 
 
-# --- settings from Hyperparameters (train_gpt.py field names) ---------------------------------
+def eval_ttt(config: EvalSettings, model: GPT, val: ValData, time_budget_s: float | None = None,
+             audit: Callable | None = None, keep_token_scores: bool = False) -> dict:
+    """The TTT mode TTT_MODE selects (phased | chunked)."""
+    driver = eval_ttt_phased if config.ttt_mode == "phased" else eval_ttt_chunked
+    return driver(model, val, config, audit, time_budget_s, keep_token_scores)
 
 
-def eval_batch_rows(h, world_size: int = 1) -> int:
-    """Rows of EVAL_SEQ_LEN per forward on one rank (EVAL_BATCH_TOKENS counts all ranks)."""
-    return max(1, h.eval_batch_tokens // (world_size * h.eval_seq_len))
-
-
-def chunked_ttt_config(h, world_size: int = 1) -> ChunkedTTTConfig:
-    return ChunkedTTTConfig(
-        chunk_tokens=h.ttt_chunk_tokens, epochs=h.ttt_epochs, lr=h.ttt_lr, momentum=h.ttt_momentum,
-        grad_clip=h.ttt_grad_clip, params=h.ttt_params, seq_len=h.eval_seq_len, context=h.eval_seq_len, stride=h.sliding_stride,
-        score_batch_size=eval_batch_rows(h, world_size))
-
-
-def phased_ttt_config(h) -> PhasedTTTConfig:
-    return PhasedTTTConfig(
-        lora_rank=h.phased_ttt_lora_rank, lora_sites=h.phased_ttt_lora_sites, lora_lr=h.phased_ttt_lr, beta1=h.phased_ttt_beta1,
-        beta2=h.phased_ttt_beta2, weight_decay=h.phased_ttt_weight_decay, chunk_size=h.phased_ttt_chunk_tokens,
-        context=h.eval_seq_len, docs_per_batch=h.phased_ttt_docs_per_batch, prefix_docs=h.phased_ttt_prefix_docs,
-        num_phases=h.phased_ttt_num_phases, global_lr=h.phased_ttt_global_lr,
-        global_momentum=h.phased_ttt_global_momentum, global_epochs=h.phased_ttt_global_epochs,
-        global_chunk_tokens=h.phased_ttt_global_chunk_tokens, global_seq_len=h.eval_seq_len)
-
-
-def eval_ttt(h, model, val: ValData, time_budget_s=None, audit=None, keep_token_scores=False) -> dict:
-    """The TTT mode TTT_MODE selects (phased | chunked), configured from h."""
-    if h.ttt_mode == "phased":
-        return eval_ttt_phased(model, val, phased_ttt_config(h), audit, time_budget_s, keep_token_scores)
-    return eval_ttt_chunked(model, val, chunked_ttt_config(h, distributed_info()[1]), audit, time_budget_s,
-                            keep_token_scores)
-
-
-# --- compile warm-up, per-token output and audit, log lines and summary -----------------------
+# --- compile warm-up, per-token output, log lines and summary ----------------------------------
 
 
 def warm_up_on_random_tokens(model, vocab_size: int, seq_len: int, batch_size: int = 1, lora=None,
@@ -3142,37 +3116,23 @@ def save_token_nll(path: str, result: dict, val: ValData) -> None:
     positions = np.asarray(result["token_positions"], dtype=np.int64)
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
-    doc_index = np.searchsorted(val.doc_starts, positions, side="right") - 1
-    temporary = path + ".partial.npz"  # next to the target, renamed into place (atomic)
+    # a BOS target ends the document before it: attribute it there (position_in_doc = that length)
+    doc_index = np.searchsorted(val.doc_starts, positions - 1, side="right") - 1
+    buffer = io.BytesIO()
     np.savez_compressed(
-        temporary, mode=np.array(result["mode"]), stream_position=positions,
+        buffer, mode=np.array(result["mode"]), stream_position=positions,
         token_id=val.tokens.cpu().numpy()[positions], nll=np.asarray(result["token_nll"], dtype=np.float32)[order],
         byte_count=val.byte_counts.cpu().numpy()[positions], doc_index=doc_index,
         position_in_doc=positions - val.doc_starts[doc_index],
         reported=np.array([result["val_loss"], result["val_bpb"], result["scored_tokens"], result["scored_bytes"]]))
-    os.replace(temporary, path)
-
-
-def audit_token_nll(path: str) -> dict:
-    """Recompute the score of a save_token_nll file; refuses duplicated positions and BOS targets."""
-    with np.load(path) as saved:
-        positions, nll, byte_count = saved["stream_position"], saved["nll"], saved["byte_count"]
-        if np.unique(positions).size != positions.size:
-            raise ValueError(f"{path}: a token is scored more than once")
-        if np.any(saved["position_in_doc"] <= 0) or np.any(saved["token_id"] == BOS_ID):
-            raise ValueError(f"{path}: a BOS is scored")
-        nll_sum = float(nll.astype(np.float64).sum())
-        byte_sum = float(byte_count.astype(np.float64).sum())
-        return {"mode": str(saved["mode"]), "val_loss": nll_sum / positions.size,
-                "val_bpb": bits_per_byte(nll_sum, byte_sum), "scored_tokens": int(positions.size),
-                "scored_bytes": int(byte_sum), "documents": int(np.unique(saved["doc_index"]).size)}
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def format_eval_line(label: str, result: dict) -> str:
     """Upstream-style log line, e.g. `quantized_ttt_phased val_loss:... val_bpb:... eval_time:...ms`."""
     return (f"{label} val_loss:{result['val_loss']:.8f} val_bpb:{result['val_bpb']:.8f} "
             f"scored_tokens:{result['scored_tokens']} scored_bytes:{result['scored_bytes']} "
-            f"eval_time:{1000.0 * result['eval_time_s']:.0f}ms")
+            f"bos_targets:{result['bos_targets']} eval_time:{1000.0 * result['eval_time_s']:.0f}ms")
 
 
 def eval_summary(results: dict, eval_time_limit_s: float = 600.0) -> dict:
@@ -3195,85 +3155,55 @@ def eval_summary(results: dict, eval_time_limit_s: float = 600.0) -> dict:
     }
 
 
-# --- post-training entry point (train_gpt.post_training calls run after the quantization section) -
+# --- post-training entry point -----------------------------------------------------------------
 
 
-def evaluate_after_training(h, model, context, results: dict) -> dict:
-    """Report pre-quant, quantized, sliding-window and TTT val_bpb in that order; return the
-    summary.json fields. `model` holds the float EMA weights; the quantization section hands over
-    the dequantized model as results["quantized_model"] (taken out of results here, so it never
-    reaches summary.json). TTT adapts only while EVAL_MAX_SECONDS, minus the quantized evals'
-    time, lasts; it scores every token regardless. SAVE_TOKEN_NLL=1 writes the last mode's tokens."""
-    log, device, world_size = context.log, context.device, context.world_size
-    val = load_val_data(h.val_glob, h.vocab_size, h.tokenizer_path or None, h.val_max_docs).to(device)
+def evaluate_after_training(h: Hyperparameters, model: GPT, quantized: GPT, context: RunContext) -> dict:
+    """Report pre-quant (`model`, the float EMA weights), quantized, sliding-window and TTT val_bpb (the
+    rest on `quantized`, the weights read back from the artifact) in that order; return the
+    summary.json fields. TTT adapts only while EVAL_MAX_SECONDS, minus the quantized evals' time,
+    lasts; it scores every token regardless. SAVE_TOKEN_NLL=1 writes the last mode's tokens."""
+    config, log = h.eval, context.log
+    val = load_val_data(h.data.val_glob, h.model.vocab_size, h.data.tokenizer_path or None, h.data.val_max_docs)
+    val = val.to(context.device)
     log(f"val: {val.num_docs} documents, {val.num_tokens} tokens, {int(val.byte_counts.sum())} bytes")
-    batch_rows = eval_batch_rows(h, world_size)
-    quantized = results.pop("quantized_model", None)
-    save_tokens = h.save_token_nll
-    planned = ["pre_quant"] + ([] if quantized is None else ["quantized"] + (
-        ["quantized_sliding_window"] if h.sliding_window_enabled else []) + (
-        [f"quantized_ttt_{h.ttt_mode}"] if h.ttt_enabled else []))
-    final_label = planned[-1]
+    batch_rows = config.batch_rows(context.world_size)
+    planned = ["pre_quant", "quantized"] + (["quantized_sliding_window"] if config.sliding_window_enabled else [])
+    planned += [f"quantized_ttt_{config.ttt_mode}"] if config.ttt_enabled else []
     evals = {}
-    use_bf16 = context.autocast == "bf16" and device.type == "cuda"
+    use_bf16 = context.autocast == "bf16" and context.device.type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
         for label in planned:
-            keep = save_tokens and label == final_label
+            keep = config.save_token_nll and label == planned[-1]
             if label == "pre_quant":
-                result = eval_plain(model, val, h.eval_seq_len, batch_rows, keep_token_scores=keep)
+                result = eval_stream(model, val, config.eval_seq_len, batch_rows, keep_token_scores=keep)
             elif label == "quantized":
-                result = eval_plain(quantized, val, h.eval_seq_len, batch_rows, keep_token_scores=keep)
+                result = eval_stream(quantized, val, config.eval_seq_len, batch_rows, keep_token_scores=keep)
             elif label == "quantized_sliding_window":
-                result = eval_sliding(quantized, val, h.eval_seq_len, h.sliding_stride, batch_rows,
-                                      keep_token_scores=keep)
+                result = eval_stream(quantized, val, config.eval_seq_len, batch_rows, config.sliding_stride,
+                                     keep_token_scores=keep)
             else:
                 spent = sum(evals[name]["eval_time_s"] for name in evals if name != "pre_quant")
-                result = eval_ttt(h, quantized, val, time_budget_s=h.eval_max_seconds - spent,
-                                  keep_token_scores=keep)
+                result = eval_ttt(config, quantized, val, config.eval_max_seconds - spent, keep_token_scores=keep)
             evals[label] = result
             log(format_eval_line(label, result))
             if result.get("ttt_stopped_by_budget"):
-                log(f"{label}: EVAL_MAX_SECONDS={h.eval_max_seconds:g} spent, TTT adaptation stopped early "
+                log(f"{label}: EVAL_MAX_SECONDS={config.eval_max_seconds:g} spent, TTT adaptation stopped early "
                     f"(every token was still scored)")
-    if quantized is None:
-        log("evaluation: no results['quantized_model'] from the quantization section; quantized evals skipped")
-    if save_tokens and context.rank == 0:
+    if config.save_token_nll and context.rank == 0:
         path = os.path.join(context.artifact_dir, "token_nll.npz")
-        save_token_nll(path, evals[final_label], val.to("cpu"))
-        log(f"token_nll: {path} ({final_label}; recompute with audit_token_nll)")
-    return eval_summary(evals, h.eval_max_seconds)
+        save_token_nll(path, evals[planned[-1]], val.to("cpu"))
+        log(f"token_nll: {path} ({planned[-1]}; recompute with records/audit_tokens.py)")
+    return eval_summary(evals, config.eval_max_seconds)
 
 
 # -----------------------------------------------------------------------------
 # Main
 #
-# Resolve the config, set up devices and torch.distributed, train, save the EMA checkpoint, run the
-# post-training sections, and write summary.json (SPEC section 9). With POST_TRAINING_ONLY=1 a run
+# Resolve the config, set up devices and torch.distributed, train, save the EMA checkpoint, quantize
+# and write the artifact, evaluate, and write summary.json. With POST_TRAINING_ONLY=1 a run
 # re-quantizes and re-evaluates its saved checkpoint without retraining.
 # -----------------------------------------------------------------------------
-
-@dataclass
-class RunContext:
-    """What post-training sections receive besides `h` and the model (the EMA weights)."""
-    artifact_dir: str
-    log: Callable[[str], None]
-    device: torch.device
-    rank: int
-    world_size: int
-    autocast: str
-    make_train_loader: Callable[[], Any] | None   # fresh training stream (GPTQ calibration data)
-    clock: Callable[[], float]
-    training_start: float | None                   # clock() at the start of timed training
-    train_time_s: float
-    micro_step_seconds: float = 0.0                # mean training micro-batch (forward + backward) time
-
-
-def post_training(h: Hyperparameters, model: GPT, context: RunContext) -> dict[str, Any]:
-    """Quantize and write the artifact, then evaluate (pre-quant on `model`, the rest on the weights
-    read back from the artifact). Returns the summary.json fields of both."""
-    results = quantize_and_write_artifact(h, model, context)
-    results.update(evaluate_after_training(h, model, context, results))
-    return results
 
 
 class RunLogger:
@@ -3292,7 +3222,7 @@ class RunLogger:
 
 
 def resolve_device(h: Hyperparameters, local_rank: int) -> torch.device:
-    if h.device == "cuda" or (h.device == "auto" and torch.cuda.is_available()):
+    if h.run.device == "cuda" or (h.run.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ValueError("DEVICE=cuda but no CUDA device is available")
         torch.cuda.set_device(local_rank)
@@ -3302,122 +3232,127 @@ def resolve_device(h: Hyperparameters, local_rank: int) -> torch.device:
 
 def check_tokenizer(h: Hyperparameters) -> None:
     """A tokenizer whose vocabulary differs from VOCAB_SIZE is an error (ids would not line up)."""
-    if not h.tokenizer_path:
+    path = h.data.tokenizer_path
+    if not path:
         return
-    if not os.path.exists(h.tokenizer_path):
-        raise FileNotFoundError(f"TOKENIZER_PATH={h.tokenizer_path!r} does not exist")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"TOKENIZER_PATH={path!r} does not exist")
     import sentencepiece
-    size = sentencepiece.SentencePieceProcessor(model_file=h.tokenizer_path).vocab_size()
-    if size != h.vocab_size:
-        raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path!r} has {size} tokens but VOCAB_SIZE={h.vocab_size}")
+    size = sentencepiece.SentencePieceProcessor(model_file=path).vocab_size()
+    if size != h.model.vocab_size:
+        raise ValueError(f"TOKENIZER_PATH={path!r} has {size} tokens but VOCAB_SIZE={h.model.vocab_size}")
+
+
+def start_run(h: Hyperparameters, environ: Mapping[str, str]) -> RunContext:
+    """Device, process group, one run id for all ranks, the artifact folder and its log; the log opens
+    with the run's own source code (saved next to it) and environment, so it is a complete record."""
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(environ.get("RANK", "0")), int(environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(h, local_rank)
+    if h.run.cpu_threads > 0:
+        torch.set_num_threads(h.run.cpu_threads)
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                rank=rank, world_size=world_size, device_id=device if device.type == "cuda" else None)
+    run_id = [h.run.run_id or f"{h.run.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"]
+    if world_size > 1:
+        dist.broadcast_object_list(run_id, src=0)
+    h.run.run_id = run_id[0]
+    artifact_dir = h.run.artifact_dir or os.path.join("runs", h.run.run_id)
+    autocast = h.run.autocast if h.run.autocast != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    context = RunContext(artifact_dir=artifact_dir, log=RunLogger(os.path.join(artifact_dir, "train.log"), rank == 0),
+                         device=device, rank=rank, world_size=world_size, autocast=autocast)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    with open(os.path.abspath(__file__), "rb") as handle:
+        source = handle.read()
+    if rank == 0:
+        os.makedirs(artifact_dir, exist_ok=True)
+        atomic_write_bytes(os.path.join(artifact_dir, "train_gpt_source.py"), source)
+    context.log(f"run_id:{h.run.run_id} preset:{h.run.preset} artifact_dir:{artifact_dir} code:{len(source)} bytes "
+                f"sha256:{hashlib.sha256(source).hexdigest()} (saved as train_gpt_source.py)")
+    context.log(f"env: python {platform.python_version()} torch {torch.__version__} device:{device} "
+                f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'} "
+                f"world_size:{world_size} autocast:{autocast} cpu_threads:{torch.get_num_threads()}")
+    for name, value in h.as_dict().items():
+        context.log(f"hparam {name.upper()}={value}")
+    return context
+
+
+def train_run(h: Hyperparameters, model: GPT, context: RunContext, checkpoint_path: str,
+              use_compile: bool) -> dict[str, Any]:
+    """Timed training, then the EMA weights become the model and are checkpointed; summary fields."""
+    optimizer = TrainingOptimizer(model, h.optim)
+    forward = torch.compile(model, dynamic=False) if use_compile else model
+    ema = ExponentialMovingAverage(model, h.optim.ema_decay) if h.optim.ema_decay > 0 else None
+    synchronize = torch.cuda.synchronize if context.device.type == "cuda" else (lambda: None)
+    context.training_start = context.clock()
+    result = train_model(h, model, optimizer, context.make_train_loader, context.log, forward=forward,
+                         autocast=context.autocast, clock=context.clock, synchronize=synchronize, ema=ema,
+                         checkpoint_path=checkpoint_path)
+    if ema is not None:
+        ema.copy_to(model)  # the EMA weights are the model from here on (quantized and evaluated)
+    context.train_time_s = result.train_time_s
+    context.micro_step_seconds = result.train_time_s / max(1, result.steps * h.data.batch_layout(context.world_size)[0])
+    if context.rank == 0:
+        save_checkpoint(checkpoint_path, model, h, result.steps)
+        context.log(f"checkpoint: {checkpoint_path}")
+    budget = training_budget_seconds(h)
+    return dict(steps=result.steps, train_time_s=round(result.train_time_s, 3),
+                warmup_time_s=round(result.warmup_time_s, 3), tokens_per_s=round(result.tokens_per_s, 1),
+                stop_reason=result.stop_reason, final_train_loss=result.final_train_loss,
+                train_time_ok=budget is None or result.train_time_s <= budget)
 
 
 def main(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     environ = os.environ if environ is None else environ
     h = Hyperparameters.from_env(environ)
-    world_size = int(environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(environ.get("RANK", "0")), int(environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(h, local_rank)
-    if h.cpu_threads > 0:
-        torch.set_num_threads(h.cpu_threads)
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                rank=rank, world_size=world_size, device_id=device if device.type == "cuda" else None)
-    # one run id for all ranks
-    run_id = [h.run_id or f"{h.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"]
-    if world_size > 1:
-        dist.broadcast_object_list(run_id, src=0)
-    h.run_id = run_id[0]
-    artifact_dir = h.artifact_dir or os.path.join("runs", h.run_id)
-    if rank == 0:
-        os.makedirs(artifact_dir, exist_ok=True)
-    log = RunLogger(os.path.join(artifact_dir, "train.log"), enabled=rank == 0)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    attn_backend = select_attention_backend(h.attn_backend, device)
-    use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
-    autocast = h.autocast if h.autocast != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    with open(os.path.abspath(__file__), "rb") as handle:
-        source = handle.read()
-    log(f"run_id:{h.run_id} preset:{h.preset} artifact_dir:{artifact_dir} code:{len(source)} bytes "
-        f"sha256:{hashlib.sha256(source).hexdigest()[:16]}")
-    log(f"env: python {platform.python_version()} torch {torch.__version__} device:{device} "
-        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'} "
-        f"world_size:{world_size} attention:{attn_backend} compile:{use_compile} autocast:{autocast} "
-        f"cpu_threads:{torch.get_num_threads()}")
-    for name, value in h.as_dict().items():
-        log(f"hparam {name.upper()}={value}")
-
-    torch.manual_seed(h.seed)
-    model = GPT(h, attn_backend).to(device)
+    context = start_run(h, environ)
+    device, log = context.device, context.log
+    attn_backend = select_attention_backend(h.run.attn_backend, device)
+    use_compile = h.run.compile == "1" or (h.run.compile == "auto" and device.type == "cuda")
+    log(f"kernels: attention:{attn_backend} compile:{use_compile}")
+    torch.manual_seed(h.run.seed)
+    model = GPT(h.model, attn_backend).to(device)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layer order with recurrence "
-        f"{model.layer_order(looping=h.recurrence_enabled)}")
-    checkpoint_path = os.path.join(artifact_dir, "final_model.pt")
-    clock = time.perf_counter
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        f"{model.layer_order(looping=h.model.recurrence_enabled)}")
     check_tokenizer(h)
-    train_paths = shard_paths(h.train_glob, "TRAIN_FILES" if h.train_files else "DATA_PATH")
-    accum, seqs_per_micro = h.batch_layout(world_size)
-
-    def make_loader() -> TrainLoader:
-        return TrainLoader(train_paths, h.vocab_size, h.train_seq_len, seqs_per_micro, accum, rank, world_size,
-                           h.seed, device)
-
+    train_paths = shard_paths(h.data.train_glob, "TRAIN_FILES" if h.data.train_files else "DATA_PATH")
+    accum, seqs_per_micro = h.data.batch_layout(context.world_size)
+    context.make_train_loader = lambda: TrainLoader(
+        train_paths, h.model.vocab_size, h.data.train_seq_len, seqs_per_micro, accum, context.rank,
+        context.world_size, h.run.seed, device)
     summary: dict[str, Any] = dict(
-        run_id=h.run_id, preset=h.preset, steps=None, train_time_s=None, tokens_per_s=None,
+        run_id=h.run.run_id, preset=h.run.preset, steps=None, train_time_s=None, tokens_per_s=None,
         pre_quant_val_bpb=None, quant_val_bpb=None, sliding_val_bpb=None, ttt_val_bpb=None,
-        ttt_mode=h.ttt_mode if h.ttt_enabled else None, code_bytes=None, model_bytes=None, artifact_bytes=None,
-        artifact_limit_ok=None, train_time_ok=None, eval_time_s=None, eval_time_ok=None,
+        ttt_mode=h.eval.ttt_mode if h.eval.ttt_enabled else None, code_bytes=None, model_bytes=None,
+        artifact_bytes=None, artifact_limit_ok=None, train_time_ok=None, eval_time_s=None, eval_time_ok=None,
         device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-        world_size=world_size, seed=h.seed)
-    training_start, train_time, micro_step_seconds = None, 0.0, 0.0
-    if h.post_training_only:
-        step = load_checkpoint(checkpoint_path, model)
-        log(f"post_training_only: loaded {checkpoint_path} (step {step})")
-        summary.update(steps=step)
+        world_size=context.world_size, seed=h.run.seed)
+    checkpoint_path = os.path.join(context.artifact_dir, "final_model.pt")
+    if h.run.post_training_only:
+        summary.update(steps=load_checkpoint(checkpoint_path, model))
+        log(f"post_training_only: loaded {checkpoint_path} (step {summary['steps']})")
     else:
         log(f"data: {len(train_paths)} train shards, grad_accum:{accum} seqs_per_micro_step:{seqs_per_micro} "
-            f"seq_len:{h.train_seq_len} tokens_per_step:{h.train_batch_tokens}")
-        optimizer = TrainingOptimizer(model, h)
-        forward = torch.compile(model, dynamic=False) if use_compile else model
-        ema = ExponentialMovingAverage(model, h.ema_decay) if h.ema_decay > 0 else None
-        training_start = clock()
-        result = train_model(h, model, optimizer, make_loader, log, forward=forward, autocast=autocast, clock=clock,
-                             synchronize=synchronize, ema=ema, checkpoint_path=checkpoint_path)
-        if ema is not None:
-            ema.copy_to(model)  # the EMA weights are the model from here on (quantized and evaluated)
-        model.set_recurrence(h.recurrence_enabled)
-        train_time = result.train_time_s
-        micro_step_seconds = result.train_time_s / max(1, result.steps * accum)
-        if rank == 0:
-            save_checkpoint(checkpoint_path, model, h, result.steps)
-            log(f"checkpoint: {checkpoint_path}")
-        budget = training_budget_seconds(h)
-        summary.update(steps=result.steps, train_time_s=round(result.train_time_s, 3),
-                       warmup_time_s=round(result.warmup_time_s, 3), tokens_per_s=round(result.tokens_per_s, 1),
-                       stop_reason=result.stop_reason, final_train_loss=result.final_train_loss,
-                       train_time_ok=budget is None or result.train_time_s <= budget)
-    model.set_recurrence(h.recurrence_enabled)
-    context = RunContext(artifact_dir=artifact_dir, log=log, device=device, rank=rank, world_size=world_size,
-                         autocast=autocast, make_train_loader=make_loader, clock=clock,
-                         training_start=training_start, train_time_s=train_time,
-                         micro_step_seconds=micro_step_seconds)
-    if h.post_training_enabled:
-        summary.update(post_training(h, model, context))
+            f"seq_len:{h.data.train_seq_len} tokens_per_step:{h.data.train_batch_tokens}")
+        summary.update(train_run(h, model, context, checkpoint_path, use_compile))
+    model.set_recurrence(h.model.recurrence_enabled)
+    if h.run.post_training_enabled:
+        fields, quantized = quantize_and_write_artifact(h, model, context)
+        summary.update(fields)
+        summary.update(evaluate_after_training(h, model, quantized, context))
     summary["hyperparameters"] = h.as_dict()
-    if rank == 0:
-        atomic_write_text(json.dumps(summary, indent=2, default=str) + "\n", os.path.join(artifact_dir, "summary.json"))
-        log(f"summary: {os.path.join(artifact_dir, 'summary.json')}")
-    if world_size > 1:
+    if context.rank == 0:
+        path = os.path.join(context.artifact_dir, "summary.json")
+        atomic_write_bytes(path, (json.dumps(summary, indent=2, default=str) + "\n").encode())
+        log(f"summary: {path}")
+    if context.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return summary
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--env-table"]:
-        print(env_var_markdown())
-    else:
-        main()
+    main()

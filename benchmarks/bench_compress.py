@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_gpt  # noqa: E402
 from train_gpt import (GPT, Hyperparameters, collect_hessians, deserialize_artifact,  # noqa: E402
-                       quant_settings_from_hparams, quantize_model_state, serialize_artifact)
+                       quantize_model_state, serialize_artifact)
 
 
 def timed(function, *args, **kwargs):
@@ -83,11 +83,11 @@ def bigram_tokens(vocab, count, seed=0):
 def tiny_trained_state(steps=400, seed=0):
     h = Hyperparameters.from_env({"PRESET": "tiny", "NUM_LOOPS": "1"})
     torch.manual_seed(seed)
-    model = GPT(h)
-    tokens = bigram_tokens(h.vocab_size, 200_000, seed)
+    model = GPT(h.model)
+    tokens = bigram_tokens(h.model.vocab_size, 200_000, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    batch, length = 16, h.train_seq_len
+    batch, length = 16, h.data.train_seq_len
 
     def sample():
         starts = torch.randint(0, len(tokens) - length - 1, (batch,), generator=generator)
@@ -102,14 +102,14 @@ def tiny_trained_state(steps=400, seed=0):
         optimizer.step()
     print(f"tiny trained: {steps} steps, final training loss {loss.item():.3f}")
     hessians = collect_hessians(model, [sample()[0] for _ in range(2)])
-    return quantize_model_state(model.state_dict(), hessians, quant_settings_from_hparams(h)), model.state_dict()
+    return quantize_model_state(model.state_dict(), hessians, h.quant), model.state_dict()
 
 
 def record_shape_state(column_sigma, seed=0):
     h = Hyperparameters.from_env({})
     torch.manual_seed(seed)
-    state = GPT(h).state_dict()
-    settings = quant_settings_from_hparams(h)
+    state = GPT(h.model).state_dict()
+    settings = h.quant
     rng = np.random.default_rng(seed)
     for name, tensor in state.items():
         if train_gpt.classify_tensor(name, tensor, settings)[0] in ("matrix", "gate"):
@@ -278,7 +278,7 @@ def main():
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["model"]
         print(f"checkpoint: spread of log column RMS (median over matrices) {column_spread(state):.3f}")
-        settings = quant_settings_from_hparams(Hyperparameters.from_env({}))
+        settings = Hyperparameters.from_env({}).quant
         report(f"checkpoint {args.checkpoint} (round-to-nearest)", quantize_model_state(state, {}, settings), args.fast)
     container, state_dict = tiny_trained_state()
     print(f"tiny trained: spread of log column RMS (median over matrices) {column_spread(state_dict):.3f}")

@@ -23,8 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from train_gpt import (  # noqa: E402
-    BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, eval_plain, eval_sliding, eval_ttt_chunked, eval_ttt_phased,
-    load_val_data, make_val_data, read_shard,
+    BOS_ID, EvalSettings, eval_stream, eval_ttt_chunked, eval_ttt_phased, load_val_data, make_val_data, read_shard,
 )
 from train_gpt import GPT, Hyperparameters  # noqa: E402
 
@@ -35,7 +34,7 @@ def small_model(vocab_size, args):
         "MODEL_DIM": str(args.dim), "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "ROPE_DIMS": "8",
         "LOOP_START": "1", "LOOP_END": "1", "NUM_LOOPS": "2", "PARALLEL_START_LAYER": str(args.layers - 1)})
     torch.manual_seed(0)
-    model = GPT(h, attn_backend="sdpa")
+    model = GPT(h.model, attn_backend="sdpa")
     model.set_recurrence(True)
     return model
 
@@ -79,17 +78,17 @@ def train(model, data_dir, steps, seq_len, batch_rows):
 
 
 def modes(args):
-    chunked = ChunkedTTTConfig(chunk_tokens=args.ttt_chunk, epochs=args.ttt_epochs, lr=args.ttt_lr,
-                               seq_len=args.seq_len, rows_per_step=16, context=args.seq_len, stride=args.stride,
-                               score_batch_size=args.batch)
-    phased = PhasedTTTConfig(lora_rank=8, lora_lr=args.lora_lr, chunk_size=48, context=args.seq_len,
-                             docs_per_batch=args.docs_per_batch, prefix_docs=args.prefix_docs, num_phases=3,
-                             global_lr=args.global_lr, global_chunk_tokens=args.ttt_chunk, global_seq_len=args.seq_len)
+    config = EvalSettings(eval_seq_len=args.seq_len, eval_batch_tokens=args.batch * args.seq_len,
+                          sliding_stride=args.stride, ttt_chunk_tokens=args.ttt_chunk, ttt_epochs=args.ttt_epochs,
+                          ttt_lr=args.ttt_lr, ttt_batch_seqs=16, phased_ttt_lora_rank=8, phased_ttt_lr=args.lora_lr,
+                          phased_ttt_chunk_tokens=48, phased_ttt_docs_per_batch=args.docs_per_batch,
+                          phased_ttt_prefix_docs=args.prefix_docs, phased_ttt_num_phases=3,
+                          phased_ttt_global_lr=args.global_lr, phased_ttt_global_chunk_tokens=args.ttt_chunk)
     return {
-        "plain": lambda model, val: eval_plain(model, val, args.seq_len, args.batch),
-        "sliding": lambda model, val: eval_sliding(model, val, args.seq_len, args.stride, args.batch),
-        "ttt_chunked": lambda model, val: eval_ttt_chunked(model, val, chunked),
-        "ttt_phased": lambda model, val: eval_ttt_phased(model, val, phased),
+        "plain": lambda model, val: eval_stream(model, val, args.seq_len, args.batch),
+        "sliding": lambda model, val: eval_stream(model, val, args.seq_len, args.batch, args.stride),
+        "ttt_chunked": lambda model, val: eval_ttt_chunked(model, val, config),
+        "ttt_phased": lambda model, val: eval_ttt_phased(model, val, config),
     }
 
 
@@ -136,9 +135,9 @@ def main():
 
         from train_gpt import QuantSettings, load_quantized_into, quantize_model_state
 
-        pre_quant = eval_plain(model, val, args.seq_len, args.batch)
+        pre_quant = eval_stream(model, val, args.seq_len, args.batch)
         print(f"{'pre_quant':<12} {pre_quant['val_bpb']:9.4f} {'':>8} {pre_quant['eval_time_s']:8.2f}")
-        settings = QuantSettings(method="rtn", small_numel=1024)
+        settings = QuantSettings(quant_small_tensor_numel=1024, lqer_enabled=False)  # no Hessians: round-to-nearest
         model = load_quantized_into(copy.deepcopy(model), quantize_model_state(model.state_dict(), {}, settings))
     baseline = None
     for name, run in modes(args).items():

@@ -16,6 +16,7 @@
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -133,9 +134,9 @@ def record_model():
         import train_gpt
 
         h = train_gpt.Hyperparameters.from_env({"PRESET": "pr1855"})
-        model = train_gpt.GPT(h, "sdpa")
+        model = train_gpt.GPT(h.model, "sdpa")
         model.set_recurrence(True)
-        return model, h.vocab_size, "train_gpt.GPT (pr1855 preset, random init, recurrence on)"
+        return model, h.model.vocab_size, "train_gpt.GPT (pr1855 preset, random init, recurrence on)"
     except Exception as exc:  # noqa: BLE001 - any failure means: use the stand-in
         print(f"(train_gpt.GPT unavailable: {exc!r}; using stand-in Linears)")
 
@@ -192,12 +193,12 @@ def bench_whole_model(quick):
     print(f"Hessians: {len(hessians)} tensors from {sum(b.numel() for b in batches)} tokens in {hessian_time:.2f} s; "
           f"looped-layer call counts: {sorted(set(looped.values()))} over {len(looped)} tensors")
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    settings = QuantSettings()  # PR 1736 classes: int6 (MLP 12, attention 13), embedding int7 clip 15
+    settings = QuantSettings(quant_mlp_clip_sigmas=12.0, quant_embed_clip_sigmas=15.0, lqer_enabled=False)  # PR 1736
     start = time.perf_counter()
     container = quantize_model_state(state, hessians, settings)
     gptq_time = time.perf_counter() - start
     print(f"GPTQ whole model: {gptq_time:.2f} s; total with Hessians {hessian_time + gptq_time:.2f} s (target < 10 s)")
-    lqer_settings = QuantSettings(lqer_rank=4, lqer_top_k=3)
+    lqer_settings = QuantSettings(quant_mlp_clip_sigmas=12.0, quant_embed_clip_sigmas=15.0, lqer_rank=4, lqer_top_k=3)
     start = time.perf_counter()
     lqer_container = quantize_model_state(state, hessians, lqer_settings)
     print(f"GPTQ + LQER(rank 4, top 3): {time.perf_counter() - start:.2f} s")
@@ -261,7 +262,7 @@ def bench_penalty(train_seconds):
                                              "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2",
                                              "PARALLEL_START_LAYER": "3", "QUANT_SMALL_TENSOR_NUMEL": "4096"})
     torch.manual_seed(0)
-    model = train_gpt.GPT(h, "sdpa")
+    model = train_gpt.GPT(h.model, "sdpa")
     model.set_recurrence(True)
     data = byte_corpus(3_000_000)
     train, val = data[: -200_000], data[-200_000:]
@@ -298,16 +299,17 @@ def bench_penalty(train_seconds):
     hessians = collect_hessians(model, [sample(train)[0] for _ in range(8)])  # training batches only
     pre = bits_per_byte(trained)
     print(f"{steps} steps, pre-quant val {pre:.4f} bits/byte")
-    base = dict(embed_bits=h.quant_embed_bits, embed_clip=h.quant_embed_clip_sigmas, mlp_clip=h.quant_mlp_clip_sigmas,
-                attn_clip=h.quant_attn_clip_sigmas, small_numel=h.quant_small_tensor_numel)
-    variants = {"GPTQ": QuantSettings(**base), "GPTQ + LQER r4 top3": QuantSettings(**base, lqer_rank=4, lqer_top_k=3),
-                "RTN (same clips)": QuantSettings(**base, method="rtn")}
+    base = dataclasses.replace(h.quant, lqer_enabled=False)
+    clips = ("quant_embed_clip_sigmas", "quant_mlp_clip_sigmas", "quant_attn_clip_sigmas")
+    # (settings, Hessians): without Hessians every matrix is rounded to nearest with the same scales
+    variants = {"GPTQ": (base, hessians),
+                "GPTQ + LQER r4 top3": (dataclasses.replace(base, lqer_enabled=True, lqer_rank=4, lqer_top_k=3), hessians),
+                "RTN (same clips)": (base, {})}
     for clip_scale in (0.85, 0.75):  # RTN with tighter clips spends more bytes
-        variants[f"RTN clips x{clip_scale}"] = QuantSettings(**{**base, "embed_clip": base["embed_clip"] * clip_scale,
-                                                                "mlp_clip": base["mlp_clip"] * clip_scale,
-                                                                "attn_clip": base["attn_clip"] * clip_scale}, method="rtn")
-    for label, settings in variants.items():
-        container = quantize_model_state(trained, hessians, settings)
+        tighter = dataclasses.replace(base, **{name: getattr(base, name) * clip_scale for name in clips})
+        variants[f"RTN clips x{clip_scale}"] = (tighter, {})
+    for label, (settings, matrix_hessians) in variants.items():
+        container = quantize_model_state(trained, matrix_hessians, settings)
         model_bytes = len(serialize_artifact(container))
         quantized = bits_per_byte(dequantize_state(container))
         print(f"  {label:22s} val {quantized:.4f} bits/byte  penalty {quantized - pre:+.4f}  model {model_bytes:,} bytes")

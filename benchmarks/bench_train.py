@@ -51,7 +51,7 @@ def model_flops_per_token(model: train_gpt.GPT, seq_len: int) -> dict:
     attn_weights = sum(m.weight.numel() for m in block.attn.modules() if isinstance(m, train_gpt.MatrixLinear))
     mlp_weights = sum(m.weight.numel() for m in block.mlp.modules() if isinstance(m, train_gpt.MatrixLinear))
     parts = {"attn_proj": 6 * passes * attn_weights, "mlp": 6 * passes * mlp_weights,
-             "head": 6 * h.vocab_size * h.model_dim, "attention": 6 * passes * seq_len * h.model_dim}
+             "head": 6 * h.model.vocab_size * h.model.model_dim, "attention": 6 * passes * seq_len * h.model.model_dim}
     parts["total"] = sum(parts.values())
     return parts
 
@@ -60,10 +60,10 @@ def bench_shape(name: str, env: dict, batch: int, steps: int, recurrence: bool, 
                 time_optimizer: bool = True) -> dict:
     h = train_gpt.Hyperparameters.from_env(env)
     torch.manual_seed(0)
-    model = train_gpt.GPT(h, "sdpa")
+    model = train_gpt.GPT(h.model, "sdpa")
     model.set_recurrence(recurrence)
-    optimizer = train_gpt.TrainingOptimizer(model, h)
-    ids = torch.randint(8, h.vocab_size, (batch, h.train_seq_len))
+    optimizer = train_gpt.TrainingOptimizer(model, h.optim)
+    ids = torch.randint(8, h.model.vocab_size, (batch, h.data.train_seq_len))
     ids[:, 0] = train_gpt.BOS_ID
     device = torch.device("cpu")
 
@@ -82,10 +82,10 @@ def bench_shape(name: str, env: dict, batch: int, steps: int, recurrence: bool, 
         start = time.perf_counter()
         optimizer.step()  # Muon + AdamW: a fixed cost per optimizer step, independent of the batch
         optimizer_seconds = time.perf_counter() - start
-    tokens = batch * h.train_seq_len
+    tokens = batch * h.data.train_seq_len
     return dict(name=name, autocast=autocast, tokens_per_step=tokens, params=sum(p.numel() for p in model.parameters()),
                 layer_applications=sum(map(len, model.layer_order())),
-                flops=model_flops_per_token(model, h.train_seq_len),
+                flops=model_flops_per_token(model, h.data.train_seq_len),
                 tokens_per_s=tokens / seconds, optimizer_s=optimizer_seconds)
 
 

@@ -251,7 +251,8 @@ def significance_analysis(
 # Log parsing
 # Tolerant of both our format (`step:100/4800 train_loss:3.1234 train_time:12345ms ...`) and the
 # upstream one (`500/20000 train_loss: 2.5859 train_time: 0.8m ...`). Eval lines are
-# `<label> val_loss:X val_bpb:Y [eval_time:Nms]`; the label names the stage.
+# `<label> val_loss:X val_bpb:Y [scored_tokens:N scored_bytes:B ...] [eval_time:Nms]`; the label
+# names the stage, and the `name:value` fields are read by name (new ones are kept, not an error).
 # -----------------------------------------------------------------------------
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+|nan|inf)"
@@ -263,6 +264,9 @@ _TIME_FIELD = r":\s*(\d+(?:\.\d+)?)\s*(ms|s|m)\b"
 _TRAIN_TIME = re.compile(r"train_time" + _TIME_FIELD)
 _EVAL_TIME = re.compile(r"eval_time" + _TIME_FIELD)
 _TOTAL_SIZE = re.compile(r"Total submission size[^:\n]*:\s*(\d+)\s*bytes", re.I)
+_CODE_SIZE = re.compile(r"^\s*Code size[^:\n]*:\s*(\d+)\s*bytes", re.I)
+_MODEL_SIZE = re.compile(r"^\s*Serialized model quantized[^:\n]*:\s*(\d+)\s*bytes", re.I)
+_FIELD = re.compile(r"([A-Za-z_]\w*):\s*(\S+)")
 _HYPERPARAMETER_JSON = re.compile(r"^\s*hyperparameters\s*:\s*(\{.*\})\s*$", re.I)
 _HYPERPARAMETER_HEADER = re.compile(r"^\s*hyperparameters\s*:\s*$", re.I)
 _HYPERPARAMETER_ITEM = re.compile(r"^\s+([A-Za-z_][\w.]*)\s*[:=]\s?(.*)$")
@@ -294,7 +298,10 @@ class ParsedLog:
     max_train_time_s: float | None = None
     max_eval_time_s: float | None = None
     total_submission_bytes: int | None = None
+    code_bytes: int | None = None  # `Code size ...: N bytes`
+    model_bytes: int | None = None  # `Serialized model quantized+...: N bytes`
     hyperparameters: dict[str, Any] | None = None
+    eval_lines: list[dict[str, Any]] = field(default_factory=list)  # every eval line: line number, label, fields
 
 
 def parse_train_log(text: str) -> ParsedLog:
@@ -302,7 +309,7 @@ def parse_train_log(text: str) -> ParsedLog:
     parsed = ParsedLog()
     lines = text.splitlines()
     in_hyperparameters = False
-    for line in lines:
+    for line_number, line in enumerate(lines, start=1):
         if in_hyperparameters:
             item = _HYPERPARAMETER_ITEM.match(line)
             if item:
@@ -337,8 +344,14 @@ def parse_train_log(text: str) -> ParsedLog:
         size = _TOTAL_SIZE.search(line)
         if size:
             parsed.total_submission_bytes = int(size.group(1))
+        for pattern, attribute in ((_CODE_SIZE, "code_bytes"), (_MODEL_SIZE, "model_bytes")):
+            size = pattern.match(line)
+            if size:
+                setattr(parsed, attribute, int(size.group(1)))
         evaluation = _EVAL_LINE.match(line)
         if evaluation:
+            fields = dict(_FIELD.findall(line[evaluation.end(1) :]))
+            parsed.eval_lines.append({"line": line_number, "label": evaluation.group(1).strip(), "fields": fields})
             stage = stage_of_label(evaluation.group(1))
             if stage is not None:
                 loss_text = evaluation.group(2)
@@ -359,6 +372,34 @@ def printed_tolerance(number_text: str) -> float:
     decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
     exponent = int(number_text.lower().split("e")[1]) if "e" in number_text.lower() else 0
     return 0.5 * 10.0 ** (exponent - decimals)
+
+
+BPB_FIELDS = ("val_loss", "val_bpb", "scored_tokens", "scored_bytes")
+
+
+def bpb_arithmetic_status(fields: dict[str, str]) -> tuple[str, str]:
+    """PASS / FAIL / UNKNOWN for one eval line's own fields (texts as printed): val_bpb must equal
+    val_loss * scored_tokens / ln 2 / scored_bytes to within the printed digits of val_bpb and val_loss
+    (the rounding of val_loss moves the recomputed value by its half-digit times tokens / (ln 2 bytes))."""
+    missing = [name for name in BPB_FIELDS if name not in fields]
+    if missing:
+        return "UNKNOWN", f"no {', '.join(missing)}"
+    try:
+        loss, bpb = float(fields["val_loss"]), float(fields["val_bpb"])
+        tokens, scored_bytes = int(fields["scored_tokens"]), int(fields["scored_bytes"])
+    except ValueError:
+        shown = " ".join(f"{name}:{fields[name]}" for name in BPB_FIELDS)
+        return "FAIL", f"unreadable fields ({shown})"
+    if tokens <= 0 or scored_bytes <= 0 or not (math.isfinite(loss) and math.isfinite(bpb)):
+        return "FAIL", f"scored_tokens {tokens}, scored_bytes {scored_bytes}, val_loss {loss}, val_bpb {bpb}"
+    tokens_per_bit_byte = tokens / (math.log(2.0) * scored_bytes)
+    recomputed = loss * tokens_per_bit_byte
+    tolerance = (printed_tolerance(fields["val_bpb"]) + printed_tolerance(fields["val_loss"]) * tokens_per_bit_byte
+                 + 1e-12 * abs(recomputed))  # + float rounding when the values are printed in full
+    if abs(recomputed - bpb) > tolerance:
+        return "FAIL", (f"val_bpb {fields['val_bpb']} but val_loss * scored_tokens / ln 2 / scored_bytes = "
+                        f"{recomputed:.8f}")
+    return "PASS", f"val_bpb {fields['val_bpb']} recomputed"
 
 
 # -----------------------------------------------------------------------------
@@ -471,6 +512,90 @@ def nats_per_bpb_of(val_loss: float | None, val_bpb: float | None) -> float | No
     if val_loss is None or val_bpb is None or not val_bpb > 0 or not val_loss > 0:
         return None
     return val_loss / val_bpb
+
+
+# -----------------------------------------------------------------------------
+# JSON types
+# The checks read numbers, objects and lists out of the folder's JSON files; a file holding another
+# type there (a string for a number, a list for an object) is reported as a FAIL naming the file and
+# the key before any check reads it, never as a traceback. null stays allowed: the checks judge a
+# missing value themselves.
+# -----------------------------------------------------------------------------
+
+NUMBER, INTEGER, TEXT, FLAG, OBJECT, LIST = "a number", "an integer", "a string", "true/false", "an object", "a list"
+SUBMISSION_TYPES = {
+    "seeds": LIST, "seed_results": OBJECT, "val_bpb": NUMBER, "val_bpb_std": NUMBER, "val_loss": NUMBER,
+    "p_value": NUMBER, "bytes_total": INTEGER, "bytes_code": INTEGER, "code_sha256": TEXT, "record_attempt": FLAG,
+    "score_stage": TEXT, "reference": OBJECT, "allowed_config_differences": LIST,
+}
+SEED_RESULT_TYPES = {
+    "val_bpb": NUMBER, "val_loss": NUMBER, "steps": INTEGER, "artifact_bytes": INTEGER, "model_bytes": INTEGER,
+    "code_bytes": INTEGER, "train_time_s": NUMBER, "eval_time_s": NUMBER, "device": TEXT, "world_size": INTEGER,
+    "data_manifest_sha256": TEXT, **{f"{stage}_val_bpb": NUMBER for stage in STAGES},
+}
+REFERENCE_TYPES = {"name": TEXT, "val_bpb": NUMBER, "val_bpb_std": NUMBER, "n_seeds": INTEGER, "nats_per_bpb": NUMBER}
+SUMMARY_TYPES = {
+    "seed": INTEGER, "code_bytes": INTEGER, "model_bytes": INTEGER, "artifact_bytes": INTEGER, "device": TEXT,
+    "world_size": INTEGER, "hyperparameters": OBJECT, "evals": OBJECT,
+    **{f"{stage}_val_bpb": NUMBER for stage in STAGES}, **{f"{stage}_val_loss": NUMBER for stage in STAGES},
+}
+SUMMARY_EVAL_TYPES = {"val_loss": NUMBER, "val_bpb": NUMBER, "scored_tokens": INTEGER, "scored_bytes": INTEGER}
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    if kind in (NUMBER, INTEGER):
+        allowed = (int, float) if kind == NUMBER else int
+        return isinstance(value, allowed) and not isinstance(value, bool)
+    return isinstance(value, {TEXT: str, FLAG: bool, OBJECT: dict, LIST: list}[kind])
+
+
+def _json_kind(value: Any) -> str:
+    for kind in (FLAG, INTEGER, NUMBER, TEXT, OBJECT, LIST):
+        if _has_type(value, kind):
+            return kind
+    return "null" if value is None else type(value).__name__
+
+
+def json_type_problems(file_name: str, data: Any, types: dict[str, str], where: str = "") -> list[str]:
+    """`file: key is <kind> (value), expected <kind>` for each key of `types` that `data` holds with
+    another type; `where` is the key path of `data` inside the file ("" for the top level)."""
+    if not isinstance(data, dict):
+        return [f"{file_name}: {where or 'the top level'} is {_json_kind(data)}, expected an object"]
+    problems = []
+    for key, kind in types.items():
+        value = data.get(key)
+        if value is not None and not _has_type(value, kind):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            problems.append(f"{file_name}: {where + '.' if where else ''}{key} is {_json_kind(value)} ({shown}), "
+                            f"expected {kind}")
+    return problems
+
+
+def submission_type_problems(submission: Any) -> list[str]:
+    problems = json_type_problems("submission.json", submission, SUBMISSION_TYPES)
+    if not isinstance(submission, dict):
+        return problems
+    for index, seed in enumerate(submission.get("seeds") or []):
+        if not isinstance(seed, (int, str)) or isinstance(seed, bool):
+            problems.append(f"submission.json: seeds[{index}] is {_json_kind(seed)}, expected an integer")
+    for index, key in enumerate(submission.get("allowed_config_differences") or []):
+        if not isinstance(key, str):
+            problems.append(f"submission.json: allowed_config_differences[{index}] is {_json_kind(key)}, expected a string")
+    if isinstance(submission.get("seed_results"), dict):
+        for seed, entry in submission["seed_results"].items():
+            problems += json_type_problems("submission.json", entry, SEED_RESULT_TYPES, f"seed_results.{seed}")
+    if isinstance(submission.get("reference"), dict):
+        problems += json_type_problems("submission.json", submission["reference"], REFERENCE_TYPES, "reference")
+    return problems
+
+
+def summary_type_problems(file_name: str, summary: Any) -> list[str]:
+    problems = json_type_problems(file_name, summary, SUMMARY_TYPES)
+    if isinstance(summary, dict) and isinstance(summary.get("evals"), dict):
+        for label, result in summary["evals"].items():
+            problems += json_type_problems(file_name, result, SUMMARY_EVAL_TYPES, f"evals.{label}")
+    return problems
 
 
 # -----------------------------------------------------------------------------
@@ -1063,6 +1188,64 @@ def check_artifact_size(folder: Folder, code_bytes: int) -> Check:
     return Check("artifact_size", "PASS", detail)
 
 
+def check_bytes_total(folder: Folder, code_bytes: int) -> Check:
+    """bytes_total = the largest code + model; every size a log or summary reports agrees with it:
+    `Code size` = train_gpt.py here, `Serialized model quantized+...` = model_bytes, and each
+    summary's code_bytes, model_bytes and artifact_bytes (= code_bytes + model_bytes)."""
+    problems, totals = [], {}
+    for seed in folder.seeds:
+        model_bytes = folder.seed_results[seed].get("model_bytes")
+        if model_bytes is None:
+            continue  # artifact_size reports it
+        totals[seed] = code_bytes + model_bytes
+        summary, log = folder.summaries[seed], folder.logs[seed]
+        for key, expected in (("code_bytes", code_bytes), ("model_bytes", model_bytes), ("artifact_bytes", totals[seed])):
+            if summary.get(key) is not None and summary[key] != expected:
+                problems.append(f"summary_seed{seed}.json {key} {summary[key]:,} != {expected:,}")
+        if log.code_bytes is not None and log.code_bytes != code_bytes:
+            problems.append(f"train_seed{seed}.log code size {log.code_bytes:,} != train_gpt.py {code_bytes:,}")
+        if log.model_bytes is not None and log.model_bytes != model_bytes:
+            problems.append(f"train_seed{seed}.log serialized model {log.model_bytes:,} != model_bytes {model_bytes:,}")
+    if not totals:
+        return Check("bytes_total", "UNKNOWN", "no seed has model_bytes")
+    largest = max(totals.values())
+    claimed = folder.submission.get("bytes_total")
+    if claimed != largest:
+        problems.insert(0, f"submission bytes_total {claimed} != largest code + model {largest:,}")
+    if problems:
+        return Check("bytes_total", "FAIL", _joined(problems))
+    return Check("bytes_total", "PASS", f"{largest:,} B = largest code + model; logs and summaries agree")
+
+
+def check_bpb_arithmetic(folder: Folder) -> Check:
+    """Every eval line of every log, and every summary eval, recomputes: val_bpb = val_loss *
+    scored_tokens / ln 2 / scored_bytes. A scored stage without those fields is UNKNOWN."""
+    problems, unknown, checked = [], [], 0
+    for seed in folder.seeds:
+        scored_status = None
+        for entry in folder.logs[seed].eval_lines:
+            status, why = bpb_arithmetic_status(entry["fields"])
+            checked += status == "PASS"
+            if status == "FAIL":
+                problems.append(f"train_seed{seed}.log line {entry['line']} ({entry['label']}): {why}")
+            if stage_of_label(entry["label"]) == folder.stage:
+                scored_status = status
+        evals = folder.summaries[seed].get("evals") or {}
+        for label, result in evals.items():
+            fields = {name: repr(result[name]) for name in BPB_FIELDS if result.get(name) is not None}
+            status, why = bpb_arithmetic_status(fields)
+            checked += status == "PASS"
+            if status == "FAIL":
+                problems.append(f"summary_seed{seed}.json evals.{label}: {why}")
+        if scored_status in (None, "UNKNOWN"):
+            unknown.append(f"seed {seed}: no {folder.stage} eval line with val_loss, scored_tokens and scored_bytes")
+    if problems:
+        return Check("bpb_arithmetic", "FAIL", _joined(problems))
+    if unknown:
+        return Check("bpb_arithmetic", "UNKNOWN", _joined(unknown))
+    return Check("bpb_arithmetic", "PASS", f"{checked} eval results: val_bpb = val_loss * scored_tokens / ln 2 / scored_bytes")
+
+
 def check_time(folder: Folder, name: str, key: str, log_attribute: str, limit_s: float) -> Check:
     """Per seed, the larger of the claimed and the logged time is within the limit."""
     worst, problems, unknown = [], [], []
@@ -1152,11 +1335,17 @@ def check_record_bar(folder: Folder, significance: dict[str, Any] | None) -> lis
 
 
 def read_folder(path: Path) -> tuple[Folder | None, Check]:
-    """Load a folder's files; the Check says which are missing."""
+    """Load a folder's files; the Check says which are missing, unreadable or of the wrong JSON types."""
     submission_path, code_path = path / "submission.json", path / "train_gpt.py"
     if not submission_path.is_file():
         return None, Check("files", "FAIL", f"{submission_path} missing")
-    submission = _read_json(submission_path)
+    try:
+        submission = _read_json(submission_path)
+    except ValueError as error:
+        return None, Check("files", "FAIL", str(error))
+    problems = submission_type_problems(submission)
+    if problems:
+        return None, Check("json_types", "FAIL", _joined(problems))
     seed_results = submission.get("seed_results") or {}
     logs = {seed: path / f"train_seed{seed}.log" for seed in seed_results}
     missing = [p.name for p in [code_path, *logs.values()] if not p.is_file()]
@@ -1164,10 +1353,18 @@ def read_folder(path: Path) -> tuple[Folder | None, Check]:
         return None, Check("files", "FAIL", f"missing: {missing or 'seed_results'}")
     if [str(seed) for seed in submission.get("seeds", [])] != list(seed_results):
         return None, Check("files", "FAIL", f"seeds {submission.get('seeds')} != seed_results {list(seed_results)}")
-    summaries = {}
-    for seed in seed_results:
-        summary_path = path / f"summary_seed{seed}.json"
-        summaries[seed] = _read_json(summary_path) if summary_path.is_file() else {}
+    summaries, manifest_path = {}, path / "data_manifest.json"
+    try:
+        for seed in seed_results:
+            summary_path = path / f"summary_seed{seed}.json"
+            summaries[seed] = _read_json(summary_path) if summary_path.is_file() else {}
+            problems += summary_type_problems(summary_path.name, summaries[seed])
+        if manifest_path.is_file():
+            problems += json_type_problems(manifest_path.name, _read_json(manifest_path), {})
+    except ValueError as error:
+        return None, Check("files", "FAIL", str(error))
+    if problems:
+        return None, Check("json_types", "FAIL", _joined(problems))
     folder = Folder(
         path=path,
         submission=submission,
@@ -1186,7 +1383,7 @@ def validate_folder(path: Path) -> list[Check]:
     folder, files_check = read_folder(Path(path))
     if folder is None:
         return [files_check]
-    checks = [files_check, check_scores_match_logs(folder)]
+    checks = [files_check, check_scores_match_logs(folder), check_bpb_arithmetic(folder)]
     significance = None
     if checks[-1].status == "PASS":
         significance = recompute_significance(folder)
@@ -1197,6 +1394,7 @@ def validate_folder(path: Path) -> list[Check]:
     checks += [
         check_code_bytes(folder, code_bytes),
         check_artifact_size(folder, code_bytes),
+        check_bytes_total(folder, code_bytes),
         check_time(folder, "train_time", "train_time_s", "max_train_time_s", TRAIN_TIME_LIMIT_S),
         check_time(folder, "eval_time", "eval_time_s", "max_eval_time_s", EVAL_TIME_LIMIT_S),
         check_same_config(folder),

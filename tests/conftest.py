@@ -2,7 +2,8 @@
 
 `write_shard(path, tokens)` writes one shard; `make_documents(...)` makes BOS-started documents from a
 simple learnable process; the `tiny_dataset` fixture writes a train/val dataset (vocab 512) with a
-byte sidecar into tmp_path. Other test files may use them freely.
+byte sidecar into tmp_path (`write_tiny_dataset(folder)` writes the same anywhere). Other test files
+may use them freely.
 """
 
 import os
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+for folder in (REPO_ROOT, os.path.join(REPO_ROOT, "records"), os.path.join(REPO_ROOT, "docs")):
+    if folder not in sys.path:  # train_gpt, the reviewer tools (audit_tokens) and the env-table generator
+        sys.path.insert(0, folder)
 
 # Tiny models are dominated by per-op overhead; one intra-op thread avoids thread contention on a
 # shared 2-core machine (about 10x faster there). Override with TEST_TORCH_THREADS.
@@ -68,8 +70,12 @@ class TinyDataset:
 @pytest.fixture
 def tiny_dataset(tmp_path):
     """Two train shards and one val shard (+ byte sidecar) of BOS-separated synthetic documents."""
+    return write_tiny_dataset(tmp_path / "data")
+
+
+def write_tiny_dataset(data_dir) -> TinyDataset:
+    """The `tiny_dataset` files in a new folder `data_dir` (for module- or session-scoped fixtures)."""
     vocab_size = 512
-    data_dir = tmp_path / "data"
     data_dir.mkdir()
     train_paths = []
     for index in range(2):

@@ -36,7 +36,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn = nn.Module()
         self.attn.c_q = nn.Linear(dim, dim, bias=False)
-        self.attn_gate = nn.Linear(dim, 4, bias=False)
+        self.attn.gate = nn.Linear(dim, 4, bias=False)
         self.mlp = nn.Module()
         self.mlp.fc = nn.Linear(dim, 2 * dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((4,), 1.5))
@@ -60,7 +60,7 @@ def tiny_net(seed=0):
 
 
 def tiny_container(seed=0):
-    settings = QuantSettings(small_numel=16, lqer_rank=2, lqer_top_k=1)
+    settings = QuantSettings(quant_small_tensor_numel=16, lqer_rank=2, lqer_top_k=1)
     return quantize_model_state(tiny_net(seed).state_dict(), {}, settings)
 
 

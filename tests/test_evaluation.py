@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from audit_tokens import audit_token_nll
 from train_gpt import (
-    BOS_ID, ChunkedTTTConfig, PhasedTTTConfig, audit_token_nll, chunked_ttt_config, eval_plain, eval_sliding,
-    eval_summary, eval_ttt_chunked, eval_ttt_phased, find_documents, format_eval_line, load_val_data, make_val_data,
-    phased_ttt_config, piece_byte_counts, piece_byte_tables, evaluate_after_training, save_token_nll,
-    sliding_windows, warm_up_on_random_tokens,
+    BOS_ID, EvalSettings, RunContext, eval_stream, eval_summary, eval_ttt_chunked, eval_ttt_phased, evaluate_after_training,
+    find_documents, format_eval_line, load_val_data, make_val_data, piece_byte_counts, piece_byte_tables,
+    save_token_nll, sliding_windows, warm_up_on_random_tokens,
 )
 
 VOCAB = 40
@@ -30,7 +30,7 @@ def tiny_model(seed: int = 0):
         "NUM_KV_HEADS": "1", "ROPE_DIMS": "8", "LOOP_START": "1", "LOOP_END": "1", "NUM_LOOPS": "2",
         "PARALLEL_START_LAYER": "2", "SMEAR_GATE_DIMS": "8", "SPARSE_ATTN_GATE_DIMS": "8"})
     torch.manual_seed(seed)
-    model = GPT(h)
+    model = GPT(h.model)
     model.set_recurrence(True)
     with torch.no_grad():  # random weights everywhere, so every path (gates, skips, lanes) matters
         for param in model.parameters():
@@ -53,15 +53,22 @@ def tiny_val(seed: int = 0, num_docs: int = 12):
     return make_val_data(*tiny_stream(seed, num_docs), vocab_size=VOCAB)
 
 
+# eval settings at this tiny scale: context 24, forward batches of 4 rows (96 tokens)
+TINY_EVAL = dict(eval_seq_len=24, eval_batch_tokens=96, sliding_stride=8, ttt_chunk_tokens=64, ttt_epochs=2,
+                 ttt_lr=0.05, ttt_batch_seqs=2, phased_ttt_lora_rank=4, phased_ttt_lr=0.01, phased_ttt_chunk_tokens=8,
+                 phased_ttt_docs_per_batch=3, phased_ttt_prefix_docs=6, phased_ttt_num_phases=2,
+                 phased_ttt_global_lr=0.01, phased_ttt_global_chunk_tokens=64)
+
+
+def tiny_eval(**overrides) -> EvalSettings:
+    return EvalSettings(**dict(TINY_EVAL, **overrides))
+
+
 MODES = {
-    "plain": lambda model, val, **kw: eval_plain(model, val, seq_len=24, batch_size=4, **kw),
-    "sliding": lambda model, val, **kw: eval_sliding(model, val, context=24, stride=8, batch_size=4, **kw),
-    "ttt_chunked": lambda model, val, **kw: eval_ttt_chunked(model, val, ChunkedTTTConfig(
-        chunk_tokens=64, epochs=2, lr=0.05, seq_len=24, rows_per_step=2, context=24, stride=8,
-        score_batch_size=4), **kw),
-    "ttt_phased": lambda model, val, **kw: eval_ttt_phased(model, val, PhasedTTTConfig(
-        lora_rank=4, lora_lr=0.01, chunk_size=8, context=24, docs_per_batch=3, prefix_docs=6, num_phases=2,
-        global_lr=0.01, global_chunk_tokens=64, global_seq_len=24), **kw),
+    "plain": lambda model, val, **kw: eval_stream(model, val, seq_len=24, batch_size=4, **kw),
+    "sliding": lambda model, val, **kw: eval_stream(model, val, seq_len=24, batch_size=4, stride=8, **kw),
+    "ttt_chunked": lambda model, val, **kw: eval_ttt_chunked(model, val, tiny_eval(), **kw),
+    "ttt_phased": lambda model, val, **kw: eval_ttt_phased(model, val, tiny_eval(), **kw),
 }
 TTT_MODES = ("ttt_chunked", "ttt_phased")
 
@@ -114,19 +121,29 @@ def test_bpb_equals_brute_force_from_per_document_losses_and_document_bytes(mode
     rng = np.random.default_rng(1)
     documents = ["Hello world", "caf\u00e9 au lait \u2014 tr\u00e8s bien", "\u65e5\u672c\u8a9e", "x" * 30]
     tokens, byte_counts, nll_sum, byte_sum = [], [], 0.0, 0
-    for text in documents:  # one token per character, carrying that character's UTF-8 bytes
+    for index, text in enumerate(documents):  # one token per character, carrying its UTF-8 bytes
         ids = [BOS_ID] + rng.integers(2, VOCAB, len(text)).tolist()
         tokens += ids
         byte_counts += [0] + [len(ch.encode("utf-8")) for ch in text]
-        with torch.no_grad():  # brute force: the document alone, full softmax, every token after BOS
-            logits = model.forward_logits(torch.tensor([ids[:-1]]))[0].double()
-        nll_sum += float(-(logits.log_softmax(-1)[torch.arange(len(text)), torch.tensor(ids[1:])]).sum())
+        # brute force: the document alone, full softmax; its targets are every token after its BOS and,
+        # unless it is the stream's last document, the next document's BOS ("this document ended", 0 bytes)
+        targets = ids[1:] + ([BOS_ID] if index + 1 < len(documents) else [])
+        with torch.no_grad():
+            logits = model.forward_logits(torch.tensor([ids[:len(targets)]]))[0].double()
+        nll_sum += float(-(logits.log_softmax(-1)[torch.arange(len(targets)), torch.tensor(targets)]).sum())
         byte_sum += len(text.encode("utf-8"))
     expected = nll_sum / math.log(2) / byte_sum
     val = make_val_data(np.array(tokens), np.array(byte_counts), vocab_size=VOCAB)
-    for result in (eval_plain(model, val, seq_len=len(tokens)), eval_sliding(model, val, context=64, stride=8)):
+    results = [eval_stream(model, val, seq_len=len(tokens), batch_size=4),
+               eval_stream(model, val, seq_len=64, batch_size=4, stride=8)]
+    results += [run(mode, model, val) for mode in TTT_MODES]
+    # no adaptation (spent budget) and a context longer than any document: exactly the brute force
+    results.append(eval_ttt_phased(model, val, tiny_eval(eval_seq_len=64), time_budget_s=0.0))
+    for result in results:
         assert result["scored_bytes"] == byte_sum
-        assert result["scored_tokens"] == sum(len(text) for text in documents)
+        assert result["scored_tokens"] == len(tokens) - 1
+        assert result["bos_targets"] == len(documents) - 1
+    for result in results[:2] + results[-1:]:
         assert result["val_bpb"] == pytest.approx(expected, abs=TOLERANCE)
         assert result["val_loss"] == pytest.approx(nll_sum / result["scored_tokens"], abs=TOLERANCE)
 
@@ -224,11 +241,14 @@ def test_sliding_windows_score_each_target_once_with_at_least_context_minus_stri
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_every_val_token_is_scored_exactly_once_and_bos_never(mode, model, val):
+def test_every_token_after_the_first_is_scored_exactly_once_bos_targets_included(mode, model, val):
+    """The challenge's rule: every target of the stream, including each BOS that starts the next
+    document (0 bytes); the stream's first token never. Fails on a driver that skips BOS targets
+    (the rule before this fix) or scores the first token."""
     result = run(mode, model, val)
-    expected = [p for p in range(val.num_tokens) if int(val.tokens[p]) != BOS_ID]
-    assert sorted(result["token_positions"].tolist()) == expected
-    assert result["scored_tokens"] == len(expected)
+    assert sorted(result["token_positions"].tolist()) == list(range(1, val.num_tokens))
+    assert result["scored_tokens"] == val.num_tokens - 1
+    assert result["bos_targets"] == val.num_docs - 1
     assert result["scored_bytes"] == int(val.byte_counts.sum())
 
 
@@ -307,7 +327,7 @@ def test_spent_time_budget_stops_adaptation_but_scores_every_token(mode, model, 
     recorder = Recorder()
     result = run(mode, model, val, audit=recorder, time_budget_s=0.0)
     assert [event for event, _ in recorder.events if event == "update"] == []
-    assert result["scored_tokens"] == val.num_tokens - val.num_docs
+    assert result["scored_tokens"] == val.num_tokens - 1
 
 
 def changed_stream(val, first, last, seed):
@@ -356,29 +376,33 @@ def test_changing_a_later_document_leaves_documents_scored_before_it_unchanged(m
 def test_phased_documents_do_not_share_their_adapters(model, val):
     """Within a phase, per-document LoRA TTT: a document's score does not depend on the other
     documents batched with it (here: batches of 1 vs 3)."""
-    config = dict(lora_rank=4, lora_lr=0.01, chunk_size=8, context=24, prefix_docs=0)
-    alone = eval_ttt_phased(model, val, PhasedTTTConfig(docs_per_batch=1, **config), keep_token_scores=True)
-    batched = eval_ttt_phased(model, val, PhasedTTTConfig(docs_per_batch=3, **config), keep_token_scores=True)
+    alone = eval_ttt_phased(model, val, tiny_eval(phased_ttt_docs_per_batch=1, phased_ttt_prefix_docs=0),
+                            keep_token_scores=True)
+    batched = eval_ttt_phased(model, val, tiny_eval(phased_ttt_docs_per_batch=3, phased_ttt_prefix_docs=0),
+                              keep_token_scores=True)
     alone, batched = nll_by_position(alone), nll_by_position(batched)
     assert max(abs(alone[p] - batched[p]) for p in alone) < TOLERANCE
 
 
 @pytest.mark.parametrize("preset, mode, expected", [
-    ("pr1493", "chunked", dict(epochs=3, chunk_tokens=32768, lr=0.005, momentum=0.9, grad_clip=1.0, stride=64)),
-    ("pr1755", "chunked", dict(epochs=3, chunk_tokens=32768)),
-    ("pr1812", "chunked", dict(epochs=4, chunk_tokens=65536)),
-    ("pr1736", "phased", dict(lora_rank=96, prefix_docs=2000, num_phases=3, chunk_size=48, context=2048,
-                              docs_per_batch=64, lora_lr=1e-4, beta1=0.0, beta2=0.999, weight_decay=0.5,
-                              global_lr=0.001, global_momentum=0.9, global_epochs=1, global_chunk_tokens=32768)),
-    ("pr1855", "phased", dict(lora_rank=80, prefix_docs=2500, beta2=0.99)),
+    ("pr1493", "chunked", dict(ttt_epochs=3, ttt_chunk_tokens=32768, ttt_lr=0.005, ttt_momentum=0.9,
+                               ttt_grad_clip=1.0, sliding_stride=64)),
+    ("pr1755", "chunked", dict(ttt_epochs=3, ttt_chunk_tokens=32768)),
+    ("pr1812", "chunked", dict(ttt_epochs=4, ttt_chunk_tokens=65536)),
+    ("pr1736", "phased", dict(phased_ttt_lora_rank=96, phased_ttt_prefix_docs=2000, phased_ttt_num_phases=3,
+                              phased_ttt_chunk_tokens=48, eval_seq_len=2048, phased_ttt_docs_per_batch=64,
+                              phased_ttt_lr=1e-4, phased_ttt_beta1=0.0, phased_ttt_beta2=0.999,
+                              phased_ttt_weight_decay=0.5, phased_ttt_global_lr=0.001,
+                              phased_ttt_global_momentum=0.9, phased_ttt_global_epochs=1,
+                              phased_ttt_global_chunk_tokens=32768)),
+    ("pr1855", "phased", dict(phased_ttt_lora_rank=80, phased_ttt_prefix_docs=2500, phased_ttt_beta2=0.99)),
 ])
 def test_each_published_preset_selects_its_ttt_system(preset, mode, expected):
     from train_gpt import Hyperparameters
 
     h = Hyperparameters.from_env({"PRESET": preset})
-    assert h.ttt_enabled and h.ttt_mode == mode
-    config = chunked_ttt_config(h) if mode == "chunked" else phased_ttt_config(h)
-    assert {key: getattr(config, key) for key in expected} == expected
+    assert h.eval.ttt_enabled and h.eval.ttt_mode == mode
+    assert {key: getattr(h.eval, key) for key in expected} == expected
 
 
 # --- per-token output, summary, warm-up ---------------------------------------------------------
@@ -399,10 +423,11 @@ def test_saved_token_nll_file_reproduces_the_score(model, val, tmp_path):
 
 
 def test_log_lines_and_summary_fields():
-    result = {"val_loss": 2.5, "val_bpb": 1.25, "scored_tokens": 10, "scored_bytes": 30, "eval_time_s": 1.5}
+    result = {"val_loss": 2.5, "val_bpb": 1.25, "scored_tokens": 10, "scored_bytes": 30, "bos_targets": 2,
+              "eval_time_s": 1.5}
     assert format_eval_line("quantized_ttt_phased", result) == (
         "quantized_ttt_phased val_loss:2.50000000 val_bpb:1.25000000 scored_tokens:10 scored_bytes:30 "
-        "eval_time:1500ms")
+        "bos_targets:2 eval_time:1500ms")
     summary = eval_summary({"pre_quant": result, "quantized": result, "quantized_ttt_phased": result},
                            eval_time_limit_s=2.0)
     assert summary["ttt_mode"] == "phased" and summary["sliding_val_bpb"] is None
@@ -419,7 +444,6 @@ def test_compile_warm_up_uses_random_tokens_and_leaves_weights_alone(model):
 @pytest.mark.parametrize("ttt_mode", ["phased", "chunked"])
 def test_post_training_run_reports_every_eval_in_order_and_saves_the_final_tokens(ttt_mode, model, tmp_path):
     import copy
-    import types
 
     from train_gpt import Hyperparameters
 
@@ -431,15 +455,12 @@ def test_post_training_run_reports_every_eval_in_order_and_saves_the_final_token
         "EVAL_BATCH_TOKENS": "96", "SLIDING_STRIDE": "8", "TTT_MODE": ttt_mode, "TTT_CHUNK_TOKENS": "64",
         "PHASED_TTT_PREFIX_DOCS": "4", "PHASED_TTT_DOCS_PER_BATCH": "4", "PHASED_TTT_CHUNK_TOKENS": "8",
         "PHASED_TTT_GLOBAL_CHUNK_TOKENS": "64", "PHASED_TTT_LORA_RANK": "4"})
-    h.save_token_nll = True
+    h.eval.save_token_nll = True
     lines = []
-    context = types.SimpleNamespace(log=lines.append, device=torch.device("cpu"), rank=0, world_size=1,
-                                    autocast="fp32", artifact_dir=str(tmp_path))
-    results = {"quantized_model": copy.deepcopy(model)}
-    summary = evaluate_after_training(h, model, context, results)
+    context = RunContext(artifact_dir=str(tmp_path), log=lines.append, device=torch.device("cpu"))
+    summary = evaluate_after_training(h, model, copy.deepcopy(model), context)
     labels = [line.split()[0] for line in lines if " val_bpb:" in line]
     assert labels == ["pre_quant", "quantized", "quantized_sliding_window", f"quantized_ttt_{ttt_mode}"]
-    assert "quantized_model" not in results
     assert summary["ttt_mode"] == ttt_mode and summary["eval_time_ok"] is True
     assert summary["ttt_val_bpb"] == summary["evals"][f"quantized_ttt_{ttt_mode}"]["val_bpb"]
     assert audit_token_nll(str(tmp_path / "token_nll.npz"))["val_bpb"] == pytest.approx(summary["ttt_val_bpb"])

@@ -11,9 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
+import signal
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -431,14 +435,15 @@ def test_interrupted_run_resumes_without_redoing_shards_and_gives_identical_byte
     monkeypatch.setenv(prep.ABORT_ENV, str(abort_after))
     code, out = run_prep(tmp_path, docs_path, "out", *args)
     assert code == 3
-    state = json.loads((out / prep.STATE_NAME).read_text())
+    work = prep.work_dir_for(out)  # the unfinished output is built beside --out
+    state = json.loads((work / prep.STATE_NAME).read_text())
     if abort_after == 3:
         assert state["next_doc"] < 20 and state["next_doc_token_offset"] > 0  # resumes inside a document
     else:
         assert state["next_doc"] > 20 and state["shard_index"]["train"] > 0
-    done = {record["name"]: (out / record["name"]).stat().st_mtime_ns for record in state["files"]}
-    assert len(done) >= 3 and not (out / "manifest.json").exists()
-    assert not list(out.glob(".*.tmp-*"))  # nothing half-written
+    done = {record["name"]: (work / record["name"]).stat().st_mtime_ns for record in state["files"]}
+    assert len(done) >= 3 and not (out / "manifest.json").exists() and not (work / "manifest.json").exists()
+    assert not list(work.glob(".*.tmp-*"))  # nothing half-written
     monkeypatch.delenv(prep.ABORT_ENV)
     code, out = run_prep(tmp_path, docs_path, "out", *args)
     assert code == 0
@@ -448,7 +453,7 @@ def test_interrupted_run_resumes_without_redoing_shards_and_gives_identical_byte
         assert (out / path.name).read_bytes() == path.read_bytes(), path.name
     assert json.loads((out / "manifest.json").read_text())["splits"] == \
         json.loads((reference / "manifest.json").read_text())["splits"]
-    assert not (out / prep.STATE_NAME).exists()
+    assert not (out / prep.STATE_NAME).exists() and not work.exists()
 
 
 def test_resume_reuses_the_tokenizer_trained_by_the_interrupted_run(tmp_path, monkeypatch, capsys):
@@ -540,7 +545,7 @@ BAD_LINES = {
     "missing_text": b'{"body": "no text field"}\n',
     "invalid_utf8": b'{"text": "caf\xe9"}\n',
     "text_not_a_string": b'{"text": 42}\n',
-    "blank_line": b"\n",
+    "lone_surrogate": b'{"text": "half a pair \\ud800 here"}\n',
 }
 
 
@@ -681,3 +686,302 @@ def test_demo_runs_end_to_end_with_the_shipped_tokenizer(tmp_path):
     assert 1_000_000 <= manifest["splits"]["train"]["tokens"] <= 3_000_000
     assert manifest["verification"]["val_sidecar_mismatch_docs"] == 0
     assert manifest["verification"]["roundtrip_failed_docs"] == {"val": 0, "train": 0}
+
+
+# -----------------------------------------------------------------------------
+# The output folder: never delete what this script did not write; replace its own output atomically
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_out_holding_files_this_script_did_not_write_is_refused_and_left_untouched(tmp_path, capsys):
+    out = tmp_path / "challenge_data"
+    out.mkdir()
+    prep.write_atomic(out / "fineweb_train_000000.bin", prep.shard_bytes(np.arange(50, dtype=np.uint16)))
+    (out / "manifest.json").write_text('{"source": "downloaded"}\n')
+    (out / "tokenizer.model").write_bytes(DEMO_MODEL.read_bytes())
+    before = tree_bytes(out)
+    docs_path = write_jsonl(tmp_path / "d.jsonl", make_docs(8))
+    code, _ = run_prep(tmp_path, docs_path, "challenge_data", "--sp", str(DEMO_MODEL), "--val-docs", "4",
+                       "--shard-tokens", "30", "--workers", "1")
+    err = capsys.readouterr().err
+    assert code == 2 and "--force" in err and "fineweb_train_000000.bin" in err
+    assert tree_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["challenge_data", "d.jsonl"]  # no work folder either
+
+    code, _ = run_prep(tmp_path, docs_path, "challenge_data", "--sp", str(DEMO_MODEL), "--val-docs", "4",
+                       "--shard-tokens", "30", "--workers", "1", "--force")
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == prep.SCRIPT_FORMAT and manifest["splits"]["train"]["docs"] == 4
+    assert prep.foreign_entries(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["challenge_data", "d.jsonl"]
+
+
+def test_own_output_with_a_file_added_by_someone_else_is_refused(tmp_path, capsys):
+    docs_path = write_jsonl(tmp_path / "d.jsonl", make_docs(8))
+    args = ("--sp", str(DEMO_MODEL), "--val-docs", "4", "--workers", "1")
+    code, out = run_prep(tmp_path, docs_path, "out", *args)
+    assert code == 0 and prep.foreign_entries(out) == []
+    (out / "notes.txt").write_text("mine")
+    before = tree_bytes(out)
+    assert run_prep(tmp_path, docs_path, "out", *args, "--shard-tokens", "40")[0] == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert tree_bytes(out) == before
+
+
+def test_empty_out_folder_is_used(tmp_path):
+    (tmp_path / "out").mkdir()
+    code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", make_docs(8)), "out", "--sp", str(DEMO_MODEL),
+                         "--val-docs", "4", "--workers", "1")
+    assert code == 0 and (out / "manifest.json").is_file()
+
+
+def test_own_output_stays_whole_until_a_different_run_completes(tmp_path, monkeypatch):
+    docs_path = write_jsonl(tmp_path / "d.jsonl", make_docs(60))
+    first = ("--sp", str(DEMO_MODEL), "--val-docs", "20", "--shard-tokens", "400", "--workers", "1")
+    assert run_prep(tmp_path, docs_path, "out", *first)[0] == 0
+    out = tmp_path / "out"
+    before = tree_bytes(out)
+    second = ("--sp", str(DEMO_MODEL), "--val-docs", "20", "--shard-tokens", "300", "--workers", "2")
+    monkeypatch.setenv(prep.ABORT_ENV, "4")  # the new run stops halfway
+    assert run_prep(tmp_path, docs_path, "out", *second)[0] == 3
+    assert tree_bytes(out) == before  # the earlier dataset is untouched, still complete and verified
+    assert prep._completed_run_matches(out, json.loads(before["manifest.json"])["fingerprint"])
+    monkeypatch.delenv(prep.ABORT_ENV)
+    assert run_prep(tmp_path, docs_path, "out", *second)[0] == 0  # resumes, then replaces
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shard_tokens"] == 300
+    assert sorted(tree_bytes(out)) == sorted([f["name"] for f in manifest["files"]] + [
+        "manifest.json", "tokenizer.model", prep.VAL_HASHES_NAME])
+    assert all(len(prep.read_shard(out / f["name"])) <= 300 for f in manifest["files"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "out"]  # no work or old folder left
+
+
+def test_run_failing_while_encoding_leaves_the_earlier_output_in_place(tmp_path, monkeypatch, capsys):
+    docs_path = write_jsonl(tmp_path / "d.jsonl", make_docs(30))
+    args = ("--sp", str(DEMO_MODEL), "--val-docs", "10", "--workers", "1")
+    assert run_prep(tmp_path, docs_path, "out", *args, "--shard-tokens", "100")[0] == 0
+    before = tree_bytes(tmp_path / "out")
+    real = prep.process_document
+
+    def fails_at_document_25(ctx, text, want_sidecar, line_no):
+        if line_no == 25:
+            raise prep.BadInputError(f"{ctx.docs_path}:{line_no}: simulated failure")
+        return real(ctx, text, want_sidecar, line_no)
+
+    monkeypatch.setattr(prep, "process_document", fails_at_document_25)
+    code, out = run_prep(tmp_path, docs_path, "out", *args, "--shard-tokens", "80")
+    assert code == 2 and ":25: simulated failure" in capsys.readouterr().err
+    assert tree_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "out"]  # the failed run's folder is gone
+
+
+def test_crash_between_the_two_renames_is_repaired_by_the_next_run(tmp_path, capsys):
+    docs_path = write_jsonl(tmp_path / "d.jsonl", make_docs(8))
+    args = ("--sp", str(DEMO_MODEL), "--val-docs", "4", "--workers", "1")
+    code, out = run_prep(tmp_path, docs_path, "out", *args)
+    before = tree_bytes(out)
+    out.rename(prep.old_dir_for(out))  # the old output was moved aside, the new one not yet moved in
+    capsys.readouterr()
+    assert run_prep(tmp_path, docs_path, "out", *args)[0] == 0
+    printed = capsys.readouterr().out
+    assert "restored" in printed and "already complete" in printed
+    assert tree_bytes(out) == before and not prep.old_dir_for(out).exists()
+
+
+def test_output_files_and_folders_follow_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", make_docs(8)), "out",
+                             "--sp", str(DEMO_MODEL), "--val-docs", "4", "--workers", "1")
+    finally:
+        os.umask(previous)
+    assert code == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert len(modes) >= 6 and set(modes.values()) == {0o640}, modes
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C and SIGTERM with worker processes (a real subprocess)
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat_file.parent.name))
+    return children
+
+
+@pytest.fixture(scope="module")
+def long_docs(tmp_path_factory) -> Path:
+    """7 MB of text: two workers need several seconds for it."""
+    rng = random.Random(5)
+    words = ["the", "The", "NASA", "data", "golf", "café", "日本語", "Parameter", "x2", "12345", "iPhone", "naïve"]
+    path = tmp_path_factory.mktemp("long") / "long.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(3000):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(400)) + f" {i}"},
+                               ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_the_run_and_its_workers_within_seconds(tmp_path, long_docs, signum):
+    out = tmp_path / "out"
+    work = prep.work_dir_for(out)
+    command = [sys.executable, str(REPO / "prepare_caseops_data.py"), "--docs", str(long_docs), "--out", str(out),
+               "--sp", str(DEMO_MODEL), "--val-docs", "100", "--shard-tokens", "20000", "--workers", "2", "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group, like a terminal job
+    try:
+        deadline = time.monotonic() + 120
+        while not list(work.glob("fineweb_train_*.bin")):  # encoding is under way: both workers are busy
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no shard written in 120 s"
+            time.sleep(0.02)
+        workers = child_pids(process.pid)
+        assert len(workers) == 2
+        sent = time.monotonic()
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        else:
+            process.send_signal(signal.SIGTERM)  # `kill PID` reaches this process only
+        _, err = process.communicate(timeout=60)
+        stopped_after = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 128 + signum
+    assert stopped_after < 5.0, f"stopped {stopped_after:.1f} s after {signum.name}"
+    assert err.splitlines() == [f"prepare_caseops_data.py: stopped by {signum.name}: workers stopped; the unfinished "
+                                f"output in {work} resumes when the same command runs again"]
+    time.sleep(0.5)
+    assert [pid for pid in workers if Path(f"/proc/{pid}").exists()] == []  # no orphan worker
+    shards = list(work.glob("fineweb_*.bin"))
+    assert shards and not list(work.glob(".*.tmp-*")) and not out.exists()
+    for shard in shards:  # every file under a final name is a whole shard
+        assert prep.read_shard(shard).size == 20000 or shard.name.startswith("fineweb_val")
+    if signum == signal.SIGINT:  # the same command resumes from the last shard recorded
+        done = {r["name"]: (work / r["name"]).stat().st_mtime_ns
+                for r in json.loads((work / prep.STATE_NAME).read_text())["files"]}
+        assert prep.main(command[2:]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["splits"]["train"]["docs"] == 2900 and manifest["verification"]["val_sidecar_mismatch_docs"] == 0
+        assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in done.items())
+        assert not work.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+def test_ctrl_c_stops_tokenizer_training_within_seconds(tmp_path, long_docs):
+    # SentencePiece trains in C++ for seconds to minutes; it runs in a worker so the signal is not held off
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "prepare_caseops_data.py"), "--docs", str(long_docs), "--out", str(out),
+               "--vocab-size", "4000", "--val-docs", "100", "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        for line in process.stdout:
+            if "training a 4000-piece tokenizer" in line:
+                break
+        time.sleep(0.2)
+        workers = child_pids(process.pid)
+        assert len(workers) == 1  # the trainer runs in its own process
+        sent = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        stopped_after = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130 and stopped_after < 5.0
+    assert err.splitlines() == ["prepare_caseops_data.py: stopped by SIGINT: workers stopped; no shard was written"]
+    time.sleep(0.5)
+    assert [pid for pid in workers if Path(f"/proc/{pid}").exists()] == []
+    assert not out.exists() and not prep.work_dir_for(out).exists()
+
+
+# -----------------------------------------------------------------------------
+# Small input problems
+
+
+def test_blank_lines_are_skipped_and_counted(tmp_path, capsys):
+    docs_path = tmp_path / "d.jsonl"
+    docs_path.write_bytes(b'"one"\n\n"two"\n   \n\t\r\n"three"\n"four"\n\n')
+    code, out = run_prep(tmp_path, docs_path, "out", "--sp", str(DEMO_MODEL), "--val-docs", "2", "--workers", "1")
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["blank_lines_skipped"] == 4 and manifest["input"]["bad_lines_skipped"] == 0
+    assert manifest["input"]["docs"] == 4 and manifest["splits"]["train"]["docs"] == 2
+    assert "skipped 4 blank lines and 0 bad lines" in capsys.readouterr().out
+    reference = run_prep(tmp_path, write_jsonl(tmp_path / "r.jsonl", ["one", "two", "three", "four"], as_strings=True),
+                         "reference", "--sp", str(DEMO_MODEL), "--val-docs", "2", "--workers", "1")[1]
+    for path in reference.glob("fineweb_*.bin"):
+        assert (out / path.name).read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])  # with a BOM, then without
+def test_utf16_input_is_named_as_such(tmp_path, capsys, encoding):
+    docs_path = tmp_path / "d.jsonl"
+    docs_path.write_bytes('"one"\n"two"\n"three"\n'.encode(encoding))
+    code, out = run_prep(tmp_path, docs_path, "out", "--sp", str(DEMO_MODEL), "--val-docs", "1")
+    assert code == 2
+    assert f"file {docs_path} looks like UTF-16; convert it to UTF-8" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_lone_surrogate_names_file_and_line_and_can_be_skipped(tmp_path, capsys):
+    docs_path = tmp_path / "d.jsonl"
+    docs_path.write_bytes(b'"one"\n"two"\n{"text": "x \\ud800 y"}\n"three"\n')
+    assert run_prep(tmp_path, docs_path, "out", "--sp", str(DEMO_MODEL), "--val-docs", "1")[0] == 2
+    assert f"{docs_path}:3: text holds a lone surrogate (U+D800 at character 2)" in capsys.readouterr().err
+    code, out = run_prep(tmp_path, docs_path, "out", "--sp", str(DEMO_MODEL), "--val-docs", "1", "--skip-bad-lines")
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["bad_lines_skipped"] == 1 and manifest["input"]["bad_lines_first"][0]["line"] == 3
+    assert manifest["splits"]["train"]["docs"] == 2
+
+
+def test_empty_tokenizer_file_is_named_as_empty(tmp_path, capsys):
+    empty = tmp_path / "empty.model"
+    empty.write_bytes(b"")
+    code, _ = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", ["a", "b"]), "out", "--sp", str(empty),
+                       "--val-docs", "1")
+    assert code == 2 and f"{empty}: empty file (0 bytes), not a SentencePiece model" in capsys.readouterr().err
+
+
+def test_val_docs_zero_warns(tmp_path, capsys):
+    code, out = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", make_docs(6)), "out", "--sp", str(DEMO_MODEL),
+                         "--val-docs", "0", "--workers", "1")
+    assert code == 0
+    assert "warning: --val-docs 0: no validation split" in capsys.readouterr().err
+    assert not list(out.glob("fineweb_val_*")) and list(out.glob("fineweb_train_*"))
+
+
+def test_symlinked_out_is_replaced_where_it_points(tmp_path):
+    docs_path = write_jsonl(tmp_path / "d.jsonl", make_docs(8))
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "disk")
+    args = ("--sp", str(DEMO_MODEL), "--val-docs", "4", "--workers", "1")
+    assert run_prep(tmp_path, docs_path, "data", *args)[0] == 0
+    assert run_prep(tmp_path, docs_path, "data", *args, "--shard-tokens", "50")[0] == 0  # replaces its own output
+    assert (tmp_path / "data").is_symlink() and (tmp_path / "disk" / "manifest.json").is_file()
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text())["shard_tokens"] == 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "data", "disk"]
+
+
+def test_mount_point_or_root_out_is_refused(tmp_path, capsys):
+    code, _ = run_prep(tmp_path, write_jsonl(tmp_path / "d.jsonl", make_docs(4)), "/", "--sp", str(DEMO_MODEL),
+                       "--val-docs", "1")
+    assert code == 2 and "a mount point" in capsys.readouterr().err

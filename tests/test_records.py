@@ -19,8 +19,10 @@ sys.modules["make_record"] = make_record
 _spec.loader.exec_module(make_record)
 
 PR1736 = make_record.Reference()
-# val_loss / val_bpb of PR 1736 (2.33168 / 1.06549): nats per token per bit per byte.
-NATS_PER_BPB = 2.1883
+# The fake runs score SCORED_TOKENS tokens holding SCORED_BYTES bytes, so val_loss / val_bpb =
+# ln 2 * bytes / tokens = 2.1883, the ratio of PR 1736 (2.33168 / 1.06549).
+SCORED_TOKENS, SCORED_BYTES = 1_000_000, 3_157_047
+NATS_PER_BPB = math.log(2) * SCORED_BYTES / SCORED_TOKENS
 
 HYPERPARAMETERS = {
     "num_layers": 11,
@@ -39,8 +41,9 @@ HYPERPARAMETERS = {
 CODE_TEXT = "import lzma as L,base64 as B\nexec(L.decompress(B.b85decode('placeholder-packed-code')))\n"
 
 
-def _log_text(seed, bpb, loss, steps, train_time_s, eval_time_s, total_bytes, hyperparameters):
+def _log_text(seed, bpb, loss, steps, train_time_s, eval_time_s, total_bytes, hyperparameters, code_bytes=None):
     # the format train_gpt.py writes: one `hparam NAME=value` line per resolved setting
+    scored = f"scored_tokens:{SCORED_TOKENS} scored_bytes:{SCORED_BYTES}"
     lines = [f"hparam {key.upper()}={value}" for key, value in sorted(hyperparameters.items())]
     lines.append("model_params:1234")
     for step in range(100, steps + 1, 100):
@@ -50,12 +53,18 @@ def _log_text(seed, bpb, loss, steps, train_time_s, eval_time_s, total_bytes, hy
             f"step_avg:{train_ms / step:.1f}ms tok/s:1000"
         )
     lines.append(f"stopping_early: wallclock_cap train_time:{train_time_s * 1000:.0f}ms step:{steps}/{steps}")
-    lines.append(f"pre_quant val_loss:{loss - 0.01:.8f} val_bpb:{(loss - 0.01) / NATS_PER_BPB:.8f} eval_time:5000ms")
-    lines.append(f"Total submission size quantized+brotli: {total_bytes} bytes")
-    lines.append(f"quantized val_loss:{loss + 0.02:.8f} val_bpb:{(loss + 0.02) / NATS_PER_BPB:.8f} eval_time:9000ms")
     lines.append(
-        f"quantized_ttt_phased val_loss:{loss:.8f} val_bpb:{bpb:.8f} scored_tokens:1000 scored_bytes:2000 "
-        f"eval_time:{eval_time_s * 1000:.0f}ms"
+        f"pre_quant val_loss:{loss - 0.01:.8f} val_bpb:{(loss - 0.01) / NATS_PER_BPB:.8f} {scored} eval_time:5000ms"
+    )
+    if code_bytes is not None:
+        lines.append(f"Code size (minified+lzma+base85): {code_bytes} bytes")
+        lines.append(f"Serialized model quantized+brotli: {total_bytes - code_bytes} bytes")
+    lines.append(f"Total submission size quantized+brotli: {total_bytes} bytes")
+    lines.append(
+        f"quantized val_loss:{loss + 0.02:.8f} val_bpb:{(loss + 0.02) / NATS_PER_BPB:.8f} {scored} eval_time:9000ms"
+    )
+    lines.append(
+        f"quantized_ttt_phased val_loss:{loss:.8f} val_bpb:{bpb:.8f} {scored} eval_time:{eval_time_s * 1000:.0f}ms"
     )
     return "\n".join(lines) + "\n"
 
@@ -118,7 +127,7 @@ def make_run(
     if with_val_loss:
         summary["evals"] = {"quantized_ttt_phased": {"val_loss": loss, "val_bpb": bpb, "eval_time_s": eval_time_s}}
     (run_dir / "summary.json").write_text(json.dumps(summary))
-    log = _log_text(seed, bpb, loss, 1000, train_time_s, eval_time_s, artifact_bytes, hyperparameters)
+    log = _log_text(seed, bpb, loss, 1000, train_time_s, eval_time_s, artifact_bytes, hyperparameters, code_bytes)
     if not with_val_loss:
         log = log.replace(f"quantized_ttt_phased val_loss:{loss:.8f} ", "quantized_ttt_phased ")
     (run_dir / "train.log").write_text(log)
@@ -613,3 +622,173 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert make_record.main(["assemble", str(run), "--name", "x", "--out", str(tmp_path / "o")]) == 2
     assert "no quantized eval ran" in capsys.readouterr().err
     assert make_record.main(["validate", str(tmp_path / "nothing_here")]) == 1
+
+
+# -----------------------------------------------------------------------------
+# val_bpb recomputed from each eval line's own fields; sizes; JSON types
+# -----------------------------------------------------------------------------
+
+
+def test_bpb_is_recomputed_from_the_fields_within_the_printed_digits():
+    # a line of the example record folder: 4.11625938 * 136672 / ln 2 / 306639 = 2.646850622...
+    fields = {"val_loss": "4.11625938", "val_bpb": "2.64685062", "scored_tokens": "136672", "scored_bytes": "306639"}
+    assert make_record.bpb_arithmetic_status(fields)[0] == "PASS"
+    assert make_record.bpb_arithmetic_status(dict(fields, val_bpb="2.64685070"))[0] == "FAIL"  # 8e-8 off
+    assert make_record.bpb_arithmetic_status(dict(fields, scored_bytes="306640"))[0] == "FAIL"
+    # a coarsely printed val_loss widens the tolerance by its half-digit times tokens / (ln 2 bytes)
+    coarse = dict(fields, val_loss="4.116", val_bpb="2.6468")
+    assert make_record.bpb_arithmetic_status(coarse)[0] == "PASS"
+    assert make_record.bpb_arithmetic_status(dict(coarse, val_bpb="2.6480"))[0] == "FAIL"
+    status, why = make_record.bpb_arithmetic_status(dict(fields, scored_tokens="12x"))
+    assert status == "FAIL" and "scored_tokens:12x" in why
+    assert make_record.bpb_arithmetic_status(dict(fields, scored_bytes="0"))[0] == "FAIL"
+    assert make_record.bpb_arithmetic_status({"val_loss": "2.3", "val_bpb": "1.05"})[0] == "UNKNOWN"
+
+
+def test_eval_line_fields_are_read_by_name_and_extra_fields_are_kept():
+    line = ("quantized_ttt_phased val_loss:4.07003550 val_bpb:2.61712759 scored_tokens:136672 bos_targets:64 "
+            "scored_bytes:306639 eval_time:121844ms")
+    parsed = make_record.parse_train_log(line + "\n")
+    assert parsed.evals["ttt"]["val_bpb"] == 2.61712759
+    [entry] = parsed.eval_lines
+    assert entry["line"] == 1 and entry["label"] == "quantized_ttt_phased"
+    assert entry["fields"] == {"val_loss": "4.07003550", "val_bpb": "2.61712759", "scored_tokens": "136672",
+                               "bos_targets": "64", "scored_bytes": "306639", "eval_time": "121844ms"}
+    assert make_record.bpb_arithmetic_status(entry["fields"])[0] == "PASS"
+
+
+def test_validation_recomputes_every_eval_line_and_names_the_one_that_does_not_add_up(tmp_path):
+    out = tmp_path / "folder"
+    checks = by_name(assemble_folder(three_runs(tmp_path), out, name="t"))
+    assert checks["bpb_arithmetic"].status == "PASS" and "9 eval results" in checks["bpb_arithmetic"].detail
+    log = out / "train_seed0.log"
+    lines = log.read_text().splitlines()
+    number = next(i for i, line in enumerate(lines, 1) if line.startswith("quantized val_loss"))
+    lines[number - 1] = lines[number - 1].replace(f"scored_bytes:{SCORED_BYTES}", "scored_bytes:3000000")
+    log.write_text("\n".join(lines) + "\n")
+    check = by_name(make_record.validate_folder(out))["bpb_arithmetic"]
+    assert check.status == "FAIL"
+    assert f"train_seed0.log line {number} (quantized): val_bpb" in check.detail
+    assert make_record.main(["validate", str(out)]) == 1
+
+
+def test_new_fields_on_eval_lines_do_not_disturb_validation(tmp_path):
+    out = tmp_path / "folder"
+    assemble_folder(three_runs(tmp_path), out, name="t")
+    for log in out.glob("train_seed*.log"):
+        log.write_text(log.read_text().replace(" scored_bytes:", " bos_targets:250 scored_bytes:"))
+    checks = make_record.validate_folder(out)
+    assert make_record.failed(checks, strict=False) == []
+    assert by_name(checks)["bpb_arithmetic"].status == "PASS"
+
+
+def test_summary_eval_results_are_recomputed_too(tmp_path):
+    runs = three_runs(tmp_path)
+    summary_path = runs[1] / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["evals"]["quantized_ttt_phased"].update(scored_tokens=SCORED_TOKENS, scored_bytes=SCORED_BYTES + 5000)
+    summary_path.write_text(json.dumps(summary))
+    check = by_name(assemble_folder(runs, tmp_path / "folder", name="t"))["bpb_arithmetic"]
+    assert check.status == "FAIL" and "summary_seed0.json evals.quantized_ttt_phased" in check.detail
+
+
+def test_log_without_scored_tokens_and_bytes_leaves_the_arithmetic_unknown(tmp_path):
+    out = tmp_path / "folder"
+    assemble_folder(three_runs(tmp_path), out, name="t")
+    for log in out.glob("train_seed*.log"):
+        log.write_text(log.read_text().replace(f" scored_tokens:{SCORED_TOKENS} scored_bytes:{SCORED_BYTES}", ""))
+    assert by_name(make_record.validate_folder(out))["bpb_arithmetic"].status == "UNKNOWN"
+    assert make_record.main(["validate", "--strict", str(out)]) == 1
+
+
+@pytest.mark.parametrize(
+    "tamper, expected",
+    [
+        (lambda folder: rewrite_submission(folder, lambda s: s.update(bytes_total=s["bytes_total"] - 1)),
+         "submission bytes_total"),
+        (lambda folder: _rewrite_json(folder / "summary_seed0.json", lambda s: s.update(artifact_bytes=1)),
+         "summary_seed0.json artifact_bytes 1 !="),
+        (lambda folder: _rewrite_json(folder / "summary_seed1234.json", lambda s: s.update(model_bytes=7)),
+         "summary_seed1234.json model_bytes 7 !="),
+        (lambda folder: _replace_in(folder / "train_seed42.log", "Serialized model quantized+brotli: ",
+                                    "Serialized model quantized+brotli: 1"), "train_seed42.log serialized model"),
+        (lambda folder: _replace_in(folder / "train_seed42.log", "Code size (minified+lzma+base85): ",
+                                    "Code size (minified+lzma+base85): 1"), "train_seed42.log code size"),
+    ],
+)
+def test_bytes_total_and_every_reported_size_must_agree(tmp_path, tamper, expected):
+    out = tmp_path / "folder"
+    checks = by_name(assemble_folder(three_runs(tmp_path), out, name="t"))
+    assert checks["bytes_total"].status == "PASS"
+    submission = json.loads((out / "submission.json").read_text())
+    largest = max(entry["model_bytes"] for entry in submission["seed_results"].values()) + len(CODE_TEXT)
+    assert submission["bytes_total"] == largest
+    tamper(out)
+    check = by_name(make_record.validate_folder(out))["bytes_total"]
+    assert check.status == "FAIL" and expected in check.detail
+    assert make_record.main(["validate", str(out)]) == 1
+
+
+def _rewrite_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _replace_in(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize(
+    "file_name, change, expected",
+    [
+        ("submission.json", lambda s: s["seed_results"]["42"].update(val_bpb="1.10"),
+         'submission.json: seed_results.42.val_bpb is a string ("1.10"), expected a number'),
+        ("submission.json", lambda s: s.update(seed_results=[1, 2, 3]),
+         "submission.json: seed_results is a list ([1, 2, 3]), expected an object"),
+        ("submission.json", lambda s: s["seed_results"].update({"0": [1.1]}),
+         "submission.json: seed_results.0 is a list, expected an object"),
+        ("submission.json", lambda s: s.update(bytes_total=1.5e6),
+         "submission.json: bytes_total is a number (1500000.0), expected an integer"),
+        ("submission.json", lambda s: s.update(record_attempt="false"),
+         'submission.json: record_attempt is a string ("false"), expected true/false'),
+        ("submission.json", lambda s: s["reference"].update(val_bpb="1.06549"),
+         "submission.json: reference.val_bpb is a string"),
+        ("submission.json", lambda s: s.update(seeds=[42, {"seed": 0}, 1234]),
+         "submission.json: seeds[1] is an object, expected an integer"),
+        ("summary_seed0.json", lambda s: s.update(model_bytes="150000"),
+         'summary_seed0.json: model_bytes is a string ("150000"), expected an integer'),
+        ("summary_seed0.json", lambda s: s.update(evals={"quantized_ttt_phased": [2.4]}),
+         "summary_seed0.json: evals.quantized_ttt_phased is a list, expected an object"),
+        ("summary_seed0.json", lambda s: s.update(hyperparameters=["seed", 0]),
+         "summary_seed0.json: hyperparameters is a list"),
+    ],
+)
+def test_wrong_json_types_fail_naming_the_file_and_key(tmp_path, capsys, file_name, change, expected):
+    out = tmp_path / "folder"
+    assemble_folder(three_runs(tmp_path), out, name="t")
+    _rewrite_json(out / file_name, change)
+    checks = make_record.validate_folder(out)
+    assert [(check.name, check.status) for check in checks] == [("json_types", "FAIL")]
+    assert expected in checks[0].detail
+    assert make_record.main(["validate", str(out)]) == 1
+    assert "FAIL     json_types" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("file_name", ["submission.json", "summary_seed42.json", "data_manifest.json"])
+def test_a_json_file_that_is_not_an_object_fails_naming_the_file(tmp_path, file_name):
+    out = tmp_path / "folder"
+    assemble_folder(three_runs(tmp_path), out, name="t")
+    (out / file_name).write_text("[1, 2]\n")
+    [check] = make_record.validate_folder(out)
+    assert check.status == "FAIL" and f"{file_name}: the top level is a list, expected an object" in check.detail
+
+
+def test_a_json_file_that_does_not_parse_is_a_failed_check(tmp_path):
+    out = tmp_path / "folder"
+    assemble_folder(three_runs(tmp_path), out, name="t")
+    (out / "summary_seed0.json").write_text('{"seed": 0,')
+    [check] = make_record.validate_folder(out)
+    assert check.name == "files" and check.status == "FAIL" and "summary_seed0.json: not valid JSON" in check.detail

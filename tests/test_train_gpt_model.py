@@ -15,7 +15,7 @@ ALL_OFF = dict(XSA=0, UNET_SKIPS=0, SKIP_GATES=0, RESID_MIX=0, NUM_LOOPS=1, PARA
 
 def build(h, backend="plain", seed=0, perturb=True, recurrence=True):
     torch.manual_seed(seed)
-    model = train_gpt.GPT(h, backend)
+    model = train_gpt.GPT(h.model, backend)
     if perturb:
         perturb_parameters(model, seed)
     model.set_recurrence(recurrence)
@@ -68,7 +68,7 @@ def test_gradient_reaches_every_parameter_and_every_optimizer_group(recurrence):
     model = build(h, recurrence=recurrence)
     ids = random_tokens(2, 128, bos_every=50)
     model(ids, ids).backward()
-    optimizer = train_gpt.TrainingOptimizer(model, h)
+    optimizer = train_gpt.TrainingOptimizer(model, h.optim)
     grouped = [p for g in optimizer.muon.param_groups for p in g["params"]] + optimizer.adam_params
     assert sorted(map(id, grouped)) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
     unused_skips = 0
@@ -89,7 +89,7 @@ def test_gradient_reaches_every_parameter_and_every_optimizer_group(recurrence):
 def test_parameter_routing_matrices_to_muon_rest_to_adam():
     h = tiny_h()
     model = build(h)
-    optimizer = train_gpt.TrainingOptimizer(model, h)
+    optimizer = train_gpt.TrainingOptimizer(model, h.optim)
     muon = {id(p) for g in optimizer.muon.param_groups for p in g["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in muon}
     assert names == {n for n, _ in model.named_parameters()
@@ -99,7 +99,7 @@ def test_parameter_routing_matrices_to_muon_rest_to_adam():
 
 
 def test_layer_order_with_and_without_recurrence():
-    model = train_gpt.GPT(train_gpt.Hyperparameters.from_env({"PRESET": "pr1493", "NUM_LAYERS": "11"}))
+    model = train_gpt.GPT(train_gpt.Hyperparameters.from_env({"PRESET": "pr1493", "NUM_LAYERS": "11"}).model)
     assert model.layer_order(looping=True) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
     assert model.layer_order(looping=False) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
     assert model.skip_weights.shape[0] == 8
@@ -116,7 +116,7 @@ def test_recurrence_switch_changes_output_and_reuses_weights():
     calls = []
     model.blocks[2].register_forward_hook(lambda *args: calls.append(2))
     model.forward_logits(ids)
-    assert len(calls) == h.num_loops  # the looped block runs once per pass with the same weights
+    assert len(calls) == h.model.num_loops  # the looped block runs once per pass with the same weights
     no_loop = build(tiny_h(NUM_LOOPS=1))
     no_loop.set_recurrence(True)
     assert no_loop.recurrence_active is False
@@ -145,7 +145,7 @@ def test_parallel_block_matches_its_definition():
     model = build(h)
     block = model.blocks[5]
     layout = train_gpt.DocumentLayout.build(random_tokens(1, 16), "plain")
-    x = torch.randn(2, 1, 16, h.model_dim)
+    x = torch.randn(2, 1, 16, h.model.model_dim)
     with torch.no_grad():
         out = block(x, x[0], layout)
         attn = block.attn_scale * block.attn(train_gpt.rms_norm(x[0]) * block.ln_scale, layout)
@@ -228,7 +228,7 @@ def test_xsa_removes_the_own_value_component():
         captured["v"] = v
         return out
 
-    x = torch.randn(1, 16, h.model_dim)
+    x = torch.randn(1, 16, h.model.model_dim)
     layout = train_gpt.DocumentLayout.build(random_tokens(1, 16), "plain")
     outputs = {}
     attn.out_proj.register_forward_hook(lambda module, args, output: outputs.setdefault("y", args[0]))
@@ -238,8 +238,8 @@ def test_xsa_removes_the_own_value_component():
             attn(x, layout)
     finally:
         train_gpt.attention = original
-    y = outputs["y"].view(1, 16, h.num_heads, h.head_dim)
-    v = captured["v"].repeat_interleave(h.num_heads // h.num_kv_heads, dim=2)
+    y = outputs["y"].view(1, 16, h.model.num_heads, h.model.head_dim)
+    v = captured["v"].repeat_interleave(h.model.num_heads // h.model.num_kv_heads, dim=2)
     assert (y * v).sum(-1).abs().max() < 1e-4  # orthogonal to the own value vector
 
 
@@ -258,8 +258,8 @@ def test_lora_hook_sees_every_site_and_its_delta_is_added():
         adapted = model.forward_logits(ids, lora=adapter)
     sites = {site for site, _ in seen}
     assert sites == {"q", "k", "v", "o", "mlp_in", "mlp_out", "head"}
-    assert ("head", -1) in seen and {layer for _, layer in seen if layer >= 0} == set(range(h.num_layers))
-    cap = h.logit_softcap
+    assert ("head", -1) in seen and {layer for _, layer in seen if layer >= 0} == set(range(h.model.num_layers))
+    cap = h.model.logit_softcap
     expected = cap * torch.tanh((cap * torch.atanh(plain / cap) + 0.01) / cap)
     assert torch.allclose(adapted, expected, atol=1e-3)
     nll = model.per_token_nll(ids, ids, lora=adapter)
@@ -269,11 +269,11 @@ def test_lora_hook_sees_every_site_and_its_delta_is_added():
 def test_gated_attention_init_std_and_sparse_gate_width():
     model = train_gpt.GPT(train_gpt.Hyperparameters.from_env({"PRESET": "pr1855", "NUM_LAYERS": "2",
                                                               "LOOP_START": "0", "LOOP_END": "0",
-                                                              "PARALLEL_START_LAYER": "1"}))
+                                                              "PARALLEL_START_LAYER": "1"}).model)
     gate = model.blocks[0].attn.gate.weight
     assert gate.shape == (8, 12)
     dense = train_gpt.GPT(train_gpt.Hyperparameters.from_env({"PRESET": "pr1736", "NUM_LAYERS": "2", "LOOP_START": "0",
-                                                              "LOOP_END": "0", "PARALLEL_START_LAYER": "1"}))
+                                                              "LOOP_END": "0", "PARALLEL_START_LAYER": "1"}).model)
     weight = dense.blocks[0].attn.gate.weight
     assert weight.shape == (8, 512) and abs(weight.std().item() - 0.005) < 0.0005
     assert abs(model.tok_emb.weight.std().item() - 0.005) < 0.0002

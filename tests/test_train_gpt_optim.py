@@ -54,9 +54,9 @@ def test_lr_schedule_is_flat_then_linear_to_the_floor():
 
 def test_momentum_warmup():
     h = tiny_h(MUON_MOMENTUM_WARMUP_STEPS=100, MUON_MOMENTUM_WARMUP_START=0.92, MUON_MOMENTUM=0.97)
-    assert train_gpt.muon_momentum_at(0, h) == pytest.approx(0.92)
-    assert train_gpt.muon_momentum_at(50, h) == pytest.approx(0.945)
-    assert train_gpt.muon_momentum_at(1000, h) == pytest.approx(0.97)
+    assert train_gpt.muon_momentum_at(0, h.optim) == pytest.approx(0.92)
+    assert train_gpt.muon_momentum_at(50, h.optim) == pytest.approx(0.945)
+    assert train_gpt.muon_momentum_at(1000, h.optim) == pytest.approx(0.97)
 
 
 def test_muon_update_matches_a_hand_computed_step():
@@ -79,8 +79,8 @@ def test_muon_update_matches_a_hand_computed_step():
 def test_gradient_clipping_scales_by_the_global_norm():
     h = tiny_h(GRAD_CLIP_NORM=1e-3)
     torch.manual_seed(0)
-    model = train_gpt.GPT(h)
-    optimizer = train_gpt.TrainingOptimizer(model, h)
+    model = train_gpt.GPT(h.model)
+    optimizer = train_gpt.TrainingOptimizer(model, h.optim)
     ids = random_tokens(2, 64)
     model(ids, ids).backward()
     expected_norm = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters())).item()
@@ -94,15 +94,15 @@ def test_gradient_clipping_scales_by_the_global_norm():
 def test_optimizer_state_round_trips_exactly():
     h = tiny_h()
     torch.manual_seed(0)
-    model = train_gpt.GPT(h)
-    optimizer = train_gpt.TrainingOptimizer(model, h)
+    model = train_gpt.GPT(h.model)
+    optimizer = train_gpt.TrainingOptimizer(model, h.optim)
     ids = random_tokens(2, 64)
     model(ids, ids).backward()
     optimizer.step()
     saved = optimizer.state_dict()
     assert len(saved["muon"]["state"]) == sum(len(g["params"]) for g in optimizer.muon.param_groups)
     assert len(saved["adam"]["state"]) == len(optimizer.adam_params)
-    fresh = train_gpt.TrainingOptimizer(model, h)
+    fresh = train_gpt.TrainingOptimizer(model, h.optim)
     fresh.load_state_dict(saved)
     for param, state in optimizer.muon.state.items():
         assert torch.equal(fresh.muon.state[param]["momentum_buffer"], state["momentum_buffer"])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train_gpt
+from audit_tokens import audit_token_nll
 from tg_helpers import tiny_h
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,13 +24,13 @@ def setup(dataset, **overrides):
     settings = dict(GRAD_ACCUM_STEPS=1, TRAIN_BATCH_TOKENS=512, ITERATIONS=30, DATA_PATH=dataset.path)
     settings.update(overrides)
     h = tiny_h(**settings)
-    torch.manual_seed(h.seed)
-    model = train_gpt.GPT(h, "sdpa")
-    optimizer = train_gpt.TrainingOptimizer(model, h)
-    accum, seqs = h.batch_layout(1)
+    torch.manual_seed(h.run.seed)
+    model = train_gpt.GPT(h.model, "sdpa")
+    optimizer = train_gpt.TrainingOptimizer(model, h.optim)
+    accum, seqs = h.data.batch_layout(1)
 
     def make_loader():
-        return train_gpt.TrainLoader(dataset.train_paths, h.vocab_size, h.train_seq_len, seqs, accum, 0, 1, h.seed)
+        return train_gpt.TrainLoader(dataset.train_paths, h.model.vocab_size, h.data.train_seq_len, seqs, accum, 0, 1, h.run.seed)
 
     return h, model, optimizer, make_loader
 
@@ -77,7 +78,7 @@ def test_wallclock_cap_is_absolute_with_a_fake_clock(tiny_dataset, seconds_per_s
                                    lambda line: None, clock=clock)
     assert result.stop_reason == "wallclock" and result.steps == expected_steps
     # training + the GPTQ calibration reserve never exceed the cap; warm-up is outside the timed run
-    assert result.train_time_s + h.gptq_reserve_seconds <= h.max_wallclock_seconds
+    assert result.train_time_s + h.quant.gptq_reserve_seconds <= h.optim.max_wallclock_seconds
     assert result.warmup_time_s == pytest.approx(2 * seconds_per_step)
     assert train_gpt.training_budget_seconds(h) == 7
 
@@ -103,7 +104,7 @@ def test_wallclock_cap_holds_when_recurrence_slows_steps_near_the_end(tiny_datas
     result = train_gpt.train_model(h, model, optimizer, lambda: PassClockedLoader(make_loader(), clock, 0.1, model),
                                    lambda line: None, clock=clock)
     assert model.recurrence_active and result.steps == 10
-    assert result.train_time_s + h.gptq_reserve_seconds <= h.max_wallclock_seconds
+    assert result.train_time_s + h.quant.gptq_reserve_seconds <= h.optim.max_wallclock_seconds
 
 
 def test_recurrence_switches_on_at_its_training_fraction(tiny_dataset):
@@ -151,7 +152,7 @@ def test_compile_warmup_is_undone_exactly(tiny_dataset):
 
 def test_ema_tracks_the_weights():
     h = tiny_h()
-    model = train_gpt.GPT(h)
+    model = train_gpt.GPT(h.model)
     ema = train_gpt.ExponentialMovingAverage(model, decay=0.5)
     start = model.tok_emb.weight.detach().clone()
     with torch.no_grad():
@@ -161,12 +162,24 @@ def test_ema_tracks_the_weights():
     assert torch.allclose(model.tok_emb.weight, start + 0.5)
 
 
-def test_atomic_save_replaces_without_partial_files(tmp_path):
+def test_atomic_write_replaces_without_partial_files_and_with_normal_permissions(tmp_path):
     path = str(tmp_path / "model.pt")
-    train_gpt.atomic_torch_save({"a": torch.ones(2)}, path)
-    train_gpt.atomic_torch_save({"a": torch.zeros(2)}, path)
-    assert os.listdir(tmp_path) == ["model.pt"]
-    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(2))
+    train_gpt.atomic_write_bytes(path, b"first")
+    train_gpt.atomic_write_bytes(path, b"second")
+    assert os.listdir(tmp_path) == ["model.pt"] and open(path, "rb").read() == b"second"
+    umask = os.umask(0o022)
+    try:
+        train_gpt.atomic_write_bytes(path, b"third")
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+    class Unwritable(bytes):  # a failure mid-write leaves the old file and no temporary behind
+        def __len__(self):
+            raise OSError("disk full")
+    with pytest.raises(TypeError):
+        train_gpt.atomic_write_bytes(path, object())
+    assert os.listdir(tmp_path) == ["model.pt"] and open(path, "rb").read() == b"third"
 
 
 TINY_MAIN_ENV = dict(PRESET="tiny", VOCAB_SIZE="512", ITERATIONS="8", MAX_WALLCLOCK_SECONDS="0",
@@ -188,7 +201,7 @@ def test_main_trains_and_writes_checkpoint_log_and_summary(tiny_dataset, tmp_pat
     log = (artifact_dir / "train.log").read_text()
     assert "hparam VOCAB_SIZE=512" in log and "attention:sdpa" in log and "step:8/8 train_loss:" in log
     # the checkpoint holds the EMA weights and re-runs post-training without retraining
-    model = train_gpt.GPT(tiny_h())
+    model = train_gpt.GPT(tiny_h().model)
     assert train_gpt.load_checkpoint(str(artifact_dir / "final_model.pt"), model) == 8
     again = train_gpt.main(dict(env, POST_TRAINING_ONLY="1"))
     assert again["steps"] == 8 and again["train_time_s"] is None
@@ -230,7 +243,7 @@ def test_post_training_evaluates_exactly_the_artifact_it_wrote(tiny_dataset, tmp
     assert summary["model_bytes"] == model_file.stat().st_size
     assert summary["code_bytes"] == code_file.stat().st_size == train_gpt.counted_code_bytes(train_gpt.__file__)
     assert summary["artifact_bytes"] == summary["model_bytes"] + summary["code_bytes"]
-    assert summary["artifact_limit_ok"] is True and "quantized_model" not in summary
+    assert summary["artifact_limit_ok"] is True
     assert summary["train_time_ok"] is True and summary["gptq_calibration_time_s"] >= 0
     log = (artifact_dir / "train.log").read_text()
     assert f"Serialized model quantized+brotli: {summary['model_bytes']} bytes" in log
@@ -238,16 +251,17 @@ def test_post_training_evaluates_exactly_the_artifact_it_wrote(tiny_dataset, tmp
 
     # the quantized score, recomputed from nothing but the artifact file and the val shards
     h = train_gpt.Hyperparameters.from_env(env)
-    model = train_gpt.GPT(h, "sdpa")
+    model = train_gpt.GPT(h.model, "sdpa")
     train_gpt.load_quantized_into(model, train_gpt.read_artifact(str(model_file)))
-    model.set_recurrence(h.recurrence_enabled)
-    val = train_gpt.load_val_data(h.val_glob, h.vocab_size, None, h.val_max_docs)
-    again = train_gpt.eval_plain(model, val, h.eval_seq_len, train_gpt.eval_batch_rows(h))
+    model.set_recurrence(h.model.recurrence_enabled)
+    val = train_gpt.load_val_data(h.data.val_glob, h.model.vocab_size, None, h.data.val_max_docs)
+    again = train_gpt.eval_stream(model, val, h.eval.eval_seq_len, h.eval.batch_rows())
     assert again["val_bpb"] == pytest.approx(summary["quant_val_bpb"], rel=1e-9, abs=1e-9)
     assert summary["pre_quant_val_bpb"] != summary["quant_val_bpb"]
-    audited = train_gpt.audit_token_nll(str(artifact_dir / "token_nll.npz"))
+    audited = audit_token_nll(str(artifact_dir / "token_nll.npz"))
     assert audited["val_bpb"] == pytest.approx(summary["ttt_val_bpb"], rel=1e-6)
-    assert audited["scored_tokens"] == int(val.num_tokens) - val.num_docs  # every non-BOS token, once
+    assert audited["scored_tokens"] == int(val.num_tokens) - 1  # every token after the first, once
+    assert audited["bos_targets"] == val.num_docs - 1
 
 
     # the counted (packed) script is a working train_gpt.py: re-quantizing and re-evaluating the saved
@@ -294,8 +308,8 @@ def test_gptq_calibration_stops_at_the_wallclock_cap(time_left, estimate, expect
     clock = FakeClock()
     loader = SteppingLoader(clock, 1.0)
     h = tiny_h(GPTQ_CALIBRATION_BATCHES=6)
-    context = train_gpt.RunContext("", lambda line: None, torch.device("cpu"), 0, 1, "fp32", lambda: loader, clock,
-                                   0.0, 0.0, estimate)
+    context = train_gpt.RunContext("", lambda line: None, torch.device("cpu"), make_train_loader=lambda: loader,
+                                   clock=clock, training_start=0.0, micro_step_seconds=estimate)
     deadline = clock() + time_left
     batches = list(train_gpt.calibration_batches(h, None, context, lambda: deadline - clock()))
     assert len(batches) == expected == loader.steps
@@ -310,15 +324,15 @@ def test_generated_calibration_samples_from_the_model_without_data():
     h = tiny_h(GPTQ_CALIBRATION_SOURCE="generated", GPTQ_CALIBRATION_BATCHES=2, GPTQ_GENERATED_SEQ_LEN=12,
                TRAIN_BATCH_TOKENS=256, GRAD_ACCUM_STEPS=1)
     torch.manual_seed(0)
-    model = train_gpt.GPT(h, "sdpa").eval()
-    context = train_gpt.RunContext("", lambda line: None, torch.device("cpu"), 0, 1, "fp32",
-                                   lambda: pytest.fail("generated calibration must not read data"),
-                                   FakeClock(), None, 0.0)
+    model = train_gpt.GPT(h.model, "sdpa").eval()
+    context = train_gpt.RunContext("", lambda line: None, torch.device("cpu"),
+                                   make_train_loader=lambda: pytest.fail("generated calibration must not read data"),
+                                   clock=FakeClock())
     first = list(train_gpt.calibration_batches(h, model, context, lambda: math.inf))
     second = list(train_gpt.calibration_batches(h, model, context, lambda: math.inf))
-    assert len(first) == 2 and all(batch.shape == (h.batch_layout(1)[1], 12) for batch in first)
+    assert len(first) == 2 and all(batch.shape == (h.data.batch_layout(1)[1], 12) for batch in first)
     assert all(torch.equal(a, b) for a, b in zip(first, second))  # seeded by SEED and rank
-    assert all(bool((batch[:, 0] == train_gpt.BOS_ID).all()) and int(batch.max()) < h.vocab_size for batch in first)
+    assert all(bool((batch[:, 0] == train_gpt.BOS_ID).all()) and int(batch.max()) < h.model.vocab_size for batch in first)
     assert len({tuple(row.tolist()) for batch in first for row in batch}) > 1
     hessians = train_gpt.collect_hessians(model, first)
     assert "tok_emb.weight" in hessians and len(hessians) > 3
