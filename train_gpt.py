@@ -1875,35 +1875,59 @@ def dequantize_state(container):
 
 @torch.no_grad()
 def load_quantized_into(model, container):
-    """Dequantize and copy into `model` in place (dtype and device of its own tensors); the key sets
-    must match exactly."""
-    state = dequantize_state(container)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    """Dequantize and copy into `model` in place (dtype and device of its own tensors). The key sets
+    and every tensor's shape must match the model exactly, checked before anything is dequantized
+    (ArtifactError), so an artifact cannot make this allocate more than the model's own size."""
+    entries, own = container["entries"], model.state_dict()
+    missing, unexpected = sorted(set(own) - set(entries)), sorted(set(entries) - set(own))
     if missing or unexpected:
-        raise ValueError(f"quantized state does not match the model: missing {missing}, unexpected {unexpected}")
+        raise ArtifactError(f"quantized state does not match the model: missing {missing}, unexpected {unexpected}")
     for name, tensor in own.items():
-        tensor.copy_(state[name].reshape(tensor.shape))
+        entry = entries[name]
+        stored = entry["shape"] if entry["kind"] == "quant" else list(entry["tensor"].shape)
+        if list(stored) != list(tensor.shape):
+            raise ArtifactError(f"quantized {name} has shape {stored}, the model's is {list(tensor.shape)}")
+    for name, tensor in own.items():
+        tensor.copy_(_dequantize_entry(entries[name]).reshape(tensor.shape))
     return model
 
 
-# --- Serialization: JSON header + raw arrays, byte shuffle, brotli -------------------------------
+# --- Serialization: JSON header + raw arrays, one coder per stream ------------------------------
+#
+# Frame: header (magic, version, scheme, stream table: coder, shuffle stride, raw length, compressed
+# length, crc32 of the raw bytes; then crc32 of the header) + the compressed streams. Stream 0 is the
+# JSON description of every entry and array (dtype, shape, stream, offset, bytes); arrays follow.
+# The reader trusts nothing in the file: declared sizes are capped before anything is decompressed,
+# no stream may decompress past its declared length, and every array is checked against its entry
+# (and, when loading, against the model) before anything is dequantized. Malformed input of any
+# kind raises ArtifactError.
 
 ARTIFACT_MAGIC = b"PGQZ"
-ARTIFACT_VERSION = 1
-CODECS = {"brotli": 0, "lzma": 1, "zlib": 2}
-_HEADER = struct.Struct("<4sBBBB")  # magic, version, codec id, number of streams, reserved
-_STREAM = struct.Struct("<BQQI")  # shuffle stride, raw length, compressed length, crc32 of raw
+ARTIFACT_VERSION = 2  # 2: a coder per stream, "rans"; version 1 (one codec for all streams) is still read
+# int6 codes of a 16 MB artifact take ~40 MB as int8; 8x the limit leaves ample slack, and a file
+# declaring more is refused before anything is decompressed
+ARTIFACT_MAX_RAW_BYTES = 8 * ARTIFACT_LIMIT_BYTES
+CODECS = {"brotli": 0, "lzma": 1, "zlib": 2, "rans": 3}
+_HEADER = struct.Struct("<4sBBBB")  # magic, version, scheme (codec id), number of streams, reserved
+_STREAM = struct.Struct("<BBQQI")  # coder, shuffle stride, raw length, compressed length, crc32 of raw
+_STREAM_V1 = struct.Struct("<BQQI")  # version 1: no coder byte (the header's codec for every stream)
+_CODES_STREAM = 4  # "rans": stream of the int8 code matrices, after JSON and the three width groups
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16,
            "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 _NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "float64": np.float64,
                   "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
                   "bool": np.bool_}  # numpy has no bfloat16: its bytes travel as int16
 
 
 class ArtifactError(ValueError):
-    """A model artifact that is not ours, of another version, truncated or corrupted."""
+    """A model artifact that is not ours, of another version, truncated, corrupted or malformed."""
+
+
+def _require(condition, message):
+    if not condition:
+        raise ArtifactError(message)
 
 
 def byte_shuffle(data, stride):
@@ -1932,12 +1956,27 @@ def _compress(data, codec):
     return zlib.compress(data, 9)
 
 
-def _decompress(data, codec):
-    if codec == "brotli":
-        return brotli.decompress(data)
-    if codec == "lzma":
-        return lzma.decompress(data, format=lzma.FORMAT_ALONE)
-    return zlib.decompress(data)
+def _inflate(body, coder, size, what):
+    """Decompress a brotli/lzma/zlib stream that must give exactly `size` bytes (the declared
+    length). Output stops just past `size`, so a small hostile file cannot expand into gigabytes."""
+    try:
+        if coder == CODECS["brotli"]:
+            decoder = brotli.Decompressor()
+            out = decoder.process(body, output_buffer_limit=size + 1)  # may overshoot by one 32 KB block
+            finished = decoder.is_finished()
+        elif coder == CODECS["lzma"]:
+            decoder = lzma.LZMADecompressor(lzma.FORMAT_ALONE, memlimit=1 << 27)  # dictionary size is in the data
+            out = decoder.decompress(body, max_length=size + 1)
+            finished = decoder.eof
+        else:
+            decoder = zlib.decompressobj()
+            out = decoder.decompress(body, size + 1)
+            finished = decoder.eof
+    except (brotli.error, lzma.LZMAError, zlib.error) as exc:
+        raise ArtifactError(f"{what} does not decompress: {exc}") from exc
+    _require(len(out) == size and finished,
+             f"{what} decompresses to {'more' if len(out) > size else 'fewer'} bytes than the {size} declared")
+    return out
 
 
 def _tensor_bytes(tensor):
@@ -1952,100 +1991,387 @@ def _array_group(dtype_name):
     return {"int8": 0, "uint8": 0, "bool": 0, "float16": 1, "bfloat16": 1, "int16": 1}.get(dtype_name, 2)
 
 
-def serialize_artifact(container, codec="brotli", per_group=False, shuffle=True):
-    """Container -> bytes. Layout: header (magic, version, codec, stream table with lengths and
-    crc32s, crc32 of the header), then the compressed streams. Stream 0 is the JSON description of
-    every entry and array (dtype, shape, stream, offset); the arrays follow in one byte-shuffled
-    (stride 2) stream, or with per_group=True in one stream per element width (stride = width);
+# --- rANS coder for the quantized codes ----------------------------------------------------------
+#
+# Quantized codes are nearly i.i.d. within a matrix, so what beats brotli is coding each code with
+# the right probabilities, not finding repeats. Each code is coded with a static table of its
+# matrix's role (the tensor name without layer numbers, plus the bit width: every layer's attn.c_q
+# shares tables), refined by a row class and a column class: equal-size bins of the rows (columns)
+# ranked by mean |code| within the matrix, 1-8 bins each, chosen per role by the estimated size
+# with the classes and tables counted. Up to 1024 interleaved rANS states (Duda 2013,
+# arXiv:1311.2540; 32-bit state, 16-bit words, 15-bit probabilities) decode one code each per numpy
+# step. Nothing here is a new dependency: numpy only.
+
+_RANS_LANES = 1024  # at most; fewer for short streams (4 bytes of final state each)
+_RANS_BITS = 15
+_RANS_LOW = 1 << 16  # a state lives in [2^16, 2^32)
+_RANS_CLASSES = ((1, 1), (1, 4), (4, 1), (4, 4), (2, 8), (8, 8))  # (row bins, column bins) tried per role
+_RANS_MAX_CONTEXTS = 1024
+
+
+def _rans_frequencies(counts):
+    """counts [contexts, 256] -> integer frequencies, each row summing to 2^15 with every seen
+    symbol >= 1 (an unused context puts all its mass on symbol 0)."""
+    total = counts.sum(1, keepdims=True)
+    freqs = np.where(counts > 0, np.maximum(1, counts * (1 << _RANS_BITS) // np.maximum(total, 1)), 0)
+    freqs[total[:, 0] == 0, 0] = 1 << _RANS_BITS
+    freqs[np.arange(len(freqs)), freqs.argmax(1)] += (1 << _RANS_BITS) - freqs.sum(1)  # rounding slack
+    return freqs
+
+
+def _rans_lanes(n):
+    return max(1, min(_RANS_LANES, n >> 12))
+
+
+def _rans_encode(symbols, contexts, freqs):
+    """symbols uint8 [n], contexts [n] (the table of each symbol), freqs [contexts, 256] ->
+    (final states uint32 [min(n, lanes)], words uint16). Symbol i is in lane i % lanes, step
+    i // lanes; encoding runs backwards so that decoding runs forwards."""
+    freq_flat = freqs.astype(np.uint64).ravel()
+    cum_flat = (np.cumsum(freqs, 1) - freqs).astype(np.uint64).ravel()
+    n = len(symbols)
+    lanes = _rans_lanes(n)
+    state = np.full(min(n, lanes), _RANS_LOW, dtype=np.uint64)
+    emitted = []
+    for start in range((n - 1) // lanes * lanes, -1, -lanes):
+        index = contexts[start:start + lanes].astype(np.int64) * 256 + symbols[start:start + lanes]
+        freq, x = freq_flat[index], state[:len(index)]
+        full = x >= freq << np.uint64(32 - _RANS_BITS)  # would overflow: move 16 bits out first
+        emitted.append((x[full] & 0xFFFF).astype(np.uint16))
+        x[full] >>= np.uint64(16)
+        state[:len(index)] = (x // freq << np.uint64(_RANS_BITS)) + x % freq + cum_flat[index]
+    return state.astype(np.uint32), np.concatenate(emitted[::-1] or [np.zeros(0, np.uint16)])
+
+
+def _rans_decode(states, words, contexts, freqs):
+    """Inverse of _rans_encode. The words must be used up exactly and every state must end at its
+    start value: that is the stream's own integrity check."""
+    n, mask = len(contexts), (1 << _RANS_BITS) - 1
+    lanes = _rans_lanes(n)
+    symbol_of_slot = np.repeat(np.tile(np.arange(256, dtype=np.uint8), len(freqs)), freqs.ravel())
+    freq_flat = freqs.astype(np.uint64).ravel()
+    cum_flat = (np.cumsum(freqs, 1) - freqs).astype(np.uint64).ravel()
+    x, out, position = states.astype(np.uint64), np.empty(n, dtype=np.uint8), 0
+    for start in range(0, n, lanes):
+        context = contexts[start:start + lanes].astype(np.int64)
+        k = len(context)
+        slot = x[:k] & mask
+        symbol = symbol_of_slot[(context << _RANS_BITS) + slot.astype(np.int64)]
+        index = context * 256 + symbol
+        y = freq_flat[index] * (x[:k] >> np.uint64(_RANS_BITS)) + slot - cum_flat[index]
+        low = y < _RANS_LOW
+        count = int(low.sum())
+        _require(position + count <= len(words), "artifact codes stream checksum mismatch (ran out of data)")
+        y[low] = (y[low] << np.uint64(16)) | words[position:position + count]
+        x[:k], out[start:start + k] = y, symbol
+        position += count
+    _require(position == len(words) and bool((x == _RANS_LOW).all()),
+             "artifact codes stream checksum mismatch (corrupted data)")
+    return out
+
+
+def _rank_bins(values, bins):
+    """Bin 0..bins-1 of each value by its rank (equal-size bins, ties by position)."""
+    ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable")
+    return (ranks * bins // max(len(values), 1)).astype(np.uint16)
+
+
+def _rans_pack(codes, layout):
+    """codes uint8 [n]: the int8 codes of the matrices in `layout` ((rows, cols, role) each), one
+    after another -> stream body: u32 side-info length, u32 its brotli length, brotli(side info),
+    u32 states, u16 words. Side info (uint16, byte-shuffled): number of roles; (row bins, column
+    bins) of each role; the role of each matrix; the bins of its rows, then of its columns; the
+    frequency tables (256 per context, role by role, row bin major)."""
+    names = sorted({role for _, _, role in layout})
+    if len(names) > _RANS_MAX_CONTEXTS:  # absurdly many roles: one table per bit width instead
+        layout = [(rows, cols, role.rsplit("/", 1)[-1]) for rows, cols, role in layout]
+        names = sorted({role for _, _, role in layout})
+    matrices, offset = [], 0
+    for rows, cols, role in layout:
+        matrix = codes[offset:offset + rows * cols].reshape(rows, cols)
+        magnitude = np.abs(matrix.view(np.int8).astype(np.int16))
+        matrices.append((names.index(role), matrix, magnitude.mean(1), magnitude.mean(0)))
+        offset += rows * cols
+
+    def contexts_of(bins, row_means, col_means):
+        row_bins, col_bins = _rank_bins(row_means, bins[0]), _rank_bins(col_means, bins[1])
+        return row_bins, col_bins, row_bins[:, None].astype(np.int64) * bins[1] + col_bins[None, :]
+
+    choice = []
+    for role in range(len(names)):
+        costs = []
+        for bins in _RANS_CLASSES:
+            counts = np.zeros(bins[0] * bins[1] * 256, dtype=np.int64)
+            side_bits = 0.0
+            for index, matrix, row_means, col_means in matrices:
+                if index == role:
+                    context = contexts_of(bins, row_means, col_means)[2]
+                    counts += np.bincount((context * 256 + matrix).ravel(), minlength=len(counts))
+                    side_bits += len(row_means) * math.log2(bins[0]) + len(col_means) * math.log2(bins[1])
+            counts = counts.reshape(-1, 256)
+            shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+            bits = -(counts * np.log2(np.where(counts > 0, shares, 1))).sum() + side_bits + 12 * (counts > 0).sum()
+            costs.append(bits)
+        choice.append(_RANS_CLASSES[int(np.argmin(costs))])
+    if sum(r * c for r, c in choice) > _RANS_MAX_CONTEXTS:
+        choice = [(1, 1)] * len(names)
+    bases = np.cumsum([0] + [r * c for r, c in choice])
+    side = [np.array([len(names)] + [v for bins in choice for v in bins] + [m[0] for m in matrices])]
+    contexts, counts = [], np.zeros((bases[-1], 256), dtype=np.int64)
+    for index, matrix, row_means, col_means in matrices:
+        row_bins, col_bins, context = contexts_of(choice[index], row_means, col_means)
+        side += [row_bins, col_bins]
+        context = (context + bases[index]).ravel()
+        counts += np.bincount(context * 256 + matrix.ravel(), minlength=counts.size).reshape(counts.shape)
+        contexts.append(context.astype(np.uint16))
+    freqs = _rans_frequencies(counts)
+    contexts = np.concatenate(contexts or [np.zeros(0, np.uint16)])
+    states, words = _rans_encode(codes, contexts, freqs)
+    side = byte_shuffle(np.concatenate(side + [freqs.ravel()]).astype("<u2").tobytes(), 2)
+    packed = _compress(side, "brotli")
+    return (struct.pack("<II", len(side), len(packed)) + packed + states.astype("<u4").tobytes()
+            + words.astype("<u2").tobytes())
+
+
+def _rans_unpack(body, shapes):
+    """Stream body -> codes uint8, for matrices of the given (rows, cols); every field of the side
+    info is checked before it is used (ArtifactError)."""
+    n, count = sum(rows * cols for rows, cols in shapes), len(shapes)
+    _require(len(body) >= 8, "artifact codes stream truncated")
+    side_length, packed_length = struct.unpack_from("<II", body)
+    # the largest honest side info: a role per matrix, every row and column binned, full tables
+    limit = 2 * (1 + 3 * count + sum(rows + cols for rows, cols in shapes) + 256 * _RANS_MAX_CONTEXTS)
+    lanes = min(n, _rans_lanes(n))
+    _require(side_length <= limit and 8 + packed_length + 4 * lanes <= len(body)
+             and (len(body) - 8 - packed_length) % 2 == 0, "artifact codes stream has a malformed header")
+    side = np.frombuffer(byte_unshuffle(_inflate(body[8:8 + packed_length], CODECS["brotli"], side_length,
+                                                 "artifact codes side info"), 2), dtype="<u2").astype(np.int64)
+    roles = int(side[0]) if len(side) else 0
+    _require(len(side) >= 1 + 2 * roles + count, "artifact codes side info truncated")
+    bins = side[1:1 + 2 * roles].reshape(roles, 2)
+    matrix_roles = side[1 + 2 * roles:1 + 2 * roles + count]
+    _require(bool((bins >= 1).all() and (bins <= 64).all() and (matrix_roles < roles).all()),
+             "artifact codes side info has bad roles or bins")
+    bases = np.concatenate([[0], np.cumsum(bins[:, 0] * bins[:, 1])])
+    position = 1 + 2 * roles + count
+    _require(bases[-1] <= _RANS_MAX_CONTEXTS and len(side) == position + sum(rows + cols for rows, cols in shapes)
+             + 256 * bases[-1], "artifact codes side info has the wrong length")
+    contexts = np.empty(n, dtype=np.uint16)
+    offset = 0
+    for (rows, cols), role in zip(shapes, matrix_roles):
+        row_bins, col_bins = side[position:position + rows], side[position + rows:position + rows + cols]
+        position += rows + cols
+        _require(bool((row_bins < bins[role, 0]).all() and (col_bins < bins[role, 1]).all()),
+                 "artifact codes side info has a bin out of range")
+        contexts[offset:offset + rows * cols] = (bases[role] + row_bins[:, None] * bins[role, 1]
+                                                 + col_bins[None, :]).ravel()
+        offset += rows * cols
+    freqs = side[position:].reshape(-1, 256)
+    _require(bool((freqs.sum(1) == 1 << _RANS_BITS).all()), "artifact codes tables do not sum to 2^15")
+    states = np.frombuffer(body, dtype="<u4", count=lanes, offset=8 + packed_length)
+    _require(bool((states >= _RANS_LOW).all()), "artifact codes stream has an invalid state")
+    words = np.frombuffer(body, dtype="<u2", offset=8 + packed_length + 4 * lanes)
+    return _rans_decode(states, words, contexts, freqs).tobytes()
+
+
+# --- Artifact frame: writing and (hostile-input safe) reading ------------------------------------
+
+
+def _array_stream(key, value, codec, per_group):
+    if codec == "rans" and key == "codes" and value.dtype == torch.int8 and value.ndim == 2:
+        return _CODES_STREAM
+    return 1 + _array_group(_dtype_name(value)) if per_group or codec == "rans" else 1
+
+
+def _frame(codec_id, streams):
+    """(coder id, shuffle stride, raw length, crc32 of raw, body) per stream -> artifact bytes."""
+    table = b"".join(_STREAM.pack(coder, stride, raw_length, len(body), crc)
+                     for coder, stride, raw_length, crc, body in streams)
+    header = _HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, codec_id, len(streams), 0) + table
+    return header + struct.pack("<I", zlib.crc32(header)) + b"".join(stream[4] for stream in streams)
+
+
+def serialize_artifact(container, codec="rans", per_group=False, shuffle=True):
+    """Container -> bytes (frame above). "rans" (default): the int8 codes of every quantized matrix
+    go through the rANS coder above; every other array through brotli, one stream per element width
+    (1, 2, 4+ bytes, byte-shuffled with stride = width). "brotli" / "lzma" / "zlib": all arrays in
+    one stream byte-shuffled with stride 2, or with per_group=True one stream per element width;
     shuffle=False (baseline) stores the bytes as they are."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
-    n_groups = 3 if per_group else 1
-    payloads = [bytearray() for _ in range(n_groups)]
-    described = []
+    grouped = per_group or codec == "rans"
+    payloads = [bytearray() for _ in range(1 + (3 if grouped else 1) + (codec == "rans"))]
     arrays = [(name, key, value) for name, entry in container["entries"].items()
               for key, value in entry.items() if isinstance(value, torch.Tensor)]
     # like with like: all codes together, then all scales, ...; helps the compressor's context
     arrays.sort(key=lambda item: (_array_group(_dtype_name(item[2])), item[1], item[0]))
-    placement = {}
+    placement, layout = {}, []
     for name, key, value in arrays:
-        dtype_name = _dtype_name(value)
-        stream = _array_group(dtype_name) if per_group else 0
+        stream = _array_stream(key, value, codec, per_group)
         raw = _tensor_bytes(value)
-        placement[(name, key)] = [key, dtype_name, list(value.shape), stream + 1, len(payloads[stream]),
-                                  len(raw)]
+        placement[(name, key)] = [key, _dtype_name(value), list(value.shape), stream, len(payloads[stream]), len(raw)]
         payloads[stream] += raw
-    for name, entry in container["entries"].items():
-        attrs = {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)}
-        described.append({"name": name, "attrs": attrs,
-                          "arrays": [placement[(name, k)] for k, v in entry.items() if isinstance(v, torch.Tensor)]})
-    meta = json.dumps({"entries": described}, separators=(",", ":")).encode()
-    strides = [1] + ([1, 2, 4] if per_group else [2])
-    if not shuffle:
-        strides = [1] * len(strides)
-    raws = [meta] + [bytes(p) for p in payloads]
-    table, bodies = b"", []
-    for stride, raw in zip(strides, raws):
-        body = _compress(byte_shuffle(raw, stride), codec)
-        table += _STREAM.pack(stride, len(raw), len(body), zlib.crc32(raw))
-        bodies.append(body)
-    header = _HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, CODECS[codec], len(raws), 0) + table
-    return header + struct.pack("<I", zlib.crc32(header)) + b"".join(bodies)
+        if stream == _CODES_STREAM and codec == "rans":  # role: name without layer numbers, + bits
+            role = "".join(c for c in name if not c.isdigit()) + f"/{container['entries'][name].get('bits')}"
+            layout.append((value.shape[0], value.shape[1], role))
+    described = [{"name": name, "attrs": {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)},
+                  "arrays": [placement[(name, k)] for k, v in entry.items() if isinstance(v, torch.Tensor)]}
+                 for name, entry in container["entries"].items()]
+    payloads[0] = json.dumps({"entries": described}, separators=(",", ":")).encode()
+    strides = [1] + ([1, 2, 4] if grouped else [2]) + [1] * (codec == "rans")
+    general = "brotli" if codec == "rans" else codec
+    streams = []
+    for index, raw in enumerate(map(bytes, payloads)):
+        stride = strides[index] if shuffle else 1
+        if index == _CODES_STREAM and codec == "rans":
+            body, coder = _rans_pack(np.frombuffer(raw, dtype=np.uint8), layout), CODECS["rans"]
+        else:
+            body, coder = _compress(byte_shuffle(raw, stride), general), CODECS[general]
+        streams.append((coder, stride, len(raw), zlib.crc32(raw), body))
+    return _frame(CODECS[codec], streams)
+
+
+def _read_frame(blob):
+    """Header checks -> (codec id, [(coder id, stride, raw length, crc32, body)]); the declared raw
+    lengths are capped here, before anything is decompressed."""
+    blob = memoryview(blob)
+    _require(len(blob) >= _HEADER.size, f"artifact truncated: {len(blob)} bytes, the header alone needs {_HEADER.size}")
+    magic, version, codec_id, n_streams, _ = _HEADER.unpack_from(blob, 0)
+    _require(magic == ARTIFACT_MAGIC,
+             f"not a quantized model artifact: magic {bytes(magic)!r}, expected {ARTIFACT_MAGIC!r}")
+    _require(version in (1, ARTIFACT_VERSION),
+             f"unsupported artifact version {version} (this code reads versions 1 and {ARTIFACT_VERSION})")
+    row = _STREAM if version == ARTIFACT_VERSION else _STREAM_V1
+    header_size = _HEADER.size + n_streams * row.size
+    _require(len(blob) >= header_size + 4, f"artifact truncated: {len(blob)} bytes, its header needs {header_size + 4}")
+    (header_crc,) = struct.unpack_from("<I", blob, header_size)
+    _require(zlib.crc32(blob[:header_size]) == header_crc, "artifact header checksum mismatch (corrupted header)")
+    table = [row.unpack_from(blob, _HEADER.size + i * row.size) for i in range(n_streams)]
+    if version == 1:
+        table = [(codec_id,) + entry for entry in table]
+    _require(codec_id in CODECS.values() and all(entry[0] in CODECS.values() for entry in table),
+             f"unknown codec id {codec_id} in artifact header")
+    declared = sum(entry[2] for entry in table)
+    _require(declared <= ARTIFACT_MAX_RAW_BYTES, f"artifact declares {declared} decompressed bytes, more than the "
+             f"{ARTIFACT_MAX_RAW_BYTES} any artifact under the size limit needs")
+    expected = header_size + 4 + sum(entry[3] for entry in table)
+    _require(len(blob) == expected, f"artifact length {len(blob)} bytes, header says {expected}: "
+             + ("truncated" if len(blob) < expected else "trailing bytes"))
+    streams, offset = [], header_size + 4
+    for coder, stride, raw_length, body_length, crc in table:
+        streams.append((coder, stride, raw_length, crc, bytes(blob[offset:offset + body_length])))
+        offset += body_length
+    return codec_id, streams
+
+
+def _is_count(value):
+    return type(value) is int and value >= 0
+
+
+def _parse_description(raw):
+    """Stream 0 -> [(name, attrs, [(key, dtype, shape, stream, offset, nbytes)])], every field's
+    type checked (the JSON is as untrusted as the rest of the file)."""
+    try:
+        described = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ArtifactError(f"artifact description is not valid JSON: {str(exc)[:200]}") from exc
+    _require(type(described) is dict and type(described.get("entries")) is list,
+             "artifact description has no list of entries")
+    items = []
+    for number, item in enumerate(described["entries"]):
+        _require(type(item) is dict and type(item.get("name")) is str and type(item.get("attrs")) is dict
+                 and type(item.get("arrays")) is list, f"artifact entry {number} is malformed")
+        for array in item["arrays"]:
+            _require(type(array) is list and len(array) == 6 and type(array[0]) is str and type(array[1]) is str
+                     and array[1] in _DTYPES and type(array[2]) is list and len(array[2]) <= 8
+                     and all(map(_is_count, array[2]))
+                     and all(map(_is_count, array[3:])), f"an array of artifact entry {item['name']!r} is malformed")
+        items.append((item["name"], item["attrs"], [tuple(array) for array in item["arrays"]]))
+    _require(len({item[0] for item in items}) == len(items), "artifact entries have duplicate names")
+    return items
+
+
+def _check_entry(name, entry):
+    """An entry's arrays against its attributes, so dequantizing allocates exactly prod(shape)
+    values (codes [1, n] with scales [n] would otherwise broadcast to n x n)."""
+    kind = entry.get("kind")
+    arrays = {key: value for key, value in entry.items() if isinstance(value, torch.Tensor)}
+
+    def need(condition, what):
+        _require(condition, f"artifact entry {name!r} (kind {str(kind)[:20]!r}): {what}")
+
+    def is_array(tensor, dtype, shape):
+        return tensor is not None and tensor.dtype == dtype and list(tensor.shape) == shape
+
+    if kind == "raw" or kind == "float":
+        need(set(arrays) == {"tensor"}, "needs exactly one array, 'tensor'")
+        need(kind == "raw" or (arrays["tensor"].dtype == torch.float16 and entry.get("dtype") in _FLOAT_DTYPES),
+             "needs a float16 tensor and a float dtype")
+        return
+    shape, bits = entry.get("shape"), entry.get("bits")
+    need(kind == "quant", "unknown kind")
+    need(type(shape) is list and len(shape) >= 1 and all(type(v) is int and v > 0 for v in shape)
+         and type(bits) is int and 2 <= bits <= 8 and entry.get("dtype") in _FLOAT_DTYPES,
+         "needs a positive integer shape, bits in 2..8 and a float dtype")
+    rows, cols = shape[0], math.prod(shape[1:])
+    need(is_array(arrays.get("codes"), torch.int8, [rows, cols]), f"needs int8 codes of shape [{rows}, {cols}]")
+    need(is_array(arrays.get("scales"), torch.float16, [rows]), f"needs float16 scales of shape [{rows}]")
+    expected = {"codes", "scales"}
+    rank, lqer_bits = entry.get("lqer_rank"), entry.get("lqer_bits")
+    if rank:
+        need(type(rank) is int and rank > 0 and type(lqer_bits) is int and 1 <= lqer_bits <= 8,
+             "needs a positive LQER rank and LQER bits in 1..8")
+        for label, values in (("a", rank * rows), ("b", rank * cols)):
+            codes, scale, low = (arrays.get(f"lqer_{label}_{part}") for part in ("codes", "scale", "low"))
+            need(codes is not None and codes.dtype == torch.uint8 and codes.ndim == 2 and codes.shape[1] > 0,
+                 f"needs 2-D uint8 LQER codes for factor {label}")
+            group = codes.shape[1] * (2 if lqer_bits <= 4 else 1)
+            groups = -(-values // group)
+            need(codes.shape[0] == groups and is_array(scale, torch.float16, [groups])
+                 and is_array(low, torch.float16, [groups]),
+                 f"LQER factor {label} needs {groups} groups of {group} codes (rank {rank}) with float16 scale and low")
+            expected |= {f"lqer_{label}_codes", f"lqer_{label}_scale", f"lqer_{label}_low"}
+    need(set(arrays) == expected, f"has unexpected arrays {sorted(set(arrays) - expected)}")
 
 
 def deserialize_artifact(blob):
-    """Bytes -> container; raises ArtifactError naming what is wrong (magic, version, codec,
-    truncation, header or stream checksum, array bounds). Never unpickles anything."""
-    blob = memoryview(blob)
-    if len(blob) < _HEADER.size:
-        raise ArtifactError(f"artifact truncated: {len(blob)} bytes, the header alone needs {_HEADER.size}")
-    magic, version, codec_id, n_streams, _ = _HEADER.unpack_from(blob, 0)
-    if magic != ARTIFACT_MAGIC:
-        raise ArtifactError(f"not a quantized model artifact: magic {bytes(magic)!r}, expected {ARTIFACT_MAGIC!r}")
-    if version != ARTIFACT_VERSION:
-        raise ArtifactError(f"unsupported artifact version {version} (this code reads version {ARTIFACT_VERSION})")
-    codec = {v: k for k, v in CODECS.items()}.get(codec_id)
-    if codec is None:
-        raise ArtifactError(f"unknown codec id {codec_id} in artifact header")
-    header_size = _HEADER.size + n_streams * _STREAM.size
-    if len(blob) < header_size + 4:
-        raise ArtifactError(f"artifact truncated: {len(blob)} bytes, its header needs {header_size + 4}")
-    (header_crc,) = struct.unpack_from("<I", blob, header_size)
-    if zlib.crc32(blob[:header_size]) != header_crc:
-        raise ArtifactError("artifact header checksum mismatch (corrupted header)")
-    streams = [_STREAM.unpack_from(blob, _HEADER.size + i * _STREAM.size) for i in range(n_streams)]
-    expected = header_size + 4 + sum(s[2] for s in streams)
-    if len(blob) != expected:
-        raise ArtifactError(f"artifact length {len(blob)} bytes, header says {expected}: "
-                            + ("truncated" if len(blob) < expected else "trailing bytes"))
-    raws, offset = [], header_size + 4
-    for index, (stride, raw_len, body_len, crc) in enumerate(streams):
-        try:
-            raw = byte_unshuffle(_decompress(bytes(blob[offset:offset + body_len]), codec), stride)
-        except Exception as exc:  # brotli.error / lzma.LZMAError / zlib.error
-            raise ArtifactError(f"artifact stream {index} does not decompress ({codec}): {exc}") from exc
-        if len(raw) != raw_len or zlib.crc32(raw) != crc:
-            raise ArtifactError(f"artifact stream {index} checksum mismatch (corrupted data)")
+    """Bytes -> container. Raises ArtifactError naming what is wrong (magic, version, codec,
+    truncation, sizes, checksums, malformed description, array shapes); memory use is bounded by
+    the declared sizes, which are capped. Never unpickles anything."""
+    _, streams = _read_frame(blob)
+    _require(len(streams) >= 1 and streams[0][0] != CODECS["rans"], "artifact has no description stream")
+    raws = []
+    for index, (coder, stride, raw_length, crc, body) in enumerate(streams):
+        what = f"artifact stream {index}"
+        if coder != CODECS["rans"]:
+            raw = byte_unshuffle(_inflate(body, coder, raw_length, what), stride)
+        else:  # the matrices placed in this stream, in order, must tile it exactly
+            placed = sorted((offset, nbytes, dtype, shape) for _, _, arrays in items
+                            for _, dtype, shape, stream, offset, nbytes in arrays if stream == index)
+            end = 0
+            for offset, nbytes, dtype, shape in placed:
+                _require(offset == end and dtype == "int8" and len(shape) == 2 and nbytes == shape[0] * shape[1],
+                         f"{what} (rans) is not tiled by int8 matrices")
+                end += nbytes
+            _require(end == raw_length, f"{what} (rans) is not tiled by int8 matrices")
+            raw = _rans_unpack(body, [tuple(shape) for *_, shape in placed])
+        _require(len(raw) == raw_length and zlib.crc32(raw) == crc, f"{what} checksum mismatch (corrupted data)")
+        if index == 0:
+            items = _parse_description(raw)
         raws.append(raw)
-        offset += body_len
-    try:
-        described = json.loads(raws[0].decode())["entries"]
-    except (UnicodeDecodeError, ValueError, KeyError) as exc:
-        raise ArtifactError(f"artifact description is not valid: {exc}") from exc
     entries = {}
-    for item in described:
-        entry = dict(item["attrs"])
-        for key, dtype_name, shape, stream, start, nbytes in item["arrays"]:
-            dtype = _DTYPES.get(dtype_name)
-            if dtype is None or not 0 < stream < len(raws):
-                raise ArtifactError(f"array {item['name']}.{key}: bad dtype {dtype_name!r} or stream {stream}")
+    for name, attrs, arrays in items:
+        entry = dict(attrs)
+        for key, dtype_name, shape, stream, start, nbytes in arrays:
             storage = np.dtype(_NUMPY_STORAGE[dtype_name])
-            numel = int(np.prod(shape, dtype=np.int64))
-            if numel * storage.itemsize != nbytes or start < 0 or start + nbytes > len(raws[stream]):
-                raise ArtifactError(f"array {item['name']}.{key}: shape {shape} does not fit {nbytes} bytes at {start}")
+            numel = math.prod(shape)
+            _require(0 < stream < len(raws) and numel * storage.itemsize == nbytes
+                     and start + nbytes <= len(raws[stream]),
+                     f"array {name}.{key}: shape {shape} does not fit {nbytes} bytes at {start} of stream {stream}")
             array = np.frombuffer(raws[stream], dtype=storage, count=numel, offset=start).copy()
-            entry[key] = torch.from_numpy(array).view(dtype).reshape(shape)  # view: int16 bits -> bfloat16
-        entries[item["name"]] = entry
+            entry[key] = torch.from_numpy(array).view(_DTYPES[dtype_name]).reshape(shape)  # int16 bits -> bfloat16
+        _check_entry(name, entry)
+        entries[name] = entry
     return {"entries": entries}
 
 
@@ -2113,7 +2439,7 @@ def counted_code_bytes(path):
         return len(pack_code(handle.read()).encode("utf-8"))
 
 
-def write_artifact(artifact_dir, container, code_path, *, codec="brotli", per_group=False, shuffle=True,
+def write_artifact(artifact_dir, container, code_path, *, codec="rans", per_group=False, shuffle=True,
                    model_filename="final_model.ptz", code_filename="train_gpt_packed.py",
                    limit_bytes=ARTIFACT_LIMIT_BYTES, log=print):
     """Writes the compressed model and the packed code (rank 0 only: the caller decides) and returns
@@ -2133,9 +2459,17 @@ def write_artifact(artifact_dir, container, code_path, *, codec="brotli", per_gr
     return sizes
 
 
-def read_artifact(path):
+def read_artifact_timed(path):
+    """(container, seconds spent reading, decompressing and checking the file): the decompression
+    time a run adds to its reported evaluation time."""
+    start = time.perf_counter()
     with open(path, "rb") as handle:
-        return deserialize_artifact(handle.read())
+        container = deserialize_artifact(handle.read())
+    return container, time.perf_counter() - start
+
+
+def read_artifact(path):
+    return read_artifact_timed(path)[0]
 
 
 # --- The quantization step of a run --------------------------------------------------------------

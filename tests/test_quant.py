@@ -370,8 +370,8 @@ def test_write_artifact_reports_counted_sizes_and_upstream_log_lines(tmp_path):
     assert sizes["code_bytes"] == code_path.stat().st_size == counted_code_bytes(str(code))
     assert sizes["artifact_bytes"] == sizes["model_bytes"] + sizes["code_bytes"]
     assert sizes["artifact_limit_ok"] is True
-    assert f"Serialized model quantized+brotli: {sizes['model_bytes']} bytes" in lines
-    assert f"Total submission size quantized+brotli: {sizes['artifact_bytes']} bytes" in lines
+    assert f"Serialized model quantized+rans: {sizes['model_bytes']} bytes" in lines
+    assert f"Total submission size quantized+rans: {sizes['artifact_bytes']} bytes" in lines
     assert sorted(os.listdir(tmp_path / "run")) == ["final_model.ptz", "train_gpt_packed.py"]  # no temp files
     small = write_artifact(str(tmp_path / "run"), container, str(code), limit_bytes=100, log=None)
     assert small["artifact_limit_ok"] is False
