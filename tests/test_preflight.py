@@ -227,11 +227,11 @@ def test_stop_signal_ends_training_after_the_step_in_progress(tiny_dataset, tmp_
     run_dir = tmp_path / "run"
     run_dir.mkdir()
 
-    def forward(inputs, targets):
+    def forward(inputs, targets, layout=None):
         calls.append(1)
         if len(calls) == 3:
             stop_signals.append(signal.SIGTERM)
-        return model(inputs, targets)
+        return model(inputs, targets, layout)
 
     def make_loader():
         return train_gpt.TrainLoader(tiny_dataset.train_paths, 512, h.data.train_seq_len, 4, 1, 0, 1, h.run.seed)

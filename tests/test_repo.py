@@ -36,7 +36,7 @@ def test_demo_runs_every_stage_and_prints_the_summary(tmp_path):
     assert summary["ttt_mode"] == "phased" and summary["artifact_limit_ok"] and summary["train_time_ok"]
     assert summary["hyperparameters"]["preset"] == "tiny" and summary["hyperparameters"]["val_max_docs"] == 12
     out = result.stdout
-    assert "=== demo summary ===" in out and "step:1/" in out and "Total submission size quantized+brotli" in out
+    assert "=== demo summary ===" in out and "step:1/" in out and "Total submission size quantized+rans" in out
     assert f"{summary['ttt_val_bpb']:.4f}" in out.split("=== demo summary ===")[1]
     assert (tmp_path / "run_seed1337" / "train_gpt_packed.py").exists()
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["verification"][
