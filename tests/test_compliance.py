@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import train_gpt
-from tg_helpers import tiny_h
+from tg_helpers import random_eval_model, tiny_h
 from train_gpt import (
     BOS_ID, GPT, EvalSettings, RunContext, eval_stream, eval_ttt_chunked, eval_ttt_phased, make_val_data,
 )
@@ -36,17 +36,7 @@ TOLERANCE = 1e-5  # float32; the same math in another batch layout agrees to ~1e
 
 
 def tiny_model(seed: int = 0) -> GPT:
-    h = train_gpt.Hyperparameters.from_env({
-        "PRESET": "tiny", "VOCAB_SIZE": str(VOCAB), "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "2",
-        "NUM_KV_HEADS": "1", "ROPE_DIMS": "8", "LOOP_START": "1", "LOOP_END": "1", "NUM_LOOPS": "2",
-        "PARALLEL_START_LAYER": "2", "SMEAR_GATE_DIMS": "8", "SPARSE_ATTN_GATE_DIMS": "8"})
-    torch.manual_seed(seed)
-    model = GPT(h.model)
-    model.set_recurrence(True)
-    with torch.no_grad():  # random weights everywhere, so every path (gates, skips, lanes) matters
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.2)
-    return model.eval()
+    return random_eval_model(VOCAB, seed)
 
 
 def unique_token_stream(seed: int = 0, num_docs: int = 12) -> np.ndarray:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from audit_tokens import audit_token_nll
+from tg_helpers import random_eval_model
 from train_gpt import (
     BOS_ID, EvalSettings, RunContext, eval_stream, eval_summary, eval_ttt_chunked, eval_ttt_phased, evaluate_after_training,
     find_documents, format_eval_line, load_val_data, make_val_data, piece_byte_counts, piece_byte_tables,
@@ -23,19 +24,7 @@ TOLERANCE = 1e-5  # float32 forward; the same math in a different batch layout a
 
 
 def tiny_model(seed: int = 0):
-    from train_gpt import GPT, Hyperparameters  # lazy: the model lives in train_gpt.py
-
-    h = Hyperparameters.from_env({
-        "PRESET": "tiny", "VOCAB_SIZE": str(VOCAB), "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "2",
-        "NUM_KV_HEADS": "1", "ROPE_DIMS": "8", "LOOP_START": "1", "LOOP_END": "1", "NUM_LOOPS": "2",
-        "PARALLEL_START_LAYER": "2", "SMEAR_GATE_DIMS": "8", "SPARSE_ATTN_GATE_DIMS": "8"})
-    torch.manual_seed(seed)
-    model = GPT(h.model)
-    model.set_recurrence(True)
-    with torch.no_grad():  # random weights everywhere, so every path (gates, skips, lanes) matters
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.2)
-    return model.eval()
+    return random_eval_model(VOCAB, seed)
 
 
 def tiny_stream(seed: int = 0, num_docs: int = 12):

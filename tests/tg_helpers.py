@@ -34,3 +34,20 @@ def random_tokens(batch: int, seq_len: int, vocab: int = 512, seed: int = 0, bos
     if bos_every:
         ids[:, ::bos_every] = train_gpt.BOS_ID
     return ids
+
+
+def random_eval_model(vocab_size: int, seed: int = 0) -> "train_gpt.GPT":
+    """A 3-layer, 32-wide GPT with every record feature (a looped layer, a parallel layer, gates, smear)
+    and random weights everywhere, so every path matters; recurrence on, eval mode. The eval and
+    compliance tests score with it."""
+    h = train_gpt.Hyperparameters.from_env({
+        "PRESET": "tiny", "VOCAB_SIZE": str(vocab_size), "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "2",
+        "NUM_KV_HEADS": "1", "ROPE_DIMS": "8", "LOOP_START": "1", "LOOP_END": "1", "NUM_LOOPS": "2",
+        "PARALLEL_START_LAYER": "2", "SMEAR_GATE_DIMS": "8", "SPARSE_ATTN_GATE_DIMS": "8"})
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(h.model)
+    model.set_recurrence(True)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    return model.eval()
