@@ -80,6 +80,7 @@ class RunSettings:
     cpu_threads: int = 0  # CPU intra-op threads; 0 = torch's default (small models run best on 1)
     post_training_only: bool = False  # skip training; quantize/evaluate ARTIFACT_DIR/final_model.pt
     post_training_enabled: bool = True  # run quantization and evaluation after training (0: train only)
+    resume: bool = False  # continue an interrupted run from ARTIFACT_DIR/interrupted.pt (not a record run)
     ignore_env: str = ""  # comma-separated env vars that look like knobs but are not ours (else an error)
 
 
@@ -572,6 +573,10 @@ class TrainLoader:
                 self.pos += len(available)
         self.pos -= 1
         return np.concatenate(parts)
+
+    def skip_step(self) -> None:
+        """Advance past one optimizer step's tokens without building its batches (resume)."""
+        self._take(self.step_tokens + 1)
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """All micro-batches of this rank for one optimizer step."""
@@ -1269,6 +1274,11 @@ class ExponentialMovingAverage:
         torch._foreach_lerp_(shadows, [tensor.float() for _, tensor in self.pairs], 1.0 - self.decay)
 
     @torch.no_grad()
+    def load(self, shadow: Mapping[str, torch.Tensor]) -> None:
+        for name, tensor in self.shadow.items():
+            tensor.copy_(shadow[name])
+
+    @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         state = model.state_dict()
         for name, tensor in self.shadow.items():
@@ -1303,36 +1313,60 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
-def checkpoint_digest(state: Mapping[str, torch.Tensor], step: int) -> str:
-    """sha256 over the step and every tensor's name, shape, dtype and raw bytes, in name order."""
-    digest = hashlib.sha256(str(step).encode())
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy())
+def checkpoint_digest(payload: Any) -> str:
+    """sha256 over everything a checkpoint holds: keys in order, and each tensor's shape, dtype and raw
+    bytes (weights, optimizer state, EMA), so any edit or damage shows."""
+    digest = hashlib.sha256()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, Mapping):
+            for key in sorted(value, key=str):
+                digest.update(repr(key).encode())
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        else:
+            digest.update(repr(value).encode())
+
+    walk(payload)
     return digest.hexdigest()
 
 
-def save_checkpoint(path: str, model: nn.Module, h: Hyperparameters, step: int) -> None:
-    """Model weights + step + resolved hyperparameters + `checkpoint_digest`; loadable with
-    torch.load(weights_only=True)."""
-    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+def save_checkpoint(path: str, model: nn.Module, h: Hyperparameters, step: int,
+                    resume: dict | None = None) -> None:
+    """Model weights + step + resolved hyperparameters (+ `resume`: what continuing training needs) +
+    `checkpoint_digest`; loadable with torch.load(weights_only=True)."""
+    payload = {"model": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+               "step": step, "hyperparameters": h.as_dict()}
+    if resume is not None:
+        payload["resume"] = resume
+    payload["sha256"] = checkpoint_digest(payload)
     buffer = io.BytesIO()
-    torch.save({"model": state, "step": step, "hyperparameters": h.as_dict(),
-                "sha256": checkpoint_digest(state, step)}, buffer)
+    torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: str, model: nn.Module) -> int:
-    """Load weights saved by `save_checkpoint` (no pickle of arbitrary objects) after checking their
-    sha256, so a damaged or edited file is refused naming it; returns the step."""
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint written by `save_checkpoint` (no pickle of arbitrary objects), after checking its
+    sha256, so a damaged or edited file is refused naming it."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        intact = checkpoint["sha256"] == checkpoint_digest(checkpoint["model"], checkpoint["step"])
+        intact = checkpoint.pop("sha256") == checkpoint_digest(checkpoint)
     except Exception as error:
         raise ValueError(f"checkpoint {path}: unreadable ({error})") from None
     if not intact:
         raise ValueError(f"checkpoint {path}: sha256 mismatch (damaged or edited)")
+    return checkpoint
+
+
+def load_checkpoint(path: str, model: nn.Module) -> int:
+    """Load the weights of a checkpoint into `model`; returns its step."""
+    checkpoint = read_checkpoint(path)
     model.load_state_dict(checkpoint["model"])
     return int(checkpoint["step"])
 
@@ -1409,13 +1443,15 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
                 log: Callable[[str], None], *, forward: Callable | None = None, autocast: str = "fp32",
                 clock: Callable[[], float] = time.perf_counter, synchronize: Callable[[], None] = lambda: None,
                 ema: ExponentialMovingAverage | None = None, checkpoint_dir: str | None = None,
-                stop_signals: list[int] | None = None) -> TrainResult:
+                stop_signals: list[int] | None = None, resume: dict | None = None) -> TrainResult:
     """Train `model` in place. `make_loader()` returns a fresh loader whose `next_step()` gives this
     rank's micro-batches; `forward` is the (possibly compiled) loss function, default `model`;
     `clock` is injectable so tests can prove the wallclock cap with a fake clock. Checkpoints go to
     `checkpoint_dir`: checkpoint.pt every CHECKPOINT_EVERY steps, and interrupted.pt when a signal
     has been appended to `stop_signals` (then the run stops after the step in progress and raises
-    TrainingInterrupted). final_model.pt, the finished run, is written by the caller."""
+    TrainingInterrupted). final_model.pt, the finished run, is written by the caller. `resume` (from
+    interrupted.pt, weights already loaded) continues at its step: optimizer and EMA state, data
+    position, elapsed time and the recurrence switch as they were."""
     forward = model if forward is None else forward  # `or` would call len() on a compiled module
     device = model.tok_emb.weight.device
     rank, _ = distributed_info()
@@ -1432,15 +1468,24 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     loader = make_loader()
     budget = training_budget_seconds(h)
     step_durations: list[float] = []
-    stop_reason, loss_value, step = "iterations", float("nan"), 0
+    stop_reason, loss_value, step, elapsed_before = "iterations", float("nan"), 0, 0.0
+    if resume is not None:
+        step, elapsed_before = resume["step"], resume["elapsed_s"]
+        optimizer.load_state_dict(resume["optimizer"])
+        if ema is not None:
+            ema.load(resume["ema"])
+        model.set_recurrence(resume["recurrence"])
+        for _ in range(step):  # the data stream is deterministic: skip what the interrupted run used
+            loader.skip_step()
+        log(f"resume: from step {step} ({elapsed_before:.1f}s of training done)")
     synchronize()
-    start = clock()
-    previous_top = start
+    start, first_step = clock() - elapsed_before, step
+    previous_top = clock()
     while step < h.optim.iterations:
         # A step starts only if the slowest recent iteration (measured top to top: step, EMA, logging,
         # checkpoint) still fits in the budget. Rank 0 decides for everyone so all ranks stop together.
         now = clock()
-        if step > 0:
+        if step > first_step:
             step_durations.append(now - previous_top)
         previous_top = now
         elapsed, predicted, signal_number = rank0_decides(
@@ -1448,7 +1493,9 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
         if signal_number:  # rank 0 got SIGTERM/SIGINT: every rank stops here, between two steps
             interrupted_path = checkpoint_dir and os.path.join(checkpoint_dir, "interrupted.pt")
             if interrupted_path and rank == 0:
-                save_checkpoint(interrupted_path, model, h, step)
+                state = dict(step=step, elapsed_s=elapsed, optimizer=optimizer.state_dict(),
+                             ema=ema.shadow if ema is not None else {}, recurrence=model.recurrence_active)
+                save_checkpoint(interrupted_path, model, h, step, resume=state)
             log(f"stopping: signal {signal_number:.0f} after step {step}; checkpoint: {interrupted_path}")
             raise TrainingInterrupted(f"signal {signal_number:.0f} after step {step}")
         progress = elapsed / budget if budget is not None else step / h.optim.iterations
@@ -3520,10 +3567,18 @@ def train_run(h: Hyperparameters, model: GPT, context: RunContext, checkpoint_pa
     forward = torch.compile(model, dynamic=False, fullgraph=True, backend=backend) if backend else model
     ema = ExponentialMovingAverage(model, h.optim.ema_decay) if h.optim.ema_decay > 0 else None
     synchronize = torch.cuda.synchronize if context.device.type == "cuda" else (lambda: None)
+    resume = None
+    if h.run.resume:
+        path = os.path.join(context.artifact_dir, "interrupted.pt")
+        checkpoint = read_checkpoint(path)
+        if "resume" not in checkpoint:
+            raise ValueError(f"RESUME=1: {path} holds no training state to continue from")
+        model.load_state_dict(checkpoint["model"])
+        resume = checkpoint["resume"]
     context.training_start = context.clock()
     result = train_model(h, model, optimizer, context.make_train_loader, context.log, forward=forward,
                          autocast=context.autocast, clock=context.clock, synchronize=synchronize, ema=ema,
-                         checkpoint_dir=context.artifact_dir, stop_signals=context.stop_signals)
+                         checkpoint_dir=context.artifact_dir, stop_signals=context.stop_signals, resume=resume)
     if ema is not None:
         ema.copy_to(model)  # the EMA weights are the model from here on (quantized and evaluated)
     context.train_time_s = result.train_time_s

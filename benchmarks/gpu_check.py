@@ -569,7 +569,8 @@ def ttt_full_batch(model, h, device: torch.device, autocast) -> dict:
     sites = tuple(site.strip() for site in config.phased_ttt_lora_sites.split(",") if site.strip())
     for param in model.parameters():
         param.requires_grad_(False)
-    lora = train_gpt.BatchedLoRA(docs, train_gpt.lora_site_dims(model, sites), config.phased_ttt_lora_rank).to(device)
+    lora = train_gpt.BatchedLoRA(docs, train_gpt.lora_site_dims(model, sites), config.phased_ttt_lora_rank,
+                                 config.phased_ttt_lora_alpha).to(device)
     optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr)
     tokens = torch.from_numpy(token_stream(np.full(docs, width + 1), h.model.vocab_size, 3)).view(docs, width + 1)
     tokens = tokens.to(device)
