@@ -44,7 +44,7 @@ def test_demo_runs_every_stage_and_prints_the_summary(tmp_path):
 
 
 def test_committed_example_record_folder_passes_the_reviewer_checks():
-    folder = os.path.join(REPO, "records", "track_non_record_16mb", "2026-11-26_cpu_demo")
+    folder = os.path.join(REPO, "records", "track_non_record_16mb", "2026-12-02_cpu_demo")
     result = subprocess.run([sys.executable, os.path.join(REPO, "records", "make_record.py"), "validate", folder],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
