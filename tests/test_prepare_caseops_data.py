@@ -8,6 +8,7 @@ surface), not against the script's own boundary code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -809,6 +810,29 @@ def test_output_files_and_folders_follow_the_umask(tmp_path):
 # Ctrl-C and SIGTERM with worker processes (a real subprocess)
 
 
+@contextlib.contextmanager
+def killed_at_exit(process: subprocess.Popen):
+    """Whatever a test asserts, its process group is not left running."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def signal_and_wait(process: subprocess.Popen, signum: int, whole_group: bool) -> tuple[str, float]:
+    """Send `signum` to the process group (as Ctrl-C does) or to the process alone (as `kill` does);
+    returns its stderr and the seconds it took to exit."""
+    sent = time.monotonic()
+    if whole_group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    return err, time.monotonic() - sent
+
+
 def child_pids(pid: int) -> list[int]:
     children = []
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
@@ -843,7 +867,7 @@ def test_signal_stops_the_run_and_its_workers_within_seconds(tmp_path, long_docs
                "--sp", str(DEMO_MODEL), "--val-docs", "100", "--shard-tokens", "20000", "--workers", "2", "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # its own process group, like a terminal job
-    try:
+    with killed_at_exit(process):
         deadline = time.monotonic() + 120
         while not list(work.glob("fineweb_train_*.bin")):  # encoding is under way: both workers are busy
             assert process.poll() is None, process.communicate()
@@ -851,17 +875,8 @@ def test_signal_stops_the_run_and_its_workers_within_seconds(tmp_path, long_docs
             time.sleep(0.02)
         workers = child_pids(process.pid)
         assert len(workers) == 2
-        sent = time.monotonic()
-        if signum == signal.SIGINT:
-            os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
-        else:
-            process.send_signal(signal.SIGTERM)  # `kill PID` reaches this process only
-        _, err = process.communicate(timeout=60)
-        stopped_after = time.monotonic() - sent
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        # Ctrl-C reaches the whole process group; `kill PID` reaches this process only
+        err, stopped_after = signal_and_wait(process, signum, whole_group=signum == signal.SIGINT)
     assert process.returncode == 128 + signum
     assert stopped_after < 5.0, f"stopped {stopped_after:.1f} s after {signum.name}"
     assert err.splitlines() == [f"prepare_caseops_data.py: stopped by {signum.name}: workers stopped; the unfinished "
@@ -890,21 +905,14 @@ def test_ctrl_c_stops_tokenizer_training_within_seconds(tmp_path, long_docs):
                "--vocab-size", "4000", "--val-docs", "100", "--workers", "2"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
-    try:
+    with killed_at_exit(process):
         for line in process.stdout:
             if "training a 4000-piece tokenizer" in line:
                 break
         time.sleep(0.2)
         workers = child_pids(process.pid)
         assert len(workers) == 1  # the trainer runs in its own process
-        sent = time.monotonic()
-        os.killpg(process.pid, signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-        stopped_after = time.monotonic() - sent
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        err, stopped_after = signal_and_wait(process, signal.SIGINT, whole_group=True)
     assert process.returncode == 130 and stopped_after < 5.0
     assert err.splitlines() == ["prepare_caseops_data.py: stopped by SIGINT: workers stopped; no shard was written"]
     time.sleep(0.5)
