@@ -2468,8 +2468,10 @@ def minify_source(source):
         # function-local names only; keyword-callable argument names and class attributes (dataclass
         # fields, looked up by string from env names) are never renamed
         rename_locals=True,
-        # off: tests and tools import module-level names (GPT, Hyperparameters, ...)
-        rename_globals=False,
+        # module-level names too: the packed script is only ever executed, never imported (tests and
+        # tools import this file). SECTIONS keeps its name: docs/env_table.knob_names finds the
+        # settings of a packed script through it.
+        rename_globals=True, preserve_globals=["SECTIONS"],
         # off: asserts and `if __debug__` checks are behaviour
         remove_asserts=False,
         remove_debug=False,

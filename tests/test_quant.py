@@ -344,19 +344,26 @@ def test_docstrings_are_dropped_unless_the_code_reads_them(tmp_path):
     assert run_python(str(packed)).stdout == "Usage: run me.\n"
 
 
-def test_packed_train_gpt_defines_the_same_names(tmp_path):
+def test_packed_train_gpt_has_the_same_settings_and_errors(tmp_path):
+    """The packer renames module-level names, so the packed script is compared by behaviour: the same
+    settings (what sweep.py and the env table read from it) and the same error for a bad setting."""
+    sys.path.insert(0, os.path.join(REPO, "docs"))
+    from env_table import knob_names
+
     script = os.path.join(REPO, "train_gpt.py")
     packed = tmp_path / "train_gpt_packed.py"
     with open(script, encoding="utf-8") as handle:
-        packed.write_text(pack_code(handle.read()))
-    probe = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('m', sys.argv[1]); "
-             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-             "print(sorted(n for n in vars(m) if not n.startswith('_')))")
-    want = subprocess.run([sys.executable, "-c", probe, script], capture_output=True, text=True, timeout=120)
-    assert want.returncode == 0, want.stderr
-    got = subprocess.run([sys.executable, "-c", probe, str(packed)], capture_output=True, text=True, timeout=120)
-    assert got.returncode == 0, got.stderr
-    assert got.stdout == want.stdout
+        source = handle.read()
+    packed.write_text(pack_code(source))
+    assert "class Hyperparameters" not in minify_source(source)  # globals were renamed
+    assert knob_names(str(packed)) == knob_names(script)
+    env = dict(os.environ, PRESET="tiny", NUM_HEADS="3", MODEL_DIM="64")
+    outputs = [subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path) for path in (script, str(packed))]
+    assert [out.returncode for out in outputs] != [0, 0]
+    errors = [out.stderr.strip().splitlines()[-1] for out in outputs]
+    assert "MODEL_DIM=64 is not divisible by NUM_HEADS=3" in errors[0]
+    assert errors[1] == errors[0]
 
 
 def test_write_artifact_reports_counted_sizes_and_upstream_log_lines(tmp_path):
