@@ -625,18 +625,23 @@ def select_attention_backend(requested: str, device: torch.device) -> str:
 
 
 def fa3_available(device: torch.device) -> bool:
-    """Hopper and an FA3 that imports and runs here: a wheel built for another torch can import but fail
-    at its first call, so one tiny varlen call decides."""
+    return not fa3_problem(device)
+
+
+def fa3_problem(device: torch.device) -> str:
+    """"" when FA3 imports and runs here, else why not (for the log line of the fallback). Hopper and
+    a real call: a wheel built for another torch can import but fail at its first call, so one tiny
+    varlen call decides."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
-        return False
+        return "not a Hopper GPU"
     try:
         from flash_attn_interface import flash_attn_varlen_func
         q = torch.zeros(4, 1, 64, device=device, dtype=torch.bfloat16)
         cu_seqlens = torch.tensor([0, 4], device=device, dtype=torch.int32)
         flash_attn_varlen_func(q, q, q, cu_seqlens, cu_seqlens, 4, 4, causal=True)
-        return True
-    except Exception:  # missing module, ABI mismatch, unsupported GPU: fall back to flex
-        return False
+        return ""
+    except Exception as error:  # missing module, ABI mismatch, unsupported GPU: fall back to flex
+        return f"{type(error).__name__}: {str(error)[:120]}"
 
 
 @dataclass
@@ -3811,7 +3816,9 @@ def run_stages(h: Hyperparameters, context: RunContext) -> dict[str, Any]:
     if h.run.compile == "1" or (h.run.compile == "auto" and device.type == "cuda"):
         context.compile_backend = h.run.compile_backend
         configure_compile(context.compile_backend)
-    log(f"kernels: attention:{attn_backend} compile:{context.compile_backend or 'off (eager)'}")
+    fa3_missing = fa3_problem(device) if device.type == "cuda" and attn_backend != "fa3" else ""
+    log(f"kernels: attention:{attn_backend}{f' (FA3 not used: {fa3_missing})' if fa3_missing else ''} "
+        f"compile:{context.compile_backend or 'off (eager)'}")
     torch.manual_seed(h.run.seed)
     model = GPT(h.model, attn_backend).to(device)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layer order with recurrence "
