@@ -625,18 +625,23 @@ def select_attention_backend(requested: str, device: torch.device) -> str:
 
 
 def fa3_available(device: torch.device) -> bool:
-    """Hopper and an FA3 that imports and runs here: a wheel built for another torch can import but fail
-    at its first call, so one tiny varlen call decides."""
+    return not fa3_problem(device)
+
+
+def fa3_problem(device: torch.device) -> str:
+    """"" when FA3 imports and runs here, else why not (for the log line of the fallback). Hopper and
+    a real call: a wheel built for another torch can import but fail at its first call, so one tiny
+    varlen call decides."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
-        return False
+        return "not a Hopper GPU"
     try:
         from flash_attn_interface import flash_attn_varlen_func
         q = torch.zeros(4, 1, 64, device=device, dtype=torch.bfloat16)
         cu_seqlens = torch.tensor([0, 4], device=device, dtype=torch.int32)
         flash_attn_varlen_func(q, q, q, cu_seqlens, cu_seqlens, 4, 4, causal=True)
-        return True
-    except Exception:  # missing module, ABI mismatch, unsupported GPU: fall back to flex
-        return False
+        return ""
+    except Exception as error:  # missing module, ABI mismatch, unsupported GPU: fall back to flex
+        return f"{type(error).__name__}: {str(error)[:120]}"
 
 
 @dataclass
@@ -3167,7 +3172,8 @@ def lora_site_dims(model, sites=LORA_SITES) -> dict:
 
 class BatchedLoRA(nn.Module):
     """One rank-r adapter per batch element (= per document) at every site: delta = x A_b B_b.
-    B starts at zero, so a fresh adapter leaves the model unchanged."""
+    B starts at zero, so a fresh adapter leaves the model unchanged. Allocated once per rank and
+    batch size; `reset()` makes it fresh again in place for the next batch."""
 
     def __init__(self, batch_size: int, site_dims: dict, rank: int, alpha: float, seed: int = 0):
         super().__init__()
@@ -3183,6 +3189,16 @@ class BatchedLoRA(nn.Module):
             for key, init in down_init.items()})
         self.up = nn.ParameterDict({
             self.index[key]: nn.Parameter(torch.zeros(batch_size, rank, dims[1])) for key, dims in site_dims.items()})
+        for key, init in down_init.items():  # [in, r], kept on the device for reset()
+            self.register_buffer("down_init_" + self.index[key], init, persistent=False)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the freshly built state without allocating: A = the seeded init, B = 0."""
+        for name, down in self.down.items():
+            down.copy_(getattr(self, "down_init_" + name).expand_as(down))
+        for up in self.up.values():
+            up.zero_()
 
     def forward(self, site: str, layer_index: int, x: torch.Tensor) -> torch.Tensor | None:
         # x: [B, T, in] -> [B, T, out], or None where this site has no adapter
@@ -3192,27 +3208,166 @@ class BatchedLoRA(nn.Module):
         return torch.bmm(torch.bmm(x, self.down[name].to(x.dtype)), self.up[name].to(x.dtype)) * self.scale
 
 
+def reset_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:
+    """Zero every state tensor in place (Adam's step and moments): the next step equals a fresh
+    optimizer's first step, with no allocation."""
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.zero_()
+
+
+class AdapterSlots:
+    """This rank's LoRA and its AdamW, one pair per batch size (the last batch may be smaller), built on
+    the device at first use and reset in place for every later batch: no per-batch host allocation and
+    copy of the (record shape: ~2 GB) adapter."""
+
+    def __init__(self, site_dims: dict, config: EvalSettings, device):
+        self.site_dims, self.config, self.device, self.slots = site_dims, config, device, {}
+
+    def fresh(self, batch_size: int) -> tuple:
+        if batch_size not in self.slots:
+            config = self.config
+            lora = BatchedLoRA(batch_size, self.site_dims, config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha)
+            lora = lora.to(self.device)
+            optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr, eps=1e-10,
+                                          betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
+                                          weight_decay=config.phased_ttt_weight_decay)
+            self.slots[batch_size] = (lora, optimizer)
+            return lora, optimizer
+        lora, optimizer = self.slots[batch_size]
+        lora.reset()
+        reset_optimizer_state_(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        return lora, optimizer
+
+
 def _document_batches(doc_ids: np.ndarray, doc_lengths: np.ndarray, docs_per_batch: int) -> list:
     """Longest documents first (so a batch's documents have similar lengths), docs_per_batch each."""
     order = doc_ids[np.argsort(-doc_lengths[doc_ids], kind="stable")]
     return [order[i: i + docs_per_batch] for i in range(0, len(order), docs_per_batch)]
 
 
+def phase_pauses(batch_sizes: list, prefix_docs: int, num_phases: int) -> list:
+    """[(queue index of the last batch before the pause, documents its global SGD trains on)] per phase.
+    Phases are counted in SCORED order, i.e. queue order, longest documents first (PR 1855): phase k
+    pauses once the batch holding the (prefix_docs * (k+1) / num_phases)-th queued document is scored.
+    Unlike PR 1855 (which pauses whenever a shared counter passes the boundary, so the in-flight batches
+    of other ranks, ~460 documents on 8 GPUs, slip in before it) the pause point depends only on the
+    queue, so any number of ranks gives the same scores."""
+    ends = np.cumsum(batch_sizes)
+    pauses = []
+    for phase in range(num_phases if prefix_docs > 0 and len(ends) else 0):
+        docs = min(prefix_docs * (phase + 1) // num_phases, int(ends[-1]))
+        if docs > 0:
+            pauses.append((int(np.searchsorted(ends, docs)), docs))
+    return pauses
+
+
+class _LocalStore:
+    """The four key-value operations of torch.distributed.Store, in memory, for a single process (and for
+    simulating several ranks in a test)."""
+
+    def __init__(self):
+        self.values = {}
+
+    def add(self, key: str, amount: int) -> int:
+        self.values[key] = int(self.values.get(key, 0)) + amount
+        return self.values[key]
+
+    def set(self, key: str, value: str) -> None:
+        self.values[key] = value.encode() if isinstance(value, str) else value
+
+    def get(self, key: str) -> bytes:
+        return self.values[key]
+
+    def check(self, keys: list) -> bool:
+        return all(key in self.values for key in keys)
+
+
+class TTTWorkQueue:
+    """Queue indices 0, 1, 2, ... handed to whichever rank asks first, so a slow rank simply takes fewer
+    batches (PR 1855 shares a counter file in /tmp; here an atomic add on the process group's key-value
+    store, the same under NCCL and Gloo). Each rank also publishes its measured seconds per scored
+    token, adapted and fast path, for the other ranks' time projections."""
+
+    def __init__(self, store=None, rank: int = 0, world: int = 1):
+        self.store = store if store is not None else _LocalStore()
+        self.rank, self.world = rank, world
+        # all ranks call this once per eval, and an eval ends with a collective: a fresh key prefix per eval
+        self.prefix = f"ttt_queue/{(self.store.add('ttt_queue/calls', 1) - 1) // world}/"
+
+    @classmethod
+    def for_process_group(cls) -> "TTTWorkQueue":
+        rank, world = distributed_info()
+        if world == 1:
+            return cls()
+        return cls(dist.distributed_c10d._get_default_store(), rank, world)
+
+    def claim(self) -> int:
+        return int(self.store.add(self.prefix + "next", 1)) - 1
+
+    def publish_costs(self, adapt_cost: float, fast_cost: float) -> None:
+        self.store.set(f"{self.prefix}cost/{self.rank}", f"{adapt_cost!r} {fast_cost!r}")
+
+    def costs(self) -> list:
+        """[(adapt, fast) seconds per token] per rank; nan where not measured yet."""
+        result = []
+        for rank in range(self.world):
+            key = f"{self.prefix}cost/{rank}"
+            text = self.store.get(key).decode() if self.store.check([key]) else "nan nan"
+            result.append(tuple(float(value) for value in text.split()))
+        return result
+
+
+def ttt_rank_schedule(queue: TTTWorkQueue, num_batches: int, pause_after: list) -> Iterator[tuple]:
+    """What one rank does, in order: ("batch", queue index) and ("pause", phase). A batch is claimed
+    only when the rank is free; a rank that claims a batch beyond a pause (or finds the queue empty)
+    first joins that pause, so every rank joins every pause in the same order (their collectives match),
+    and every batch before a pause is scored before its global SGD starts."""
+    phase = 0
+    while True:
+        index = queue.claim()
+        while phase < len(pause_after) and index > pause_after[phase]:
+            yield "pause", phase
+            phase += 1
+        if index >= num_batches:
+            return
+        yield "batch", index
+
+
+def projected_ttt_seconds(elapsed_s: float, batch_tokens: int, remaining_tokens: int, rank_costs: list,
+                          rank: int) -> float:
+    """Projected end of the TTT eval if this rank adapts the next batch (batch_tokens targets) and every
+    later batch (remaining_tokens, all ranks together) is scored on the fast path. rank_costs: measured
+    (adapt, fast) seconds per token of each rank (nan: not yet measured; the fast path falls back to the
+    adapted cost, an upper bound, an unmeasured rank to this rank's costs, and this rank before its first
+    batch to the slowest adapted cost measured). The remaining tokens
+    take their share of all ranks' throughput, plus one batch on the slowest rank (the last one)."""
+    measured_adapt = [adapt for adapt, _ in rank_costs if not math.isnan(adapt)]
+    if not measured_adapt:
+        return elapsed_s  # nothing measured anywhere yet: the first batches adapt
+    mine_adapt, mine_fast = rank_costs[rank]
+    if math.isnan(mine_adapt):  # this rank's first batch: assume it is as slow as the slowest rank so far
+        mine_adapt = max(measured_adapt)
+    fast_costs = []
+    for adapt, fast in rank_costs:
+        fast_costs.append(next(cost for cost in (fast, adapt, mine_fast, mine_adapt) if not math.isnan(cost)))
+    throughput = sum(1.0 / max(cost, 1e-12) for cost in fast_costs)  # tokens per second, all ranks
+    return elapsed_s + batch_tokens * mine_adapt + remaining_tokens / throughput + batch_tokens * max(fast_costs)
+
+
 def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, config: EvalSettings,
-                               site_dims: dict, scores: TokenScores, audit: Callable | None, adapt: bool) -> None:
-    """Score a batch of documents chunk by chunk, each with its own fresh LoRA; after scoring a
-    chunk, take one Adam step per document on that chunk (documents never share an adapter)."""
-    chunk, context = config.phased_ttt_chunk_tokens, config.eval_seq_len
+                               scores: TokenScores, audit: Callable | None, adapter: tuple | None) -> None:
+    """Score a batch of documents chunk by chunk, each with its own fresh LoRA (adapter = (lora, AdamW));
+    after scoring a chunk, take one Adam step per document on that chunk (documents never share an
+    adapter). Without an adapter (the fast path past the time budget) only scoring, in chunks of half
+    the context: every target still sees at least that much of its document before it."""
+    context = config.eval_seq_len
+    chunk = config.phased_ttt_chunk_tokens if adapter else max(config.phased_ttt_chunk_tokens, context // 2)
     starts = val.doc_starts[doc_ids]
     target_counts = val.target_ends(doc_ids) - 1 - starts  # [B]: own tokens after BOS + the next BOS
-    lora = None
-    if adapt:
-        lora = BatchedLoRA(len(doc_ids), site_dims, config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha)
-        lora = lora.to(val.tokens.device)
-    if adapt:
-        optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr, eps=1e-10,
-                                      betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
-                                      weight_decay=config.phased_ttt_weight_decay)
+    lora, optimizer = adapter if adapter else (None, None)
     for chunk_index in range(-(-int(target_counts.max()) // chunk)):
         chunk_end = (chunk_index + 1) * chunk  # targets 1..chunk_end of each document seen
         window_start = max(0, chunk_end - context)  # document-relative index of the first input
@@ -3220,7 +3375,7 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
                             np.full_like(starts, chunk_index * chunk - window_start)], axis=1)
         inputs, targets, positions, inside, in_chunk = gather_windows(val, windows, width=chunk_end - window_start)
         more_chunks_follow = torch.as_tensor(target_counts > chunk_end, device=inputs.device)  # [B]: train on it
-        train_now = adapt and bool(more_chunks_follow.any())
+        train_now = lora is not None and bool(more_chunks_follow.any())
         with torch.set_grad_enabled(train_now):
             nll = model.per_token_nll(inputs, targets, lora=lora)  # [B, W]
         # 1) score: the chunk's NLL is recorded before any update that sees these tokens
@@ -3239,64 +3394,91 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
                 audit("update", torch.cat([positions[read], positions[read] - 1]).unique().cpu().numpy())
 
 
-def _global_sgd(model: GPT, val: ValData, end_target: int, config: EvalSettings, audit: Callable | None) -> None:
-    """All weights, SGD with momentum, over the targets [1, end_target) (the documents scored so
-    far) in chunks of PHASED_TTT_GLOBAL_CHUNK_TOKENS, one step per chunk, cosine learning rate."""
+def _global_sgd(model: GPT, val: ValData, doc_ids: np.ndarray, config: EvalSettings, audit: Callable | None) -> None:
+    """All weights, SGD with momentum, over the given (already scored) documents concatenated in that
+    order, each with its targets (its own tokens, then the next document's BOS), in chunks of
+    PHASED_TTT_GLOBAL_CHUNK_TOKENS, one step per chunk, cosine learning rate."""
+    spans = [np.arange(start, end) for start, end in zip(val.doc_starts[doc_ids], val.target_ends(doc_ids) - 1)]
+    source = np.concatenate(spans)  # stream position of each token of the concatenation
+    last = int(doc_ids[-1])
+    if last + 1 < val.num_docs:  # the last document's final target: the BOS of the document after it
+        source = np.append(source, val.doc_starts[last + 1])
+    source_t = torch.as_tensor(source, device=val.tokens.device)
+    docs = ValData(val.tokens[source_t], val.byte_counts[source_t], np.zeros(1, dtype=np.int64),
+                   np.array([source.size], dtype=np.int64))
+    mapped = None if audit is None else (lambda event, positions: audit(event, source[positions]))
     params = list(model.parameters())
     for param in params:
         param.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=config.phased_ttt_global_lr, momentum=config.phased_ttt_global_momentum)
-    chunk_starts = list(range(1, end_target, config.phased_ttt_global_chunk_tokens))
+    chunk_starts = list(range(1, docs.num_tokens, config.phased_ttt_global_chunk_tokens))
     for chunk_index, first_target in enumerate(chunk_starts):
         for group in optimizer.param_groups:
             group["lr"] = _cosine(config.phased_ttt_global_lr, chunk_index, len(chunk_starts))
-        chunk_end = min(first_target + config.phased_ttt_global_chunk_tokens, end_target)
-        _train_on_targets(model, val, first_target, chunk_end, config.eval_seq_len, rows_per_step=10**9,
+        chunk_end = min(first_target + config.phased_ttt_global_chunk_tokens, docs.num_tokens)
+        _train_on_targets(model, docs, first_target, chunk_end, config.eval_seq_len, rows_per_step=10**9,
                           params=params, optimizer=optimizer, epochs=config.phased_ttt_global_epochs,
-                          grad_clip=config.phased_ttt_global_grad_clip, audit=audit)
+                          grad_clip=config.phased_ttt_global_grad_clip, audit=mapped)
+    for param in params:
+        param.requires_grad_(False)
 
 
 def eval_ttt_phased(model: GPT, val: ValData, config: EvalSettings, audit: Callable | None = None,
-                    time_budget_s: float | None = None, keep_token_scores: bool = False) -> dict:
-    """The first PHASED_TTT_PREFIX_DOCS documents (stream order) form PHASED_TTT_NUM_PHASES groups; the
-    rest is a last group. Each group is scored with per-document LoRA TTT; after each prefix group, all
-    weights are trained with SGD on every document scored so far. Past the time budget nothing adapts
-    any more, but every token is still scored."""
-    started_at = time.perf_counter()
-    deadline = None if time_budget_s is None else started_at + time_budget_s
+                    time_budget_s: float | None = None, keep_token_scores: bool = False,
+                    clock: Callable[[], float] = time.perf_counter, queue: TTTWorkQueue | None = None) -> dict:
+    """All documents in one queue of length-sorted batches, longest first, claimed by whichever rank is
+    free (TTTWorkQueue). Each batch is scored with per-document LoRA TTT; after the first
+    PHASED_TTT_PREFIX_DOCS * k / PHASED_TTT_NUM_PHASES documents of the queue are scored, all weights are
+    trained with SGD on them (phase_pauses). A batch adapts only while the projected end of the eval
+    (projected_ttt_seconds) stays within the time budget; otherwise it is only scored (fast path)."""
+    started_at, clock_start = time.perf_counter(), clock()
     rank, world = distributed_info()
     device = val.tokens.device
+    queue = queue or TTTWorkQueue.for_process_group()
     scores = TokenScores(val)
-    prefix_docs = min(config.phased_ttt_prefix_docs, val.num_docs)
-    num_phases = max(1, config.phased_ttt_num_phases)
-    phase_ends = [prefix_docs * (k + 1) // num_phases for k in range(num_phases)] if prefix_docs else []
-    group_bounds = list(zip([0] + phase_ends, phase_ends + [val.num_docs]))
+    batches = _document_batches(np.arange(val.num_docs), val.doc_lengths, config.phased_ttt_docs_per_batch)
+    batch_tokens = [int((val.target_ends(ids) - 1 - val.doc_starts[ids]).sum()) for ids in batches]
+    tokens_after = np.cumsum(batch_tokens[::-1])[::-1].tolist()[1:] + [0]  # targets in later batches
+    pauses = phase_pauses([len(ids) for ids in batches], config.phased_ttt_prefix_docs,
+                          max(1, config.phased_ttt_num_phases)) if config.phased_ttt_global_epochs > 0 else []
+    scored_order = np.concatenate(batches)
     sites = tuple(site.strip() for site in config.phased_ttt_lora_sites.split(",") if site.strip())
-    global_updates, stopped_early = 0, False
+    spent = {True: [0.0, 0], False: [0.0, 0]}  # adapted / fast path: [seconds, tokens] on this rank
+    global_updates, stopped_early, adapted_batches = 0, False, 0
     with _WeightsRestored(model):
         model.eval()
-        site_dims = lora_site_dims(model, sites=sites)
-        for group_index, (first_doc, end_doc) in enumerate(group_bounds):
-            # 1) score the group's documents (length-sorted batches, round-robin over ranks)
-            for param in model.parameters():
-                param.requires_grad_(False)
-            batches = _document_batches(np.arange(first_doc, end_doc), val.doc_lengths,
-                                        config.phased_ttt_docs_per_batch)
-            for doc_ids in batches[rank::world]:
-                adapt = deadline is None or time.perf_counter() < deadline
-                stopped_early |= not adapt
-                _score_and_adapt_documents(model, val, doc_ids, config, site_dims, scores, audit, adapt)
-            # 2) phase boundary: global SGD over all documents scored so far (prefix phases only)
-            if group_index >= len(phase_ends) or end_doc == 0 or config.phased_ttt_global_epochs <= 0:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        slots = AdapterSlots(lora_site_dims(model, sites=sites), config, device)
+        for event, index in ttt_rank_schedule(queue, len(batches), [after for after, _ in pauses]):
+            if event == "pause":  # global SGD on the first documents of the queue, all of them scored
+                stopped_early |= time_budget_s is not None and clock() - clock_start >= time_budget_s
+                stopped = _all_reduce_(torch.tensor([float(stopped_early)], device=device), dist.ReduceOp.MAX)
+                if bool(stopped > 0):  # all ranks agree: no global SGD once any rank stopped adapting
+                    continue
+                _global_sgd(model, val, scored_order[: pauses[index][1]], config, audit)
+                global_updates += 1
                 continue
-            if _time_is_up(deadline, device):
-                stopped_early = True
-                continue
-            _global_sgd(model, val, int(val.target_ends(np.array([end_doc - 1]))[0]), config, audit)
-            global_updates += 1
+            began = clock()
+            adapt = time_budget_s is None or projected_ttt_seconds(
+                began - clock_start, batch_tokens[index], tokens_after[index], queue.costs(), rank) <= time_budget_s
+            stopped_early |= not adapt
+            adapted_batches += adapt
+            doc_ids = batches[index]
+            _score_and_adapt_documents(model, val, doc_ids, config, scores, audit,
+                                       slots.fresh(len(doc_ids)) if adapt else None)
+            if device.type == "cuda":  # the clock reads finished work
+                torch.cuda.synchronize(device)
+            spent[adapt][0] += clock() - began
+            spent[adapt][1] += batch_tokens[index]
+            queue.publish_costs(*(seconds / tokens if tokens else math.nan for seconds, tokens in
+                                  (spent[True], spent[False])))
     stopped_early = bool(_all_reduce_(torch.tensor([float(stopped_early)], device=device), dist.ReduceOp.MAX) > 0)
+    adapted_batches = int(_all_reduce_(torch.tensor([float(adapted_batches)], device=device)).item())
     return scores.summarize("ttt_phased", started_at, keep_token_scores, ttt_phases_trained=global_updates,
-                            ttt_prefix_docs=prefix_docs, ttt_stopped_by_budget=stopped_early)
+                            ttt_prefix_docs=min(config.phased_ttt_prefix_docs, val.num_docs),
+                            ttt_stopped_by_budget=stopped_early, ttt_batches=len(batches),
+                            ttt_batches_adapted=adapted_batches)
 
 
 def eval_ttt(config: EvalSettings, model: GPT, val: ValData, time_budget_s: float | None = None,
@@ -3636,7 +3818,9 @@ def run_stages(h: Hyperparameters, context: RunContext) -> dict[str, Any]:
     if h.run.compile == "1" or (h.run.compile == "auto" and device.type == "cuda"):
         context.compile_backend = h.run.compile_backend
         configure_compile(context.compile_backend)
-    log(f"kernels: attention:{attn_backend} compile:{context.compile_backend or 'off (eager)'}")
+    fa3_missing = fa3_problem(device) if device.type == "cuda" and attn_backend != "fa3" else ""
+    log(f"kernels: attention:{attn_backend}{f' (FA3 not used: {fa3_missing})' if fa3_missing else ''} "
+        f"compile:{context.compile_backend or 'off (eager)'}")
     torch.manual_seed(h.run.seed)
     model = GPT(h.model, attn_backend).to(device)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layer order with recurrence "

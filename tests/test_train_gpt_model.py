@@ -2,6 +2,7 @@
 recurrence and parallel lanes behave as specified, documents are isolated, backends agree."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -215,6 +216,17 @@ def test_backend_selection_on_cpu():
     assert train_gpt.select_attention_backend("plain", cpu) == "plain"
     with pytest.raises(ValueError, match="ATTN_BACKEND=fa3"):
         train_gpt.select_attention_backend("fa3", cpu)
+
+
+def test_fa3_check_says_why_it_falls_back(monkeypatch):
+    """FA3 is decided by a real import and call; the reason it is not used goes into the log line."""
+    assert train_gpt.fa3_problem(torch.device("cpu")) == "not a Hopper GPU"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # importing it raises ImportError
+    problem = train_gpt.fa3_problem(torch.device("cuda", 0))
+    assert "ImportError" in problem or "ModuleNotFoundError" in problem
+    assert "flash_attn_interface" in problem
+    assert train_gpt.fa3_available(torch.device("cuda", 0)) is False
 
 
 def test_xsa_removes_the_own_value_component():
