@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import linecache
 import lzma
 import math
 import os
@@ -857,22 +858,33 @@ def fused_ops() -> Any:
     return torch.ops.pgolf
 
 
-def register_fused_ops() -> None:
+def triton_kernels() -> tuple:
+    """Define the Triton kernels: (softcapped CE forward, its backward, matmul + LeakyReLU(0.5)^2)."""
     # module globals, imported only now: Triton (and its interpreter) resolve `tl` in a kernel's globals
     global triton, tl
     import triton
     import triton.language as tl
 
+    # Triton reads each kernel's source; the packed script execs its text, so there is no file to read:
+    # give linecache the unpacked text under the exec'd code's file name
+    filename = triton_kernels.__code__.co_filename
+    if not os.path.exists(filename) and filename not in linecache.cache:
+        with open(__file__, encoding="utf-8") as handle:
+            lines = unpack_code(handle.read()).splitlines(keepends=True)
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+
+    # Block sizes are literals, not `tl.constexpr` arguments: the packed script's minifier drops
+    # argument annotations, and Triton knows a constexpr argument only by its annotation.
     @triton.jit
-    def softcapped_ce_forward_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, row_stride, vocab, cap,
-                                     BLOCK: tl.constexpr):
-        # one program per row: an online log-sum-exp over vocabulary blocks; the capped row is never stored
+    def softcapped_ce_forward_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, row_stride, vocab, cap):
+        # one program per row: an online log-sum-exp over vocabulary blocks of 1024; the capped row is
+        # never stored
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
         running_max = -float("inf")
         running_sum = 0.0
-        for start in range(0, vocab, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
+        for start in range(0, vocab, 1024):
+            cols = start + tl.arange(0, 1024)
             raw = tl.load(row_ptr + cols, mask=cols < vocab, other=0.0).to(tl.float32)
             capped = cap * (2.0 * tl.sigmoid(2.0 * raw / cap) - 1.0)  # = cap * tanh(raw / cap)
             capped = tl.where(cols < vocab, capped, -float("inf"))
@@ -886,15 +898,15 @@ def register_fused_ops() -> None:
 
     @triton.jit
     def softcapped_ce_backward_kernel(logits_ptr, targets_ptr, lse_ptr, grad_loss_ptr, grad_ptr, row_stride, vocab,
-                                      cap, BLOCK: tl.constexpr):
+                                      cap):
         # d loss / d raw = (softmax(capped) - onehot(target)) * (1 - tanh^2), with tanh = 2 s - 1 and
         # 1 - tanh^2 = 4 s (1 - s), s = sigmoid(2 raw / cap); recomputed from the raw logits
         row = tl.program_id(0).to(tl.int64)
         lse = tl.load(lse_ptr + row)
         grad_loss = tl.load(grad_loss_ptr + row)
         target = tl.load(targets_ptr + row)
-        for start in range(0, vocab, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
+        for start in range(0, vocab, 1024):
+            cols = start + tl.arange(0, 1024)
             mask = cols < vocab
             raw = tl.load(logits_ptr + row * row_stride + cols, mask=mask, other=0.0).to(tl.float32)
             s = tl.sigmoid(2.0 * raw / cap)
@@ -904,17 +916,16 @@ def register_fused_ops() -> None:
 
     @triton.jit
     def linear_leaky_relu2_kernel(a_ptr, b_ptr, out_ptr, pre_ptr, rows, cols, inner, stride_am, stride_ak,
-                                  stride_bn, stride_bk, FORWARD: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # acc = A [rows, inner] @ B[cols, inner]^T for one output tile. Forward: write pre = acc and
-        # post = leaky_relu2(pre). Backward (A = grad of the MLP output, B = down weight^T): write
-        # acc * leaky_relu2'(pre), the gradient at the up-projection's output.
+                                  stride_bn, stride_bk, forward):
+        # acc = A [rows, inner] @ B[cols, inner]^T for one 64 x 64 output tile (inner steps of 32).
+        # Forward: write pre = acc and post = leaky_relu2(pre). Backward (A = grad of the MLP output,
+        # B = down weight^T): write acc * leaky_relu2'(pre), the gradient at the up-projection's output.
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k_start in range(0, inner, BLOCK_K):
+        offs_m = pid_m * 64 + tl.arange(0, 64)
+        offs_n = pid_n * 64 + tl.arange(0, 64)
+        offs_k = tl.arange(0, 32)
+        acc = tl.zeros((64, 64), dtype=tl.float32)
+        for k_start in range(0, inner, 32):
             ks = k_start + offs_k
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
                         mask=(offs_m[:, None] < rows) & (ks[None, :] < inner), other=0.0)
@@ -923,7 +934,7 @@ def register_fused_ops() -> None:
             acc = tl.dot(a, tl.trans(b), acc)
         tile = offs_m[:, None] * cols + offs_n[None, :]
         mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
-        if FORWARD:
+        if forward:
             pre = acc.to(pre_ptr.dtype.element_ty)  # rounded like F.linear's output, then activated
             tl.store(pre_ptr + tile, pre, mask=mask)
             leaky = tl.where(pre > 0, pre.to(tl.float32), 0.5 * pre.to(tl.float32))
@@ -933,7 +944,11 @@ def register_fused_ops() -> None:
             slope = tl.where(pre > 0, 2.0 * pre, 0.5 * pre)  # d/dpre of leaky_relu(pre, 0.5)^2
             tl.store(out_ptr + tile, (acc * slope).to(out_ptr.dtype.element_ty), mask=mask)
 
-    ce_block, (tile_m, tile_n, tile_k) = 1024, (64, 64, 32)
+    return softcapped_ce_forward_kernel, softcapped_ce_backward_kernel, linear_leaky_relu2_kernel
+
+
+def register_fused_ops() -> None:
+    softcapped_ce_forward_kernel, softcapped_ce_backward_kernel, linear_leaky_relu2_kernel = triton_kernels()
 
     @torch.library.custom_op("pgolf::softcapped_ce", mutates_args=())
     def softcapped_ce(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -941,7 +956,7 @@ def register_fused_ops() -> None:
         loss = logits.new_empty(logits.size(0), dtype=torch.float32)
         lse = torch.empty_like(loss)
         softcapped_ce_forward_kernel[(logits.size(0),)](logits, targets, loss, lse, logits.stride(0), logits.size(1),
-                                                        cap, BLOCK=ce_block)
+                                                        cap)
         return loss, lse
 
     @softcapped_ce.register_fake
@@ -955,7 +970,7 @@ def register_fused_ops() -> None:
         grad = torch.empty_like(logits)
         softcapped_ce_backward_kernel[(logits.size(0),)](logits, targets.contiguous(), lse.contiguous(),
                                                          grad_loss.float().contiguous(), grad, logits.stride(0),
-                                                         logits.size(1), cap, BLOCK=ce_block)
+                                                         logits.size(1), cap)
         return grad
 
     @softcapped_ce_backward.register_fake
@@ -976,10 +991,9 @@ def register_fused_ops() -> None:
     def launch_linear_leaky_relu2(a, b, pre, forward):  # b is read through its strides: no transposed copy
         rows, cols = a.size(0), b.size(0)
         out = a.new_empty(rows, cols)
-        grid = (triton.cdiv(rows, tile_m), triton.cdiv(cols, tile_n))
+        grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64))  # the kernel's tile
         linear_leaky_relu2_kernel[grid](a, b, out, pre, rows, cols, a.size(1), a.stride(0), a.stride(1),
-                                        b.stride(0), b.stride(1), FORWARD=forward, BLOCK_M=tile_m, BLOCK_N=tile_n,
-                                        BLOCK_K=tile_k)
+                                        b.stride(0), b.stride(1), int(forward))
         return out
 
     @torch.library.custom_op("pgolf::linear_leaky_relu2", mutates_args=())
@@ -2730,6 +2744,13 @@ def pack_code(source):
     encoded = base64.b85encode(compressed).decode("ascii")  # alphabet has no quote or backslash
     # underscore aliases: the wrapper adds no public name to the module's namespace
     return f'{PACKED_PREFIX}{encoded}")))\n'
+
+
+def unpack_code(text):
+    """The source a packed script runs (`pack_code`'s inverse); any other text is returned as it is."""
+    if not (text.startswith(PACKED_PREFIX) and text.count("\n") == 2):
+        return text
+    return brotli.decompress(base64.b85decode(text[len(PACKED_PREFIX): text.rindex('")))')])).decode()
 
 
 def counted_code_bytes(path):

@@ -164,3 +164,21 @@ def test_fused_kernels_are_chosen_only_where_they_can_run(monkeypatch):
         train_gpt.select_fused_kernels(relu2.run, relu2.model, cpu)
     with pytest.raises(ValueError, match="FUSED_MLP='2'"):
         tiny_h(FUSED_MLP=2)
+
+
+@interpreted
+def test_the_packed_script_defines_the_kernels_from_its_exec_d_source(tmp_path):
+    """The counted (packed) script execs its source from a string, where Triton finds no file to read
+    a kernel from; it hands Triton the unpacked text, and its CE kernel computes the same losses."""
+    import runpy
+
+    source = open(train_gpt.__file__, encoding="utf-8").read()
+    packed = tmp_path / "train_gpt_packed.py"
+    packed.write_text(train_gpt.pack_code(source))
+    assert train_gpt.unpack_code(packed.read_text()) == train_gpt.minify_source(source)
+    namespace = runpy.run_path(str(packed), run_name="packed_train_gpt")
+    ce_forward = namespace["triton_kernels"]()[0]
+    logits, targets = torch.randn(3, 40) * 9, torch.tensor([0, 17, 39])
+    loss, lse = torch.empty(3), torch.empty(3)
+    ce_forward[(3,)](logits, targets, loss, lse, logits.stride(0), 40, 30.0)
+    torch.testing.assert_close(loss, train_gpt.softcapped_nll_reference(logits, targets, 30.0), atol=1e-5, rtol=1e-5)
