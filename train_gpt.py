@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import linecache
 import lzma
 import math
 import os
@@ -76,6 +77,8 @@ class RunSettings:
     compile: str = "auto"  # torch.compile training and eval forwards: auto (on for CUDA, off for CPU)|0|1
     compile_backend: str = "inductor"  # torch.compile backend; aot_eager traces and checks graphs without codegen
     attn_backend: str = "auto"  # auto|fa3|flex|sdpa|plain|varlen (FA3 layout, plain math) attention kernel
+    fused_mlp: str = "auto"  # Triton LeakyReLU(0.5)^2 MLP up-projection (PR 1736): auto (CUDA + triton)|0|1
+    fused_ce: str = "auto"  # Triton softcapped cross-entropy (PR 1855): auto (CUDA + triton)|0|1
     autocast: str = "auto"  # auto|bf16|fp32 compute dtype (auto: bf16 on CUDA, fp32 on CPU)
     cpu_threads: int = 0  # CPU intra-op threads; 0 = torch's default (small models run best on 1)
     post_training_only: bool = False  # skip training; quantize/evaluate ARTIFACT_DIR/final_model.pt
@@ -291,6 +294,7 @@ class Hyperparameters:
         choices = [(run, "device", "auto cpu cuda"), (run, "compile", "auto 0 1"),
                    (run, "compile_backend", "inductor aot_eager eager"),
                    (run, "attn_backend", "auto fa3 flex sdpa plain varlen"), (run, "autocast", "auto bf16 fp32"),
+                   (run, "fused_mlp", "auto 0 1"), (run, "fused_ce", "auto 0 1"),
                    (model, "mlp_act", "leaky_relu2 relu2"), (quant, "quant_scheme", "gptq int8"),
                    (quant, "gptq_calibration_source", "train generated"),
                    (quant, "quant_compressor", "rans brotli lzma zlib"),
@@ -429,7 +433,7 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "pr1736": ("pr1855", dict(  # without PR 1855's SmearGate, sparse gate, Polar-Express, MIN_LR, LQER
         smear_gate=False, sparse_attn_gate=False, muon_polar_express=False, min_lr=0.0, warmdown_frac=0.75,
         adam_beta2=0.95, quant_mlp_clip_sigmas=12.0, quant_embed_clip_sigmas=15.0, lqer_enabled=False,
-        quant_compressor="brotli",
+        quant_compressor="brotli", fused_ce="0",
         phased_ttt_prefix_docs=2000, phased_ttt_lora_rank=96, phased_ttt_lora_alpha=96.0, phased_ttt_beta2=0.999)),
     "pr1493": ("pr1736", dict(  # SP8192 (no CaseOps), parallel from layer 7, QK-gain 5.25, chunked SGD TTT
         data_path="./data/datasets/fineweb10B_sp8192", parallel_start_layer=7, qk_gain_init=5.25,
@@ -808,19 +812,253 @@ class CausalSelfAttention(nn.Module):
         return apply_lora(self.out_proj, "o", layer, y, lora)
 
 
+# --- optional Triton kernels (PR 1736 / PR 1855), each beside the PyTorch reference it must match ---
+# Chosen once at start (`select_fused_kernels`); triton is imported only when one is used, so the script
+# runs without it. Tests run both kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1).
+
+
+def leaky_relu2(pre: torch.Tensor) -> torch.Tensor:
+    """LeakyReLU(0.5)^2 (PR 1274 line): keeps a gradient for negative inputs."""
+    return F.leaky_relu(pre, negative_slope=0.5).square()
+
+
+def softcap_logits(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap) in float32; cap 0 = no cap."""
+    logits = logits.float()
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+def softcapped_nll_reference(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-token NLL [N] of raw head logits [N, V] after the softcap (the fused kernel's reference)."""
+    return F.cross_entropy(softcap_logits(logits, cap), targets, reduction="none")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:  # missing, or a build that does not import next to this torch
+        return False
+
+
+def select_fused_kernels(run: RunSettings, model: ModelSettings, device: torch.device) -> tuple[bool, bool]:
+    """(fused MLP, fused CE): auto = on with CUDA and triton where the model uses the op; 1 = required."""
+    available = device.type == "cuda" and triton_available()
+    chosen = []
+    for name, applies in (("fused_mlp", model.mlp_act == "leaky_relu2"), ("fused_ce", model.logit_softcap > 0)):
+        value = getattr(run, name)
+        if value == "1":
+            require(available or os.environ.get("TRITON_INTERPRET") == "1", f"{name.upper()}=1 needs CUDA and triton")
+            require(applies, f"{name.upper()}=1 needs MLP_ACT=leaky_relu2 and LOGIT_SOFTCAP>0")
+        chosen.append(value == "1" or (value == "auto" and available and applies))
+    return chosen[0], chosen[1]
+
+
+def fused_ops() -> Any:
+    """torch.ops.pgolf with the Triton kernels registered as custom ops (once per process), so that
+    torch.compile treats each launch as one opaque op with a known output shape. Called eagerly (by
+    GPT.__init__), never inside a compiled graph."""
+    if not hasattr(torch.ops.pgolf, "softcapped_ce"):
+        register_fused_ops()
+    return torch.ops.pgolf
+
+
+def triton_kernels() -> tuple:
+    """Define the Triton kernels: (softcapped CE forward, its backward, matmul + LeakyReLU(0.5)^2)."""
+    # module globals, imported only now: Triton (and its interpreter) resolve `tl` in a kernel's globals
+    global triton, tl
+    import triton
+    import triton.language as tl
+
+    # Triton reads each kernel's source; the packed script execs its text, so there is no file to read:
+    # give linecache the unpacked text under the exec'd code's file name
+    filename = triton_kernels.__code__.co_filename
+    if not os.path.exists(filename) and filename not in linecache.cache:
+        with open(__file__, encoding="utf-8") as handle:
+            lines = unpack_code(handle.read()).splitlines(keepends=True)
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+
+    # Block sizes are literals, not `tl.constexpr` arguments: the packed script's minifier drops
+    # argument annotations, and Triton knows a constexpr argument only by its annotation.
+    @triton.jit
+    def softcapped_ce_forward_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, row_stride, vocab, cap):
+        # one program per row: an online log-sum-exp over vocabulary blocks of 1024; the capped row is
+        # never stored
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * row_stride
+        running_max = -float("inf")
+        running_sum = 0.0
+        for start in range(0, vocab, 1024):
+            cols = start + tl.arange(0, 1024)
+            raw = tl.load(row_ptr + cols, mask=cols < vocab, other=0.0).to(tl.float32)
+            capped = cap * (2.0 * tl.sigmoid(2.0 * raw / cap) - 1.0)  # = cap * tanh(raw / cap)
+            capped = tl.where(cols < vocab, capped, -float("inf"))
+            block_max = tl.maximum(running_max, tl.max(capped, axis=0))
+            running_sum = running_sum * tl.exp(running_max - block_max) + tl.sum(tl.exp(capped - block_max), axis=0)
+            running_max = block_max
+        lse = running_max + tl.log(running_sum)
+        target_raw = tl.load(row_ptr + tl.load(targets_ptr + row)).to(tl.float32)
+        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, lse - cap * (2.0 * tl.sigmoid(2.0 * target_raw / cap) - 1.0))
+
+    @triton.jit
+    def softcapped_ce_backward_kernel(logits_ptr, targets_ptr, lse_ptr, grad_loss_ptr, grad_ptr, row_stride, vocab,
+                                      cap):
+        # d loss / d raw = (softmax(capped) - onehot(target)) * (1 - tanh^2), with tanh = 2 s - 1 and
+        # 1 - tanh^2 = 4 s (1 - s), s = sigmoid(2 raw / cap); recomputed from the raw logits
+        row = tl.program_id(0).to(tl.int64)
+        lse = tl.load(lse_ptr + row)
+        grad_loss = tl.load(grad_loss_ptr + row)
+        target = tl.load(targets_ptr + row)
+        for start in range(0, vocab, 1024):
+            cols = start + tl.arange(0, 1024)
+            mask = cols < vocab
+            raw = tl.load(logits_ptr + row * row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            s = tl.sigmoid(2.0 * raw / cap)
+            probs = tl.exp(cap * (2.0 * s - 1.0) - lse)
+            grad = grad_loss * (probs - tl.where(cols == target, 1.0, 0.0)) * 4.0 * s * (1.0 - s)
+            tl.store(grad_ptr + row * row_stride + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def linear_leaky_relu2_kernel(a_ptr, b_ptr, out_ptr, pre_ptr, rows, cols, inner, stride_am, stride_ak,
+                                  stride_bn, stride_bk, forward):
+        # acc = A [rows, inner] @ B[cols, inner]^T for one 64 x 64 output tile (inner steps of 32).
+        # Forward: write pre = acc and post = leaky_relu2(pre). Backward (A = grad of the MLP output,
+        # B = down weight^T): write acc * leaky_relu2'(pre), the gradient at the up-projection's output.
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * 64 + tl.arange(0, 64)
+        offs_n = pid_n * 64 + tl.arange(0, 64)
+        offs_k = tl.arange(0, 32)
+        acc = tl.zeros((64, 64), dtype=tl.float32)
+        for k_start in range(0, inner, 32):
+            ks = k_start + offs_k
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+                        mask=(offs_m[:, None] < rows) & (ks[None, :] < inner), other=0.0)
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + ks[None, :] * stride_bk,
+                        mask=(offs_n[:, None] < cols) & (ks[None, :] < inner), other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc)
+        tile = offs_m[:, None] * cols + offs_n[None, :]
+        mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
+        if forward:
+            pre = acc.to(pre_ptr.dtype.element_ty)  # rounded like F.linear's output, then activated
+            tl.store(pre_ptr + tile, pre, mask=mask)
+            leaky = tl.where(pre > 0, pre.to(tl.float32), 0.5 * pre.to(tl.float32))
+            tl.store(out_ptr + tile, (leaky * leaky).to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            pre = tl.load(pre_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+            slope = tl.where(pre > 0, 2.0 * pre, 0.5 * pre)  # d/dpre of leaky_relu(pre, 0.5)^2
+            tl.store(out_ptr + tile, (acc * slope).to(out_ptr.dtype.element_ty), mask=mask)
+
+    return softcapped_ce_forward_kernel, softcapped_ce_backward_kernel, linear_leaky_relu2_kernel
+
+
+def register_fused_ops() -> None:
+    softcapped_ce_forward_kernel, softcapped_ce_backward_kernel, linear_leaky_relu2_kernel = triton_kernels()
+
+    @torch.library.custom_op("pgolf::softcapped_ce", mutates_args=())
+    def softcapped_ce(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, targets = logits.contiguous(), targets.contiguous()
+        loss = logits.new_empty(logits.size(0), dtype=torch.float32)
+        lse = torch.empty_like(loss)
+        softcapped_ce_forward_kernel[(logits.size(0),)](logits, targets, loss, lse, logits.stride(0), logits.size(1),
+                                                        cap)
+        return loss, lse
+
+    @softcapped_ce.register_fake
+    def _(logits, targets, cap):
+        return logits.new_empty(logits.size(0), dtype=torch.float32), logits.new_empty(logits.size(0), dtype=torch.float32)
+
+    @torch.library.custom_op("pgolf::softcapped_ce_backward", mutates_args=())
+    def softcapped_ce_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor,
+                               cap: float) -> torch.Tensor:
+        logits = logits.contiguous()
+        grad = torch.empty_like(logits)
+        softcapped_ce_backward_kernel[(logits.size(0),)](logits, targets.contiguous(), lse.contiguous(),
+                                                         grad_loss.float().contiguous(), grad, logits.stride(0),
+                                                         logits.size(1), cap)
+        return grad
+
+    @softcapped_ce_backward.register_fake
+    def _(logits, targets, lse, grad_loss, cap):
+        return torch.empty_like(logits)
+
+    def ce_setup_context(ctx, inputs, output):
+        logits, targets, cap = inputs
+        ctx.save_for_backward(logits, targets, output[1])
+        ctx.cap = cap
+
+    def ce_backward(ctx, grad_loss, grad_lse):
+        logits, targets, lse = ctx.saved_tensors
+        return torch.ops.pgolf.softcapped_ce_backward(logits, targets, lse, grad_loss, ctx.cap), None, None
+
+    softcapped_ce.register_autograd(ce_backward, setup_context=ce_setup_context)
+
+    def launch_linear_leaky_relu2(a, b, pre, forward):  # b is read through its strides: no transposed copy
+        rows, cols = a.size(0), b.size(0)
+        out = a.new_empty(rows, cols)
+        grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64))  # the kernel's tile
+        linear_leaky_relu2_kernel[grid](a, b, out, pre, rows, cols, a.size(1), a.stride(0), a.stride(1),
+                                        b.stride(0), b.stride(1), int(forward))
+        return out
+
+    @torch.library.custom_op("pgolf::linear_leaky_relu2", mutates_args=())
+    def linear_leaky_relu2(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = x.new_empty(x.size(0), weight.size(0))
+        return pre, launch_linear_leaky_relu2(x, weight, pre, True)
+
+    @linear_leaky_relu2.register_fake
+    def _(x, weight):
+        return x.new_empty(x.size(0), weight.size(0)), x.new_empty(x.size(0), weight.size(0))
+
+    @torch.library.custom_op("pgolf::linear_leaky_relu2_backward", mutates_args=())
+    def linear_leaky_relu2_backward(grad_out: torch.Tensor, down_weight: torch.Tensor,
+                                    pre: torch.Tensor) -> torch.Tensor:
+        return launch_linear_leaky_relu2(grad_out, down_weight.mT, pre.contiguous(), False)
+
+    @linear_leaky_relu2_backward.register_fake
+    def _(grad_out, down_weight, pre):
+        return torch.empty_like(pre)
+
+
+def fused_softcapped_nll(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+    """`softcapped_nll_reference` by the Triton kernel: logits [N, V] in their own dtype (bf16 under
+    autocast); no [N, V] float32 copy is made or kept; the backward recomputes from the raw logits."""
+    return torch.ops.pgolf.softcapped_ce(logits, targets, cap)[0]
+
+
+class FusedLeakyReLU2MLP(torch.autograd.Function):
+    """leaky_relu2(x W_up^T) W_down^T with the activation fused into the up-projection's matmul, and in
+    the backward into the matmul that brings the output gradient back to the hidden layer (PR 1736)."""
+
+    @staticmethod
+    def forward(ctx, x, up_weight, down_weight):  # x [N, D], up [H, D], down [D, H]
+        pre, post = torch.ops.pgolf.linear_leaky_relu2(x, up_weight)  # [N, H] each
+        ctx.save_for_backward(x, up_weight, down_weight, pre, post)
+        return post @ down_weight.mT
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, up_weight, down_weight, pre, post = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_pre = torch.ops.pgolf.linear_leaky_relu2_backward(grad_out, down_weight, pre)  # [N, H]
+        return grad_pre @ up_weight, grad_pre.mT @ x, grad_out.mT @ post
+
+
 class MLP(nn.Module):
-    def __init__(self, config: ModelSettings, layer_index: int):
+    def __init__(self, config: ModelSettings, layer_index: int, fused: bool = False):
         super().__init__()
-        self.layer_index, self.act = layer_index, config.mlp_act
+        self.layer_index, self.act, self.fused = layer_index, config.mlp_act, fused
         self.fc = MatrixLinear(config.model_dim, config.mlp_mult * config.model_dim)
         self.proj = MatrixLinear(config.mlp_mult * config.model_dim, config.model_dim, zero_init=True)
 
     def forward(self, x: torch.Tensor, lora: Any = None, slot: int = 0) -> torch.Tensor:
+        if self.fused and lora is None:  # the Triton kernel (adapters need the unfused path)
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            out = FusedLeakyReLU2MLP.apply(x.reshape(-1, x.size(-1)).to(dtype), self.fc.weight.to(dtype),
+                                           self.proj.weight.to(dtype))
+            return out.view(*x.shape[:-1], out.size(-1))
         hidden = apply_lora(self.fc, "mlp_in", slot, x, lora)
-        if self.act == "leaky_relu2":  # LeakyReLU(0.5)^2 (PR 1274 line): keeps gradient for negatives
-            hidden = F.leaky_relu(hidden, negative_slope=0.5).square()
-        else:  # ReLU^2 (baseline)
-            hidden = F.relu(hidden).square()
+        hidden = leaky_relu2(hidden) if self.act == "leaky_relu2" else F.relu(hidden).square()  # ReLU^2: baseline
         return apply_lora(self.proj, "mlp_out", slot, hidden, lora)
 
 
@@ -832,9 +1070,9 @@ class Block(nn.Module):
     scalars (init 1: equal lanes, i.e. a GPT-J parallel block); the model output is the lanes' mean.
     """
 
-    def __init__(self, config: ModelSettings, layer_index: int):
+    def __init__(self, config: ModelSettings, layer_index: int, fused_mlp: bool = False):
         super().__init__()
-        self.attn, self.mlp = CausalSelfAttention(config, layer_index), MLP(config, layer_index)
+        self.attn, self.mlp = CausalSelfAttention(config, layer_index), MLP(config, layer_index, fused_mlp)
         self.attn_scale = nn.Parameter(torch.ones(config.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(config.model_dim))
         # LN scale (PR 1493 line): deeper blocks see a smaller normed input, 1/sqrt(layer+1)
@@ -892,15 +1130,19 @@ class GPT(nn.Module):
     forward_logits, per_token_nll, set_recurrence; `lora` hooks at every adaptable linear.
     """
 
-    def __init__(self, config: ModelSettings, attn_backend: str = "sdpa"):
+    def __init__(self, config: ModelSettings, attn_backend: str = "sdpa", fused_mlp: bool = False,
+                 fused_ce: bool = False):
         super().__init__()
         if attn_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend {attn_backend!r} is not one of {ATTENTION_BACKENDS}")
         self.config, self.attn_backend = config, attn_backend
+        self.fused_ce = fused_ce and config.logit_softcap > 0  # Triton softcapped CE (PR 1855)
+        if fused_mlp or fused_ce:
+            fused_ops()
         self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=config.tied_embed_init_std)
         self.smear = SmearGate(config) if config.smear_gate else None
-        self.blocks = nn.ModuleList([Block(config, index) for index in range(config.num_layers)])
+        self.blocks = nn.ModuleList([Block(config, index, fused_mlp) for index in range(config.num_layers)])
         self.recurrence_active = False
         # skip parameters are sized for the longest layer order (recurrence on); fewer are used when off
         encoder, decoder = self.layer_order(looping=config.recurrence_enabled)
@@ -954,20 +1196,24 @@ class GPT(nn.Module):
             x = self.blocks[index](x, x0, layout, lora, len(encoder) + position)
         return rms_norm(x.mean(dim=0))  # mean of the lanes
 
+    def head_logits(self, input_ids: torch.Tensor, lora: Any = None,
+                    layout: DocumentLayout | None = None) -> torch.Tensor:
+        """Raw logits [B, T, V] before the softcap, in the compute dtype; the head is the tied embedding."""
+        hidden = self.hidden_states(input_ids, lora, layout)
+        return apply_lora(lambda z: F.linear(z, self.tok_emb.weight.to(z.dtype)), "head", -1, hidden, lora)
+
     def forward_logits(self, input_ids: torch.Tensor, lora: Any = None,
                        layout: DocumentLayout | None = None) -> torch.Tensor:
-        """Softcapped float32 logits [B, T, V]; the head is the tied embedding."""
-        hidden = self.hidden_states(input_ids, lora, layout)
-        logits = apply_lora(lambda z: F.linear(z, self.tok_emb.weight.to(z.dtype)), "head", -1, hidden, lora)
-        logits = logits.float()
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+        """Softcapped float32 logits [B, T, V]."""
+        return softcap_logits(self.head_logits(input_ids, lora, layout), self.config.logit_softcap)
 
     def per_token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor, lora: Any = None,
                       layout: DocumentLayout | None = None) -> torch.Tensor:
         """Per-token negative log-likelihood in nats [B, T] (float32, full softmax over the vocabulary)."""
-        logits = self.forward_logits(input_ids, lora, layout)
-        nll = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none")
+        logits = self.head_logits(input_ids, lora, layout).flatten(0, 1)  # [B*T, V]
+        cap = self.config.logit_softcap
+        nll = (fused_softcapped_nll(logits, target_ids.flatten(), cap) if self.fused_ce
+               else softcapped_nll_reference(logits, target_ids.flatten(), cap))
         return nll.view_as(target_ids)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor,
@@ -2507,6 +2753,13 @@ def pack_code(source):
     return f'{PACKED_PREFIX}{encoded}")))\n'
 
 
+def unpack_code(text):
+    """The source a packed script runs (`pack_code`'s inverse); any other text is returned as it is."""
+    if not (text.startswith(PACKED_PREFIX) and text.count("\n") == 2):
+        return text
+    return brotli.decompress(base64.b85decode(text[len(PACKED_PREFIX): text.rindex('")))')])).decode()
+
+
 def counted_code_bytes(path):
     with open(path, encoding="utf-8") as handle:
         return len(pack_code(handle.read()).encode("utf-8"))
@@ -3819,10 +4072,11 @@ def run_stages(h: Hyperparameters, context: RunContext) -> dict[str, Any]:
         context.compile_backend = h.run.compile_backend
         configure_compile(context.compile_backend)
     fa3_missing = fa3_problem(device) if device.type == "cuda" and attn_backend != "fa3" else ""
+    fused_mlp, fused_ce = select_fused_kernels(h.run, h.model, device)
     log(f"kernels: attention:{attn_backend}{f' (FA3 not used: {fa3_missing})' if fa3_missing else ''} "
-        f"compile:{context.compile_backend or 'off (eager)'}")
+        f"compile:{context.compile_backend or 'off (eager)'} fused_mlp:{int(fused_mlp)} fused_ce:{int(fused_ce)}")
     torch.manual_seed(h.run.seed)
-    model = GPT(h.model, attn_backend).to(device)
+    model = GPT(h.model, attn_backend, fused_mlp, fused_ce).to(device)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layer order with recurrence "
         f"{model.layer_order(looping=h.model.recurrence_enabled)}")
     accum, seqs_per_micro = h.data.batch_layout(context.world_size)
