@@ -168,6 +168,7 @@ class OptimSettings:
     muon_momentum: float = 0.97  # Muon momentum after warm-up
     muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0
     muon_momentum_warmup_steps: int = 1500  # steps to warm Muon momentum up
+    muon_momentum_warmup_frac: float = 0.0  # >0: momentum warm-up over this fraction of training (not steps)
     muon_nesterov: bool = True  # Nesterov momentum in Muon
     muon_backend_steps: int = 5  # Newton-Schulz iterations
     muon_polar_express: bool = True  # Polar-Express Newton-Schulz coefficients (PR 1855)
@@ -183,6 +184,7 @@ class OptimSettings:
     adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip_norm: float = 0.3  # global gradient-norm clip; 0 = off
     ema_decay: float = 0.9965  # EMA of weights (the EMA is what gets quantized); 0 = off
+    ema_horizon_frac: float = 0.0  # >0: EMA horizon 1/(1-decay) = this fraction of expected steps (not EMA_DECAY)
     train_log_every: int = 50  # log a step line every N steps
     checkpoint_every: int = 0  # write ARTIFACT_DIR/checkpoint.pt every N steps (0: never); final_model.pt: at the end
 
@@ -321,6 +323,7 @@ class Hyperparameters:
                 require(getattr(section, name) >= 0, f"{name.upper()}={getattr(section, name)} must be >= 0")
         for section, name in ((model, "enable_looping_at"), (optim, "warmdown_frac"), (optim, "min_lr"),
                               (optim, "muon_momentum"), (optim, "muon_momentum_warmup_start"), (optim, "adam_beta1"),
+                              (optim, "muon_momentum_warmup_frac"), (optim, "ema_horizon_frac"),
                               (optim, "adam_beta2"), (eval, "ttt_momentum"), (eval, "phased_ttt_beta1"),
                               (eval, "phased_ttt_beta2"), (eval, "phased_ttt_global_momentum")):
             require(0.0 <= getattr(section, name) <= 1.0, f"{name.upper()}={getattr(section, name)} must be in [0, 1]")
@@ -469,6 +472,12 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         phased_ttt_lora_rank=4, phased_ttt_lora_alpha=7.2, phased_ttt_docs_per_batch=8,
         phased_ttt_global_chunk_tokens=2048,
         sliding_stride=32, quant_small_tensor_numel=1024)),
+    # the record stack at the tiny shape with every schedule relative to the run's length, for CPU and
+    # single-GPU proxies: PR 1855's 1,500 momentum warm-up steps and its EMA's 286-step horizon (0.9965)
+    # are 30% and 6% of its ~4,930 steps; warmdown and recurrence switch-on were fractions already
+    "small": ("tiny", dict(
+        muon_momentum_warmup_frac=0.3, ema_horizon_frac=0.058, ema_decay=0.9965, iterations=200,
+        max_wallclock_seconds=0.0, grad_accum_steps=1)),
 }
 
 
@@ -1272,10 +1281,24 @@ def lr_multiplier(progress: float, warmdown_frac: float, min_lr: float) -> float
     return max((1.0 - progress) / warmdown_frac, min_lr)
 
 
-def muon_momentum_at(step: int, config: OptimSettings) -> float:
-    """Muon momentum warmed up linearly from MUON_MOMENTUM_WARMUP_START over the first steps."""
-    frac = min(step / config.muon_momentum_warmup_steps, 1.0) if config.muon_momentum_warmup_steps > 0 else 1.0
+def muon_momentum_at(step: int, progress: float, config: OptimSettings) -> float:
+    """Muon momentum warmed up linearly from MUON_MOMENTUM_WARMUP_START over the first steps, or over
+    the first MUON_MOMENTUM_WARMUP_FRAC of training (the `small` preset: same shape at any run length)."""
+    if config.muon_momentum_warmup_frac > 0:
+        frac = min(progress / config.muon_momentum_warmup_frac, 1.0)
+    elif config.muon_momentum_warmup_steps > 0:
+        frac = min(step / config.muon_momentum_warmup_steps, 1.0)
+    else:
+        frac = 1.0
     return (1 - frac) * config.muon_momentum_warmup_start + frac * config.muon_momentum
+
+
+def relative_ema_decay(horizon_frac: float, step: int, progress: float, iterations: int) -> float:
+    """EMA decay whose horizon 1/(1-decay) is `horizon_frac` of the run's expected steps: ITERATIONS, or
+    under a wallclock cap step/progress (the pace so far), whichever is smaller. A fixed decay (0.9965 =
+    a 286-step horizon, 6% of PR 1855's ~4,930 steps) keeps ~70% of the initial weights after 100 steps."""
+    expected = min(step / progress, iterations) if step > 0 and progress > 0 else iterations
+    return 1.0 - 1.0 / max(horizon_frac * expected, 1.0)
 
 
 def distributed_info() -> tuple[int, int]:
@@ -1748,7 +1771,9 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
             stop_reason = "wallclock"
             break
         optimizer.set_schedule(lr_multiplier(progress, h.optim.warmdown_frac, h.optim.min_lr),
-                               muon_momentum_at(step, h.optim))
+                               muon_momentum_at(step, progress, h.optim))
+        if ema is not None and h.optim.ema_horizon_frac > 0:
+            ema.decay = relative_ema_decay(h.optim.ema_horizon_frac, step, progress, h.optim.iterations)
         loss_value = train_step(loader.next_step())
         stop_if_diverged(loss_value, step + 1, checkpoint_path, log)
         optimizer.step()
@@ -4020,7 +4045,8 @@ def train_run(h: Hyperparameters, model: GPT, context: RunContext, checkpoint_pa
     # silent eager fallback
     backend = context.compile_backend
     forward = torch.compile(model, dynamic=False, fullgraph=True, backend=backend) if backend else model
-    ema = ExponentialMovingAverage(model, h.optim.ema_decay) if h.optim.ema_decay > 0 else None
+    ema = (ExponentialMovingAverage(model, h.optim.ema_decay)
+           if h.optim.ema_decay > 0 or h.optim.ema_horizon_frac > 0 else None)
     synchronize = torch.cuda.synchronize if context.device.type == "cuda" else (lambda: None)
     resume = None
     if h.run.resume:

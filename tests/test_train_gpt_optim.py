@@ -57,9 +57,59 @@ def test_lr_schedule_is_flat_then_linear_to_the_floor():
 
 def test_momentum_warmup():
     h = tiny_h(MUON_MOMENTUM_WARMUP_STEPS=100, MUON_MOMENTUM_WARMUP_START=0.92, MUON_MOMENTUM=0.97)
-    assert train_gpt.muon_momentum_at(0, h.optim) == pytest.approx(0.92)
-    assert train_gpt.muon_momentum_at(50, h.optim) == pytest.approx(0.945)
-    assert train_gpt.muon_momentum_at(1000, h.optim) == pytest.approx(0.97)
+    assert train_gpt.muon_momentum_at(0, 0.0, h.optim) == pytest.approx(0.92)
+    assert train_gpt.muon_momentum_at(50, 0.0, h.optim) == pytest.approx(0.945)
+    assert train_gpt.muon_momentum_at(1000, 0.0, h.optim) == pytest.approx(0.97)
+
+
+@pytest.mark.parametrize("steps", [100, 4900])
+def test_relative_momentum_warmup_has_the_same_shape_at_any_run_length(steps):
+    """MUON_MOMENTUM_WARMUP_FRAC: momentum is a function of the training fraction only, linear from the
+    start value to the final one at the fraction, flat after, whatever the number of steps."""
+    h = tiny_h(MUON_MOMENTUM_WARMUP_FRAC=0.3, MUON_MOMENTUM_WARMUP_STEPS=1500, MUON_MOMENTUM_WARMUP_START=0.92,
+               MUON_MOMENTUM=0.97, ITERATIONS=steps)
+    for step in range(0, steps + 1, steps // 20):
+        progress = step / steps
+        expected = 0.92 + (0.97 - 0.92) * min(progress / 0.3, 1.0)  # the record's warm-up, rescaled
+        assert train_gpt.muon_momentum_at(step, progress, h.optim) == pytest.approx(expected)
+
+
+def _ema_weights_by_step(steps: int, horizon_frac: float) -> list[float]:
+    """Weight of each step's live value (index 0: the initial weights) in the final EMA, by running the
+    model's EMA on a module whose weight at step s is the one-hot vector e_s (the EMA is linear)."""
+    module = torch.nn.Linear(steps + 1, 1, bias=False)
+    with torch.no_grad():
+        module.weight.copy_(torch.nn.functional.one_hot(torch.tensor([0]), steps + 1).float())
+    ema = train_gpt.ExponentialMovingAverage(module, 0.0)
+    for step in range(steps):
+        ema.decay = train_gpt.relative_ema_decay(horizon_frac, step, step / steps, steps)
+        with torch.no_grad():
+            module.weight.zero_()
+            module.weight[0, step + 1] = 1.0
+        ema.update(module)
+    return ema.shadow["weight"][0].double().tolist()
+
+
+def test_relative_ema_horizon_averages_the_same_share_of_training_at_any_run_length():
+    """EMA_HORIZON_FRAC: a 100-step and a 4,900-step run average the same part of their training, and
+    at 4,900 steps the decay is the record's 0.9965 (horizon 286 steps); a fixed 0.9965 would keep
+    0.9965^100 = 70% of the random initial weights in a 100-step run's EMA."""
+    assert train_gpt.relative_ema_decay(0.058, 10, 10 / 4900, 4900) == pytest.approx(0.9965, abs=2e-5)
+    short, long = _ema_weights_by_step(100, 0.058), _ema_weights_by_step(4900, 0.058)
+    assert sum(short) == pytest.approx(1.0) and sum(long) == pytest.approx(1.0)
+    assert short[0] < 1e-6 and 0.9965 ** 100 > 0.7
+    # share of the EMA from the last 10% and 20% of training: 1 - (1 - 1/(f N))^(q N) ~ 1 - exp(-q/f)
+    for share in (0.1, 0.2):
+        tail_short, tail_long = sum(short[-int(share * 100):]), sum(long[-int(share * 4900):])
+        assert tail_short == pytest.approx(1 - (1 - 1 / 5.8) ** (share * 100), rel=1e-6)
+        assert abs(tail_short - tail_long) < 0.04
+
+
+def test_relative_ema_horizon_under_a_wallclock_cap_follows_the_pace_so_far():
+    """Without a step limit the expected length is step / progress (capped by ITERATIONS)."""
+    assert train_gpt.relative_ema_decay(0.1, 50, 0.25, 20000) == pytest.approx(1 - 1 / 20)  # 200 steps expected
+    assert train_gpt.relative_ema_decay(0.1, 0, 0.0, 300) == pytest.approx(1 - 1 / 30)  # start: ITERATIONS
+    assert train_gpt.relative_ema_decay(0.01, 5, 0.5, 20000) == 0.0  # horizon under one step: the live weights
 
 
 def test_muon_update_matches_a_hand_computed_step():
