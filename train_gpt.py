@@ -234,7 +234,8 @@ class EvalSettings:
     phased_ttt_num_phases: int = 3  # phased TTT: global-SGD phases
     phased_ttt_lora_rank: int = 80  # phased TTT: LoRA rank
     phased_ttt_lora_alpha: float = 144.0  # phased TTT: adapter output scaled by alpha/rank (PR 1767/1855: 1.8)
-    phased_ttt_lora_sites: str = "q,k,v,o,mlp_in,mlp_out,head"  # phased TTT: linears with a LoRA (a subset)
+    phased_ttt_lora_sites: str = "q,k,v,o,mlp,head"  # phased TTT: sites with a LoRA (a subset of these)
+    phased_ttt_warm_start_a: bool = True  # phased TTT: LoRA A factors carry over between batches of a phase (PR 1767)
     phased_ttt_lr: float = 1e-4  # phased TTT: LoRA Adam learning rate
     phased_ttt_beta1: float = 0.0  # phased TTT: LoRA Adam beta1
     phased_ttt_beta2: float = 0.99  # phased TTT: LoRA Adam beta2
@@ -720,14 +721,18 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def apply_lora(linear: nn.Module, site: str, layer_index: int, x: torch.Tensor, lora: Any) -> torch.Tensor:
-    """y = linear(x) (+ lora(site, layer_index, x) when an adapter is given and returns a delta)."""
-    y = linear(x)
+def add_lora(y: torch.Tensor, site: str, layer_index: int, x: torch.Tensor, lora: Any) -> torch.Tensor:
+    """y (+ lora(site, layer_index, x) when an adapter is given and returns a delta for this site)."""
     if lora is not None:
         delta = lora(site, layer_index, x)
         if delta is not None:
             y = y + delta
     return y
+
+
+def apply_lora(linear: nn.Module, site: str, layer_index: int, x: torch.Tensor, lora: Any) -> torch.Tensor:
+    """linear(x), adapted at `site` by a LoRA that reads the same input x."""
+    return add_lora(linear(x), site, layer_index, x, lora)
 
 
 class MatrixLinear(nn.Linear):
@@ -800,7 +805,8 @@ class CausalSelfAttention(nn.Module):
             gate_logits = self.gate(x[..., : self.gate_dims]) * self.gate_scale  # [B, T, H]
             y = y * torch.sigmoid(gate_logits)[..., None]
         y = y.reshape(batch, seq_len, self.num_heads * self.head_dim)
-        return apply_lora(self.out_proj, "o", layer, y, lora)
+        # the "o" adapter reads the normed block input x, not y, and is added after out_proj (PR 1855)
+        return add_lora(self.out_proj(y), "o", layer, x, lora)
 
 
 class MLP(nn.Module):
@@ -811,12 +817,13 @@ class MLP(nn.Module):
         self.proj = MatrixLinear(config.mlp_mult * config.model_dim, config.model_dim, zero_init=True)
 
     def forward(self, x: torch.Tensor, lora: Any = None, slot: int = 0) -> torch.Tensor:
-        hidden = apply_lora(self.fc, "mlp_in", slot, x, lora)
+        hidden = self.fc(x)
         if self.act == "leaky_relu2":  # LeakyReLU(0.5)^2 (PR 1274 line): keeps gradient for negatives
             hidden = F.leaky_relu(hidden, negative_slope=0.5).square()
         else:  # ReLU^2 (baseline)
             hidden = F.relu(hidden).square()
-        return apply_lora(self.proj, "mlp_out", slot, hidden, lora)
+        # the "mlp" adapter bypasses the whole MLP: model_dim -> model_dim from its normed input (PR 1855)
+        return add_lora(self.proj(hidden), "mlp", slot, x, lora)
 
 
 class Block(nn.Module):
@@ -2661,7 +2668,7 @@ def quantize_and_write_artifact(h: Hyperparameters, model: GPT, context: RunCont
 # Work is split across ranks with torch.distributed (sums all-reduced); no files are shared.
 # -----------------------------------------------------------------------------
 
-LORA_SITES = ("q", "k", "v", "o", "mlp_in", "mlp_out", "head")
+LORA_SITES = ("q", "k", "v", "o", "mlp", "head")
 
 
 # --- validation data: tokens, byte counts per token, document boundaries ---------------------
@@ -3127,15 +3134,16 @@ def eval_ttt_chunked(model: GPT, val: ValData, config: EvalSettings, audit: Call
 
 
 def lora_site_dims(model, sites=LORA_SITES) -> dict:
-    """{(site, layer_index): (in_dim, out_dim)} of the model's adaptable linears, found by one
-    probe forward on a short random row: in_dim from the hook's input, out_dim from the module with
-    a 2-D weight that was called on that same input just before (the head: the logits' width)."""
+    """{(site, layer_index): (in_dim, out_dim)} of the model's adaptable sites, found by one probe
+    forward on a short random row: in_dim from the hook's input, out_dim from the output of the last
+    module with a 2-D weight that ran before the hook (the delta is added to that output; the head:
+    the logits' width)."""
     device = next(model.parameters()).device
-    last_output_width = {}
+    last_output_width = []
 
     def remember(module, args, output):
-        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-            last_output_width[id(args[0])] = output.shape[-1]
+        if isinstance(output, torch.Tensor):
+            last_output_width[:] = [output.shape[-1]]
 
     handles = [module.register_forward_hook(remember) for module in model.modules()
                if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2]
@@ -3143,7 +3151,7 @@ def lora_site_dims(model, sites=LORA_SITES) -> dict:
 
     def probe(site, layer_index, x):
         if site in sites:
-            dims[(site, layer_index)] = (x.shape[-1], last_output_width.get(id(x)))
+            dims[(site, layer_index)] = (x.shape[-1], last_output_width[0] if last_output_width else None)
         last_output_width.clear()
         return None
 
@@ -3164,23 +3172,32 @@ def lora_site_dims(model, sites=LORA_SITES) -> dict:
 
 
 class BatchedLoRA(nn.Module):
-    """One rank-r adapter per batch element (= per document) at every site: delta = x A_b B_b.
-    B starts at zero, so a fresh adapter leaves the model unchanged."""
+    """One rank-r adapter per batch element (= per document) at every site: delta = x A_b B_b * alpha/r.
+    B starts at zero, so a fresh adapter leaves the model unchanged. A ~ U(-1/sqrt(in), 1/sqrt(in)),
+    seeded: the same draw for every document, or one draw per document slot (`per_slot_init`, as
+    PR 1855 draws its warm-started A factors)."""
 
-    def __init__(self, batch_size: int, site_dims: dict, rank: int, alpha: float, seed: int = 0):
+    def __init__(self, batch_size: int, site_dims: dict, rank: int, alpha: float, seed: int = 0,
+                 per_slot_init: bool = False):
         super().__init__()
+        self.batch_size = batch_size
         self.scale = alpha / rank  # decouples the adapter's magnitude from its rank (PR 1767)
         self.index = {key: str(i) for i, key in enumerate(sorted(site_dims, key=str))}
-        # every document starts from the same A (seeded), so a score never depends on which batch,
-        # rank or random state a document happened to get
         generator = torch.Generator().manual_seed(seed)
-        down_init = {key: (torch.rand(dims[0], rank, generator=generator) * 2 - 1) / math.sqrt(dims[0])
+        draws = batch_size if per_slot_init else 1
+        down_init = {key: (torch.rand(draws, dims[0], rank, generator=generator) * 2 - 1) / math.sqrt(dims[0])
                      for key, dims in sorted(site_dims.items(), key=lambda item: str(item[0]))}
         self.down = nn.ParameterDict({
-            self.index[key]: nn.Parameter(init.unsqueeze(0).repeat(batch_size, 1, 1))
-            for key, init in down_init.items()})
+            self.index[key]: nn.Parameter(init.expand(batch_size, -1, -1).clone()) for key, init in down_init.items()})
         self.up = nn.ParameterDict({
             self.index[key]: nn.Parameter(torch.zeros(batch_size, rank, dims[1])) for key, dims in site_dims.items()})
+
+    def restart(self) -> None:
+        """Warm start for the next batch (PR 1767): B back to zero (the model is unchanged again), A keeps
+        the directions it learned."""
+        with torch.no_grad():
+            for up in self.up.values():
+                up.zero_()
 
     def forward(self, site: str, layer_index: int, x: torch.Tensor) -> torch.Tensor | None:
         # x: [B, T, in] -> [B, T, out], or None where this site has no adapter
@@ -3197,17 +3214,23 @@ def _document_batches(doc_ids: np.ndarray, doc_lengths: np.ndarray, docs_per_bat
 
 
 def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, config: EvalSettings,
-                               site_dims: dict, scores: TokenScores, audit: Callable | None, adapt: bool) -> None:
-    """Score a batch of documents chunk by chunk, each with its own fresh LoRA; after scoring a
-    chunk, take one Adam step per document on that chunk (documents never share an adapter)."""
+                               site_dims: dict, scores: TokenScores, audit: Callable | None, adapt: bool,
+                               warm_lora: BatchedLoRA | None = None) -> None:
+    """Score a batch of documents chunk by chunk, each with its own LoRA; after scoring a chunk, take
+    one Adam step per document on that chunk (documents never share an adapter). The LoRA is fresh,
+    or `warm_lora` restarted (B zero, A as the previous batch left it) when its batch size fits."""
     chunk, context = config.phased_ttt_chunk_tokens, config.eval_seq_len
     starts = val.doc_starts[doc_ids]
     target_counts = val.target_ends(doc_ids) - 1 - starts  # [B]: own tokens after BOS + the next BOS
     lora = None
-    if adapt:
-        lora = BatchedLoRA(len(doc_ids), site_dims, config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha)
+    if adapt and warm_lora is not None and warm_lora.batch_size == len(doc_ids):
+        lora = warm_lora
+        lora.restart()
+    elif adapt:  # (PR 1855 also gives the odd-sized last batch a fresh adapter)
+        lora = BatchedLoRA(len(doc_ids), site_dims, config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha,
+                           per_slot_init=config.phased_ttt_warm_start_a)
         lora = lora.to(val.tokens.device)
-    if adapt:
+    if adapt:  # fresh Adam moments for every batch, warm or not
         optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr, eps=1e-10,
                                       betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
                                       weight_decay=config.phased_ttt_weight_decay)
@@ -3280,10 +3303,15 @@ def eval_ttt_phased(model: GPT, val: ValData, config: EvalSettings, audit: Calla
                 param.requires_grad_(False)
             batches = _document_batches(np.arange(first_doc, end_doc), val.doc_lengths,
                                         config.phased_ttt_docs_per_batch)
+            warm_lora = None  # one per rank and phase, A drawn per document slot (PR 1855)
+            if config.phased_ttt_warm_start_a:
+                warm_lora = BatchedLoRA(config.phased_ttt_docs_per_batch, site_dims, config.phased_ttt_lora_rank,
+                                        config.phased_ttt_lora_alpha, seed=group_index * world + rank,
+                                        per_slot_init=True).to(device)
             for doc_ids in batches[rank::world]:
                 adapt = deadline is None or time.perf_counter() < deadline
                 stopped_early |= not adapt
-                _score_and_adapt_documents(model, val, doc_ids, config, site_dims, scores, audit, adapt)
+                _score_and_adapt_documents(model, val, doc_ids, config, site_dims, scores, audit, adapt, warm_lora)
             # 2) phase boundary: global SGD over all documents scored so far (prefix phases only)
             if group_index >= len(phase_ends) or end_doc == 0 or config.phased_ttt_global_epochs <= 0:
                 continue

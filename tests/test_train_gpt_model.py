@@ -257,13 +257,43 @@ def test_lora_hook_sees_every_site_and_its_delta_is_added():
         plain = model.forward_logits(ids)
         adapted = model.forward_logits(ids, lora=adapter)
     sites = {site for site, _ in seen}
-    assert sites == {"q", "k", "v", "o", "mlp_in", "mlp_out", "head"}
+    assert sites == {"q", "k", "v", "o", "mlp", "head"}
     assert ("head", -1) in seen and {layer for _, layer in seen if layer >= 0} == set(range(h.model.num_layers))
     cap = h.model.logit_softcap
     expected = cap * torch.tanh((cap * torch.atanh(plain / cap) + 0.01) / cap)
     assert torch.allclose(adapted, expected, atol=1e-3)
     nll = model.per_token_nll(ids, ids, lora=adapter)
     assert nll.shape == (1, 32)
+
+
+def test_o_and_mlp_adapters_read_the_normed_block_inputs_as_in_pr1855():
+    """PR 1855 (_block_with_lora): the O adapter reads the normed attention input n and is added to the
+    output projection's output; the MLP adapter is a model_dim -> model_dim bypass from the normed MLP
+    input, added to the MLP's output. Both outputs are then scaled by attn_scale / mlp_scale."""
+    h = tiny_h(NUM_LOOPS=1)
+    model = build(h)
+    dim = h.model.model_dim
+    dims = train_gpt.lora_site_dims(model, sites=("o", "mlp"))
+    assert set(dims.values()) == {(dim, dim)} and len(dims) == 2 * h.model.num_layers
+    block = model.blocks[1]  # a serial block
+    generator = torch.Generator().manual_seed(3)
+    weights = {site: torch.randn(dim, dim, generator=generator) * 0.1 for site in ("o", "mlp")}
+
+    def adapter(site, layer_index, x):
+        return x @ weights[site] if site in weights and layer_index == 7 else None
+
+    x, x0 = torch.randn(1, 2, 16, dim, generator=generator), torch.randn(2, 16, dim, generator=generator)
+    layout = train_gpt.DocumentLayout.build(random_tokens(2, 16, bos_every=6), "plain")
+    with torch.no_grad():
+        out = block(x, x0, layout, adapter, 7)[0]
+        mix = block.resid_mix
+        x_in = mix[0] * x[0] + mix[1] * x0
+        n = torch.nn.functional.rms_norm(x_in, (dim,)) * block.ln_scale
+        middle = x_in + block.attn_scale * (block.attn(n, layout) + n @ weights["o"])
+        m = torch.nn.functional.rms_norm(middle, (dim,)) * block.ln_scale
+        expected = middle + block.mlp_scale * (block.mlp(m) + m @ weights["mlp"])
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(block(x, x0, layout, adapter, 6)[0], out)  # another pass: no adapter
 
 
 def test_gated_attention_init_std_and_sparse_gate_width():
