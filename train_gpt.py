@@ -123,6 +123,7 @@ class ModelSettings:
     mlp_mult: int = 4  # MLP hidden width = MLP_MULT * MODEL_DIM
     mlp_act: str = "leaky_relu2"  # leaky_relu2 (LeakyReLU(0.5)^2, PR 1274+) | relu2 (baseline)
     tied_embed_init_std: float = 0.005  # init std of the tied embedding / output head
+    orthogonal_init: bool = True  # q, k, v and MLP-up matrices start orthogonal (PR 1493/1855); 0: nn.Linear init
     logit_softcap: float = 30.0  # logits = c*tanh(z/c); 0 disables
     rope_dims: int = 16  # head dims that get rotary embedding (partial RoPE); 0 = none
     rope_base: float = 10000.0  # RoPE base frequency
@@ -138,7 +139,7 @@ class ModelSettings:
     enable_looping_at: float = 0.35  # training fraction at which recurrence switches on
     parallel_start_layer: int = 8  # first layer with two-lane parallel residuals; -1 = off
     gated_attn: bool = True  # per-head sigmoid gate on the attention output (PR 1736)
-    gated_attn_init_std: float = 0.005  # init std of the attention-gate weights
+    gated_attn_init_std: float = 0.005  # init std of the dense attention-gate weights (the sparse gate starts at 0)
     sparse_attn_gate: bool = True  # feed the attention gate only the first dims of its input (PR 1855)
     sparse_attn_gate_dims: int = 12  # input dims the sparse attention gate sees
     sparse_attn_gate_scale: float = 0.5  # multiplier on the sparse gate's logits
@@ -207,7 +208,8 @@ class QuantSettings:
     quant_byte_shuffle: bool = True  # byte shuffle (stride 2) before compression
     lqer_enabled: bool = True  # low-rank correction of the quantization error (PR 1855)
     lqer_rank: int = 4  # LQER rank
-    lqer_bits: int = 4  # LQER factor bits (asymmetric)
+    lqer_scheme: str = "pr1855"  # pr1855 (SVD of W-Wq, top-k by its norm, A int2/matrix, B int4/group) | hessian
+    lqer_bits: int = 4  # LQER factor bits (hessian scheme: both factors; pr1855 scheme: B, A is int2)
     lqer_group_size: int = 64  # LQER factor quantization group size
     lqer_top_k: int = 3  # tensors that get an LQER correction
     artifact_limit_bytes: int = 16_000_000  # challenge cap on code + compressed model bytes
@@ -294,7 +296,7 @@ class Hyperparameters:
                    (run, "attn_backend", "auto fa3 flex sdpa plain varlen"), (run, "autocast", "auto bf16 fp32"),
                    (model, "mlp_act", "leaky_relu2 relu2"), (quant, "quant_scheme", "gptq int8"),
                    (quant, "gptq_calibration_source", "train generated"),
-                   (quant, "quant_compressor", "rans brotli lzma zlib"),
+                   (quant, "quant_compressor", "rans brotli lzma zlib"), (quant, "lqer_scheme", "pr1855 hessian"),
                    (eval, "ttt_mode", "phased chunked")]
         for section, name, allowed in choices:
             allowed = allowed.split()
@@ -331,6 +333,8 @@ class Hyperparameters:
         require(bool(sites) and all(site in LORA_SITES for site in sites),
                 f"PHASED_TTT_LORA_SITES={eval.phased_ttt_lora_sites!r}: use a comma-separated subset of "
                 f"{','.join(LORA_SITES)}")
+        require(quant.lqer_scheme != "pr1855" or 2 <= quant.lqer_bits <= 4,
+                f"LQER_BITS={quant.lqer_bits} must be 2..4 with LQER_SCHEME=pr1855")
         require(model.vocab_size <= 65536, f"VOCAB_SIZE={model.vocab_size} does not fit the uint16 shard format")
         require(model.vocab_size > BOS_ID, f"VOCAB_SIZE={model.vocab_size} must include the BOS id {BOS_ID}")
         require(model.model_dim % model.num_heads == 0,
@@ -449,7 +453,7 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "baseline": ("pr1493", dict(  # the challenge's naive 9x512 baseline (1.2244)
         data_path="./data/datasets/fineweb10B_sp1024", vocab_size=1024, num_layers=9, mlp_mult=2,
         mlp_act="relu2", train_seq_len=1024, train_batch_tokens=524288, qk_gain_init=1.5, rope_dims=64,
-        ln_scale=False, xsa=False, skip_gates=False, num_loops=1, parallel_start_layer=-1,
+        ln_scale=False, xsa=False, skip_gates=False, num_loops=1, parallel_start_layer=-1, orthogonal_init=False,
         matrix_lr=0.04, muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500,
         muon_row_normalize=False, muon_weight_decay=0.0, embed_lr=0.05, embed_weight_decay=0.0,
         scalar_lr=0.04, scalar_weight_decay=0.0, grad_clip_norm=0.0, ema_decay=0.0, warmdown_frac=0.1,
@@ -738,10 +742,12 @@ def apply_lora(linear: nn.Module, site: str, layer_index: int, x: torch.Tensor, 
 class MatrixLinear(nn.Linear):
     """A bias-free projection trained by Muon and quantized by GPTQ (the optimizer routes by this class)."""
 
-    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False, orthogonal: bool = False):
         super().__init__(in_features, out_features, bias=False)
         if zero_init:  # output projections start at zero: every block begins as the identity
             nn.init.zeros_(self.weight)
+        elif orthogonal:  # every singular value 1 (the record line's init of its q/k/v/MLP-up banks)
+            nn.init.orthogonal_(self.weight)
 
 
 class Rotary(nn.Module):
@@ -770,9 +776,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_index, self.num_heads, self.num_kv_heads, self.head_dim = (
             layer_index, config.num_heads, config.num_kv_heads, config.head_dim)
-        self.q_proj = MatrixLinear(config.model_dim, config.num_heads * config.head_dim)
-        self.k_proj = MatrixLinear(config.model_dim, config.num_kv_heads * config.head_dim)
-        self.v_proj = MatrixLinear(config.model_dim, config.num_kv_heads * config.head_dim)
+        orthogonal = config.orthogonal_init
+        self.q_proj = MatrixLinear(config.model_dim, config.num_heads * config.head_dim, orthogonal=orthogonal)
+        self.k_proj = MatrixLinear(config.model_dim, config.num_kv_heads * config.head_dim, orthogonal=orthogonal)
+        self.v_proj = MatrixLinear(config.model_dim, config.num_kv_heads * config.head_dim, orthogonal=orthogonal)
         self.out_proj = MatrixLinear(config.num_heads * config.head_dim, config.model_dim, zero_init=True)
         # q and k are RMS-normed per head, so attention sharpness is this learned per-head gain
         self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init))
@@ -785,7 +792,10 @@ class CausalSelfAttention(nn.Module):
         self.gate = None
         if config.gated_attn:
             self.gate = nn.Linear(self.gate_dims, config.num_heads, bias=False)
-            nn.init.normal_(self.gate.weight, std=config.gated_attn_init_std)
+            if config.sparse_attn_gate:  # zeros: every head starts at gate 0.5 (PR 1855)
+                nn.init.zeros_(self.gate.weight)
+            else:
+                nn.init.normal_(self.gate.weight, std=config.gated_attn_init_std)
 
     def forward(self, x: torch.Tensor, layout: DocumentLayout, lora: Any = None, slot: int = 0) -> torch.Tensor:
         batch, seq_len, _ = x.shape
@@ -813,7 +823,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelSettings, layer_index: int):
         super().__init__()
         self.layer_index, self.act = layer_index, config.mlp_act
-        self.fc = MatrixLinear(config.model_dim, config.mlp_mult * config.model_dim)
+        self.fc = MatrixLinear(config.model_dim, config.mlp_mult * config.model_dim, orthogonal=config.orthogonal_init)
         self.proj = MatrixLinear(config.mlp_mult * config.model_dim, config.model_dim, zero_init=True)
 
     def forward(self, x: torch.Tensor, lora: Any = None, slot: int = 0) -> torch.Tensor:
@@ -829,9 +839,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One transformer block acting on a stack of residual lanes x [lanes, B, T, D].
 
-    Sequential blocks have one lane. From PARALLEL_START_LAYER (PR 1493) there are two lanes: attention
-    reads lane 0, the MLP reads lane 1, and both outputs are written into both lanes with learned
-    scalars (init 1: equal lanes, i.e. a GPT-J parallel block); the model output is the lanes' mean.
+    Sequential blocks have one lane. From PARALLEL_START_LAYER there are two lanes (PR 1855's form of
+    the PR 1493 parallel residuals): attention reads lane 0 mixed with the embedding stream, the MLP
+    reads the raw lane 1; both outputs are written into both lanes with learned scalars (init 1), on
+    top of each raw lane times a learned residual scale (init 1.1); the model output is the lanes' mean.
     """
 
     def __init__(self, config: ModelSettings, layer_index: int):
@@ -848,21 +859,25 @@ class Block(nn.Module):
         self.parallel = 0 <= config.parallel_start_layer <= layer_index
         if self.parallel:
             self.lane_mix = nn.Parameter(torch.ones(2, 2))    # [target lane, (attn, mlp)]
-            self.lane_resid = nn.Parameter(torch.ones(2))     # per-lane residual scale
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))  # per-lane residual scale (PR 1855: 1.1)
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, layout: DocumentLayout, lora: Any = None,
                 slot: int = 0) -> torch.Tensor:
-        if self.resid_mix is not None:
-            mix = self.resid_mix.to(x.dtype)
-            x = mix[0] * x + mix[1] * x0
+        def mixed(lane: torch.Tensor) -> torch.Tensor:  # m0 * lane + m1 * x0
+            if self.resid_mix is None:
+                return lane
+            mix = self.resid_mix.to(lane.dtype)
+            return mix[0] * lane + mix[1] * x0
+
         if not self.parallel:
-            lane = x[0]
+            lane = mixed(x[0])
             lane = lane + self.attn_scale.to(x.dtype) * self.attn(rms_norm(lane) * self.ln_scale, layout, lora, slot)
             lane = lane + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(lane) * self.ln_scale, lora, slot)
             return lane[None]
         if x.size(0) == 1:
             x = x.expand(2, *x.shape[1:])
-        attn_out = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x[0]) * self.ln_scale, layout, lora, slot)
+        # only attention's read is mixed with x0; the MLP reads lane 1 and the residuals carry the lanes raw
+        attn_out = self.attn_scale.to(x.dtype) * self.attn(rms_norm(mixed(x[0])) * self.ln_scale, layout, lora, slot)
         mlp_out = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x[1]) * self.ln_scale, lora, slot)
         mix, resid = self.lane_mix.to(x.dtype), self.lane_resid.to(x.dtype)
         return (resid[:, None, None, None] * x + mix[:, 0, None, None, None] * attn_out
@@ -935,9 +950,10 @@ class GPT(nn.Module):
         caller passes the `layout` it built outside the graph; eager callers may leave it to us."""
         if layout is None:
             layout = DocumentLayout.build(input_ids, self.attn_backend)
-        x = rms_norm(self.tok_emb(input_ids))  # [B, T, D]
-        if self.smear is not None:
+        x = self.tok_emb(input_ids)  # [B, T, D]
+        if self.smear is not None:  # on the raw embedding, before the norm (PR 1855)
             x = self.smear(x, layout.doc_start)
+        x = rms_norm(x)
         x0 = x
         x = x[None]  # [lanes=1, B, T, D]
         encoder, decoder = self.layer_order()
@@ -946,13 +962,18 @@ class GPT(nn.Module):
             x = self.blocks[index](x, x0, layout, lora, slot)
             skips.append(x)
         for position, index in enumerate(decoder):
+            if self.blocks[index].parallel and x.size(0) == 1:
+                x = x.expand(2, *x.shape[1:])  # lanes split before the skip: lane 1 keeps the stream as it was
             if self.skip_weights is not None and position < len(encoder) and skips:
-                scaled_skip = self.skip_weights[position].to(x.dtype) * skips.pop()
+                # the skip enters lane 0 (attention's lane) only (PR 1855); an encoder output with two
+                # lanes is sent as their mean
+                scaled_skip = self.skip_weights[position].to(x.dtype) * skips.pop().mean(dim=0)
                 if self.skip_gates is not None:  # sigmoid gate between stream and skip (init: half/half)
                     gate = torch.sigmoid(self.skip_gates[position].to(x.dtype))
-                    x = gate * x + (1 - gate) * scaled_skip
+                    lane0 = gate * x[0] + (1 - gate) * scaled_skip
                 else:
-                    x = x + scaled_skip
+                    lane0 = x[0] + scaled_skip
+                x = torch.cat([lane0[None], x[1:]])
             x = self.blocks[index](x, x0, layout, lora, len(encoder) + position)
         return rms_norm(x.mean(dim=0))  # mean of the lanes
 
@@ -1816,6 +1837,22 @@ def dequantize_groups_asymmetric(codes, scale, low, bits, numel):
     return values.reshape(-1)[:numel]
 
 
+def quantize_groups_signed(values, bits=4, group_size=64, scale_levels=None):
+    """PR 1855's signed per-group quantization of a flattened tensor: q = clamp(round(x / s), -2^(b-1),
+    2^(b-1) - 1) with s = max|x| / (2^(b-1) - 0.5) per group (fp16; `scale_levels` overrides the
+    divisor). Stored in the asymmetric layout of `quantize_groups_asymmetric` (code q + 2^(b-1),
+    low = -2^(b-1) s, exact in fp16), so one dequantizer serves both."""
+    half = 2 ** (bits - 1)
+    flat = values.detach().float().reshape(-1)
+    groups = F.pad(flat, (0, (-flat.numel()) % group_size)).view(-1, group_size)  # (G, group)
+    divisor = half - 0.5 if scale_levels is None else scale_levels
+    scale = (groups.abs().amax(dim=1) / divisor).clamp_min(2.0 ** -24).to(torch.float16)
+    codes = ((groups / scale.float()[:, None]).round().clamp(-half, half - 1) + half).to(torch.uint8)
+    if bits <= 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)  # group_size is even
+    return codes.contiguous(), scale, (-half * scale.float()).to(torch.float16)
+
+
 def lqer_factors(error, rank, hessian=None, damp=0.01):
     """Rank-r A [rows, r], B [r, cols] with A @ B ~ error. With a Hessian the fit minimizes the
     output error ||(E - AB) L||_F where H = L L^T (SVD of E L, then B <- B L^-1); sqrt of the
@@ -1878,6 +1915,7 @@ def quantize_model_state(state_dict: Mapping[str, torch.Tensor], hessians: Mappi
     tensors. Matrices without a Hessian fall back to round-to-nearest (logged)."""
     entries, errors = {}, {}
     use_lqer = config.quant_scheme == "gptq" and config.lqer_enabled and config.lqer_rank > 0
+    hessian_lqer = config.lqer_scheme == "hessian"  # else PR 1855's plain weight-error LQER
     for name, tensor in state_dict.items():
         tensor = tensor.detach()
         kind, bits, clip = classify_tensor(name, tensor, config)
@@ -1901,9 +1939,9 @@ def quantize_model_state(state_dict: Mapping[str, torch.Tensor], hessians: Mappi
             if kind == "matrix" and use_lqer:
                 approx = dequantize_codes(codes, scales)
                 errors[name] = (hessian_weighted_error(weight, approx, hessian, relative=False)
-                                if hessian is not None else (weight - approx).square().sum().item())
+                                if hessian is not None and hessian_lqer else (weight - approx).square().sum().item())
     for name in sorted(errors, key=errors.get, reverse=True)[:config.lqer_top_k]:
-        add_lqer_correction(entries[name], state_dict[name], hessians.get(name), config)
+        add_lqer_correction(entries[name], state_dict[name], hessians.get(name) if hessian_lqer else None, config)
         if log is not None:
             log(f"quant: LQER rank {config.lqer_rank} on {name}")
     return {"entries": entries}
@@ -1911,12 +1949,21 @@ def quantize_model_state(state_dict: Mapping[str, torch.Tensor], hessians: Mappi
 
 def add_lqer_correction(entry: dict, tensor: torch.Tensor, hessian: torch.Tensor | None,
                         config: QuantSettings) -> None:
-    """Store int-quantized low-rank factors of the entry's quantization error in the entry."""
+    """Store int-quantized low-rank factors of the entry's quantization error in the entry. PR 1855:
+    A = U_r S_r, B = V_r^T of the plain SVD; A int2 with one scale per matrix, B signed int4 in groups
+    (the hessian scheme: the output-error fit of `lqer_factors`, both factors asymmetric int4)."""
     weight = tensor.detach().float().reshape(entry["shape"][0], -1)
     error = weight - dequantize_codes(entry["codes"], entry["scales"]).to(weight.device)
-    factor_a, factor_b = lqer_factors(error, config.lqer_rank, hessian, config.gptq_damp)
-    for label, factor in (("a", factor_a.t()), ("b", factor_b)):  # groups run along rows/cols
-        codes, scale, low = quantize_groups_asymmetric(factor, config.lqer_bits, config.lqer_group_size)
+    if config.lqer_scheme == "pr1855":
+        left, singular, right_t = torch.linalg.svd(error, full_matrices=False)
+        factor_a, factor_b = left[:, :config.lqer_rank] * singular[:config.lqer_rank], right_t[:config.lqer_rank]
+        packed = {"a": quantize_groups_signed(factor_a.t(), 2, factor_a.numel() + factor_a.numel() % 2, 1.5),
+                  "b": quantize_groups_signed(factor_b, config.lqer_bits, config.lqer_group_size)}
+    else:
+        factor_a, factor_b = lqer_factors(error, config.lqer_rank, hessian, config.gptq_damp)
+        packed = {label: quantize_groups_asymmetric(factor, config.lqer_bits, config.lqer_group_size)
+                  for label, factor in (("a", factor_a.t()), ("b", factor_b))}  # groups run along rows/cols
+    for label, (codes, scale, low) in packed.items():
         entry[f"lqer_{label}_codes"] = codes.cpu()
         entry[f"lqer_{label}_scale"] = scale.cpu()
         entry[f"lqer_{label}_low"] = low.cpu()

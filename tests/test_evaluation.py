@@ -1,6 +1,7 @@
 """Evaluation and TTT (SPEC sections 2, 8, 9): byte-exact BPB and the four compliance conditions,
 checked on CPU with a tiny real GPT for every eval mode."""
 
+import copy
 import math
 import socket
 
@@ -389,6 +390,7 @@ def test_lora_has_one_slot_per_layer_pass_and_output_scaled_by_alpha_over_rank(m
 def test_phased_documents_do_not_share_their_adapters(model, val):
     """Within a phase, per-document LoRA TTT without warm start: a document's score does not depend on
     the other documents batched with it (here: batches of 1 vs 3)."""
+    model = copy.deepcopy(model).double()  # float64: Adam's normalized steps amplify float32 rounding
     cold = dict(phased_ttt_prefix_docs=0, phased_ttt_warm_start_a=False)
     alone = eval_ttt_phased(model, val, tiny_eval(phased_ttt_docs_per_batch=1, **cold), keep_token_scores=True)
     batched = eval_ttt_phased(model, val, tiny_eval(phased_ttt_docs_per_batch=3, **cold), keep_token_scores=True)
@@ -418,13 +420,13 @@ def _pr1855_lora_ttt_reference(model, val, batches, config, site_dims, down_init
             count = len(tokens) - 1  # targets of this document
             a = {(site, layer): down[(site, layer, slot)].clone().requires_grad_()
                  for site, layer, s in down if s == slot}
-            b = {key: torch.zeros(value.shape[1], dims[1], requires_grad=True)
+            b = {key: torch.zeros(value.shape[1], dims[1], dtype=value.dtype, requires_grad=True)
                  for key, value in a.items() for dims in [site_dims[key]]}
 
             def adapter(site, layer, x):
                 if (site, layer) not in a:
                     return None
-                return (x @ a[(site, layer)]) @ b[(site, layer)] * scale
+                return (x @ a[(site, layer)].to(x.dtype)) @ b[(site, layer)].to(x.dtype) * scale
 
             optimizer = torch.optim.AdamW(list(a.values()) + list(b.values()), lr=config.phased_ttt_lr, eps=1e-10,
                                           betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
@@ -456,6 +458,7 @@ def test_phased_lora_warm_start_matches_pr1855_reference(model, val):
     A cold start (fresh A every batch) scores the second batch differently, so the check can fail."""
     from train_gpt import BatchedLoRA, TokenScores, _score_and_adapt_documents, lora_site_dims
 
+    model = copy.deepcopy(model).double()  # float64: Adam's normalized steps amplify float32 rounding
     config = tiny_eval(eval_seq_len=64, phased_ttt_lr=0.05)  # context 64 > every document
     sites = ("q", "o", "mlp", "head")
     site_dims = lora_site_dims(model, sites=sites)
@@ -471,7 +474,7 @@ def test_phased_lora_warm_start_matches_pr1855_reference(model, val):
     ours = dict(zip(torch.cat(scores.positions).tolist(), torch.cat(scores.nlls).tolist()))
     reference = _pr1855_lora_ttt_reference(model, val, batches, config, site_dims, down_init)
     assert sorted(ours) == sorted(reference)
-    assert max(abs(ours[p] - reference[p]) for p in reference) < 1e-4
+    assert max(abs(ours[p] - reference[p]) for p in reference) < 1e-9
     cold = TokenScores(val)
     _score_and_adapt_documents(model, val, batches[1], config, site_dims, cold, None, True,
                                warm_lora=BatchedLoRA(3, site_dims, config.phased_ttt_lora_rank,
