@@ -126,6 +126,7 @@ class ModelSettings:
     mlp_mult: int = 4  # MLP hidden width = MLP_MULT * MODEL_DIM
     mlp_act: str = "leaky_relu2"  # leaky_relu2 (LeakyReLU(0.5)^2, PR 1274+) | relu2 (baseline)
     tied_embed_init_std: float = 0.005  # init std of the tied embedding / output head
+    orthogonal_init: bool = True  # q, k, v and MLP-up matrices start orthogonal (PR 1493/1855); 0: nn.Linear init
     logit_softcap: float = 30.0  # logits = c*tanh(z/c); 0 disables
     rope_dims: int = 16  # head dims that get rotary embedding (partial RoPE); 0 = none
     rope_base: float = 10000.0  # RoPE base frequency
@@ -141,7 +142,7 @@ class ModelSettings:
     enable_looping_at: float = 0.35  # training fraction at which recurrence switches on
     parallel_start_layer: int = 8  # first layer with two-lane parallel residuals; -1 = off
     gated_attn: bool = True  # per-head sigmoid gate on the attention output (PR 1736)
-    gated_attn_init_std: float = 0.005  # init std of the attention-gate weights
+    gated_attn_init_std: float = 0.005  # init std of the dense attention-gate weights (the sparse gate starts at 0)
     sparse_attn_gate: bool = True  # feed the attention gate only the first dims of its input (PR 1855)
     sparse_attn_gate_dims: int = 12  # input dims the sparse attention gate sees
     sparse_attn_gate_scale: float = 0.5  # multiplier on the sparse gate's logits
@@ -212,7 +213,8 @@ class QuantSettings:
     quant_byte_shuffle: bool = True  # byte shuffle (stride 2) before compression
     lqer_enabled: bool = True  # low-rank correction of the quantization error (PR 1855)
     lqer_rank: int = 4  # LQER rank
-    lqer_bits: int = 4  # LQER factor bits (asymmetric)
+    lqer_scheme: str = "pr1855"  # pr1855 (SVD of W-Wq, top-k by its norm, A int2/matrix, B int4/group) | hessian
+    lqer_bits: int = 4  # LQER factor bits (hessian scheme: both factors; pr1855 scheme: B, A is int2)
     lqer_group_size: int = 64  # LQER factor quantization group size
     lqer_top_k: int = 3  # tensors that get an LQER correction
     artifact_limit_bytes: int = 16_000_000  # challenge cap on code + compressed model bytes
@@ -239,7 +241,8 @@ class EvalSettings:
     phased_ttt_num_phases: int = 3  # phased TTT: global-SGD phases
     phased_ttt_lora_rank: int = 80  # phased TTT: LoRA rank
     phased_ttt_lora_alpha: float = 144.0  # phased TTT: adapter output scaled by alpha/rank (PR 1767/1855: 1.8)
-    phased_ttt_lora_sites: str = "q,k,v,o,mlp_in,mlp_out,head"  # phased TTT: linears with a LoRA (a subset)
+    phased_ttt_lora_sites: str = "q,k,v,o,mlp,head"  # phased TTT: sites with a LoRA (a subset of these)
+    phased_ttt_warm_start_a: bool = True  # phased TTT: LoRA A factors carry over between batches of a phase (PR 1767)
     phased_ttt_lr: float = 1e-4  # phased TTT: LoRA Adam learning rate
     phased_ttt_beta1: float = 0.0  # phased TTT: LoRA Adam beta1
     phased_ttt_beta2: float = 0.99  # phased TTT: LoRA Adam beta2
@@ -299,7 +302,7 @@ class Hyperparameters:
                    (run, "fused_mlp", "auto 0 1"), (run, "fused_ce", "auto 0 1"),
                    (model, "mlp_act", "leaky_relu2 relu2"), (quant, "quant_scheme", "gptq int8"),
                    (quant, "gptq_calibration_source", "train generated"),
-                   (quant, "quant_compressor", "rans brotli lzma zlib"),
+                   (quant, "quant_compressor", "rans brotli lzma zlib"), (quant, "lqer_scheme", "pr1855 hessian"),
                    (eval, "ttt_mode", "phased chunked")]
         for section, name, allowed in choices:
             allowed = allowed.split()
@@ -337,6 +340,8 @@ class Hyperparameters:
         require(bool(sites) and all(site in LORA_SITES for site in sites),
                 f"PHASED_TTT_LORA_SITES={eval.phased_ttt_lora_sites!r}: use a comma-separated subset of "
                 f"{','.join(LORA_SITES)}")
+        require(quant.lqer_scheme != "pr1855" or 2 <= quant.lqer_bits <= 4,
+                f"LQER_BITS={quant.lqer_bits} must be 2..4 with LQER_SCHEME=pr1855")
         require(model.vocab_size <= 65536, f"VOCAB_SIZE={model.vocab_size} does not fit the uint16 shard format")
         require(model.vocab_size > BOS_ID, f"VOCAB_SIZE={model.vocab_size} must include the BOS id {BOS_ID}")
         require(model.model_dim % model.num_heads == 0,
@@ -455,7 +460,7 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "baseline": ("pr1493", dict(  # the challenge's naive 9x512 baseline (1.2244)
         data_path="./data/datasets/fineweb10B_sp1024", vocab_size=1024, num_layers=9, mlp_mult=2,
         mlp_act="relu2", train_seq_len=1024, train_batch_tokens=524288, qk_gain_init=1.5, rope_dims=64,
-        ln_scale=False, xsa=False, skip_gates=False, num_loops=1, parallel_start_layer=-1,
+        ln_scale=False, xsa=False, skip_gates=False, num_loops=1, parallel_start_layer=-1, orthogonal_init=False,
         matrix_lr=0.04, muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500,
         muon_row_normalize=False, muon_weight_decay=0.0, embed_lr=0.05, embed_weight_decay=0.0,
         scalar_lr=0.04, scalar_weight_decay=0.0, grad_clip_norm=0.0, ema_decay=0.0, warmdown_frac=0.1,
@@ -738,9 +743,8 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def apply_lora(linear: nn.Module, site: str, layer_index: int, x: torch.Tensor, lora: Any) -> torch.Tensor:
-    """y = linear(x) (+ lora(site, layer_index, x) when an adapter is given and returns a delta)."""
-    y = linear(x)
+def add_lora(y: torch.Tensor, site: str, layer_index: int, x: torch.Tensor, lora: Any) -> torch.Tensor:
+    """y (+ lora(site, layer_index, x) when an adapter is given and returns a delta for this site)."""
     if lora is not None:
         delta = lora(site, layer_index, x)
         if delta is not None:
@@ -748,13 +752,20 @@ def apply_lora(linear: nn.Module, site: str, layer_index: int, x: torch.Tensor, 
     return y
 
 
+def apply_lora(linear: nn.Module, site: str, layer_index: int, x: torch.Tensor, lora: Any) -> torch.Tensor:
+    """linear(x), adapted at `site` by a LoRA that reads the same input x."""
+    return add_lora(linear(x), site, layer_index, x, lora)
+
+
 class MatrixLinear(nn.Linear):
     """A bias-free projection trained by Muon and quantized by GPTQ (the optimizer routes by this class)."""
 
-    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False, orthogonal: bool = False):
         super().__init__(in_features, out_features, bias=False)
         if zero_init:  # output projections start at zero: every block begins as the identity
             nn.init.zeros_(self.weight)
+        elif orthogonal:  # every singular value 1 (the record line's init of its q/k/v/MLP-up banks)
+            nn.init.orthogonal_(self.weight)
 
 
 class Rotary(nn.Module):
@@ -783,9 +794,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_index, self.num_heads, self.num_kv_heads, self.head_dim = (
             layer_index, config.num_heads, config.num_kv_heads, config.head_dim)
-        self.q_proj = MatrixLinear(config.model_dim, config.num_heads * config.head_dim)
-        self.k_proj = MatrixLinear(config.model_dim, config.num_kv_heads * config.head_dim)
-        self.v_proj = MatrixLinear(config.model_dim, config.num_kv_heads * config.head_dim)
+        orthogonal = config.orthogonal_init
+        self.q_proj = MatrixLinear(config.model_dim, config.num_heads * config.head_dim, orthogonal=orthogonal)
+        self.k_proj = MatrixLinear(config.model_dim, config.num_kv_heads * config.head_dim, orthogonal=orthogonal)
+        self.v_proj = MatrixLinear(config.model_dim, config.num_kv_heads * config.head_dim, orthogonal=orthogonal)
         self.out_proj = MatrixLinear(config.num_heads * config.head_dim, config.model_dim, zero_init=True)
         # q and k are RMS-normed per head, so attention sharpness is this learned per-head gain
         self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init))
@@ -798,7 +810,10 @@ class CausalSelfAttention(nn.Module):
         self.gate = None
         if config.gated_attn:
             self.gate = nn.Linear(self.gate_dims, config.num_heads, bias=False)
-            nn.init.normal_(self.gate.weight, std=config.gated_attn_init_std)
+            if config.sparse_attn_gate:  # zeros: every head starts at gate 0.5 (PR 1855)
+                nn.init.zeros_(self.gate.weight)
+            else:
+                nn.init.normal_(self.gate.weight, std=config.gated_attn_init_std)
 
     def forward(self, x: torch.Tensor, layout: DocumentLayout, lora: Any = None, slot: int = 0) -> torch.Tensor:
         batch, seq_len, _ = x.shape
@@ -818,7 +833,8 @@ class CausalSelfAttention(nn.Module):
             gate_logits = self.gate(x[..., : self.gate_dims]) * self.gate_scale  # [B, T, H]
             y = y * torch.sigmoid(gate_logits)[..., None]
         y = y.reshape(batch, seq_len, self.num_heads * self.head_dim)
-        return apply_lora(self.out_proj, "o", layer, y, lora)
+        # the "o" adapter reads the normed block input x, not y, and is added after out_proj (PR 1855)
+        return add_lora(self.out_proj(y), "o", layer, x, lora)
 
 
 # --- optional Triton kernels (PR 1736 / PR 1855), each beside the PyTorch reference it must match ---
@@ -1057,26 +1073,29 @@ class MLP(nn.Module):
     def __init__(self, config: ModelSettings, layer_index: int, fused: bool = False):
         super().__init__()
         self.layer_index, self.act, self.fused = layer_index, config.mlp_act, fused
-        self.fc = MatrixLinear(config.model_dim, config.mlp_mult * config.model_dim)
+        self.fc = MatrixLinear(config.model_dim, config.mlp_mult * config.model_dim, orthogonal=config.orthogonal_init)
         self.proj = MatrixLinear(config.mlp_mult * config.model_dim, config.model_dim, zero_init=True)
 
     def forward(self, x: torch.Tensor, lora: Any = None, slot: int = 0) -> torch.Tensor:
-        if self.fused and lora is None:  # the Triton kernel (adapters need the unfused path)
+        if self.fused:  # the Triton kernel
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             out = FusedLeakyReLU2MLP.apply(x.reshape(-1, x.size(-1)).to(dtype), self.fc.weight.to(dtype),
-                                           self.proj.weight.to(dtype))
-            return out.view(*x.shape[:-1], out.size(-1))
-        hidden = apply_lora(self.fc, "mlp_in", slot, x, lora)
-        hidden = leaky_relu2(hidden) if self.act == "leaky_relu2" else F.relu(hidden).square()  # ReLU^2: baseline
-        return apply_lora(self.proj, "mlp_out", slot, hidden, lora)
+                                           self.proj.weight.to(dtype)).view(*x.shape[:-1], -1)
+        else:
+            hidden = self.fc(x)
+            hidden = leaky_relu2(hidden) if self.act == "leaky_relu2" else F.relu(hidden).square()  # ReLU^2: baseline
+            out = self.proj(hidden)
+        # the "mlp" adapter bypasses the whole MLP: model_dim -> model_dim from its normed input (PR 1855)
+        return add_lora(out, "mlp", slot, x, lora)
 
 
 class Block(nn.Module):
     """One transformer block acting on a stack of residual lanes x [lanes, B, T, D].
 
-    Sequential blocks have one lane. From PARALLEL_START_LAYER (PR 1493) there are two lanes: attention
-    reads lane 0, the MLP reads lane 1, and both outputs are written into both lanes with learned
-    scalars (init 1: equal lanes, i.e. a GPT-J parallel block); the model output is the lanes' mean.
+    Sequential blocks have one lane. From PARALLEL_START_LAYER there are two lanes (PR 1855's form of
+    the PR 1493 parallel residuals): attention reads lane 0 mixed with the embedding stream, the MLP
+    reads the raw lane 1; both outputs are written into both lanes with learned scalars (init 1), on
+    top of each raw lane times a learned residual scale (init 1.1); the model output is the lanes' mean.
     """
 
     def __init__(self, config: ModelSettings, layer_index: int, fused_mlp: bool = False):
@@ -1093,21 +1112,25 @@ class Block(nn.Module):
         self.parallel = 0 <= config.parallel_start_layer <= layer_index
         if self.parallel:
             self.lane_mix = nn.Parameter(torch.ones(2, 2))    # [target lane, (attn, mlp)]
-            self.lane_resid = nn.Parameter(torch.ones(2))     # per-lane residual scale
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))  # per-lane residual scale (PR 1855: 1.1)
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, layout: DocumentLayout, lora: Any = None,
                 slot: int = 0) -> torch.Tensor:
-        if self.resid_mix is not None:
-            mix = self.resid_mix.to(x.dtype)
-            x = mix[0] * x + mix[1] * x0
+        def mixed(lane: torch.Tensor) -> torch.Tensor:  # m0 * lane + m1 * x0
+            if self.resid_mix is None:
+                return lane
+            mix = self.resid_mix.to(lane.dtype)
+            return mix[0] * lane + mix[1] * x0
+
         if not self.parallel:
-            lane = x[0]
+            lane = mixed(x[0])
             lane = lane + self.attn_scale.to(x.dtype) * self.attn(rms_norm(lane) * self.ln_scale, layout, lora, slot)
             lane = lane + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(lane) * self.ln_scale, lora, slot)
             return lane[None]
         if x.size(0) == 1:
             x = x.expand(2, *x.shape[1:])
-        attn_out = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x[0]) * self.ln_scale, layout, lora, slot)
+        # only attention's read is mixed with x0; the MLP reads lane 1 and the residuals carry the lanes raw
+        attn_out = self.attn_scale.to(x.dtype) * self.attn(rms_norm(mixed(x[0])) * self.ln_scale, layout, lora, slot)
         mlp_out = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x[1]) * self.ln_scale, lora, slot)
         mix, resid = self.lane_mix.to(x.dtype), self.lane_resid.to(x.dtype)
         return (resid[:, None, None, None] * x + mix[:, 0, None, None, None] * attn_out
@@ -1184,9 +1207,10 @@ class GPT(nn.Module):
         caller passes the `layout` it built outside the graph; eager callers may leave it to us."""
         if layout is None:
             layout = DocumentLayout.build(input_ids, self.attn_backend)
-        x = rms_norm(self.tok_emb(input_ids))  # [B, T, D]
-        if self.smear is not None:
+        x = self.tok_emb(input_ids)  # [B, T, D]
+        if self.smear is not None:  # on the raw embedding, before the norm (PR 1855)
             x = self.smear(x, layout.doc_start)
+        x = rms_norm(x)
         x0 = x
         x = x[None]  # [lanes=1, B, T, D]
         encoder, decoder = self.layer_order()
@@ -1195,13 +1219,18 @@ class GPT(nn.Module):
             x = self.blocks[index](x, x0, layout, lora, slot)
             skips.append(x)
         for position, index in enumerate(decoder):
+            if self.blocks[index].parallel and x.size(0) == 1:
+                x = x.expand(2, *x.shape[1:])  # lanes split before the skip: lane 1 keeps the stream as it was
             if self.skip_weights is not None and position < len(encoder) and skips:
-                scaled_skip = self.skip_weights[position].to(x.dtype) * skips.pop()
+                # the skip enters lane 0 (attention's lane) only (PR 1855); an encoder output with two
+                # lanes is sent as their mean
+                scaled_skip = self.skip_weights[position].to(x.dtype) * skips.pop().mean(dim=0)
                 if self.skip_gates is not None:  # sigmoid gate between stream and skip (init: half/half)
                     gate = torch.sigmoid(self.skip_gates[position].to(x.dtype))
-                    x = gate * x + (1 - gate) * scaled_skip
+                    lane0 = gate * x[0] + (1 - gate) * scaled_skip
                 else:
-                    x = x + scaled_skip
+                    lane0 = x[0] + scaled_skip
+                x = torch.cat([lane0[None], x[1:]])
             x = self.blocks[index](x, x0, layout, lora, len(encoder) + position)
         return rms_norm(x.mean(dim=0))  # mean of the lanes
 
@@ -2085,6 +2114,22 @@ def dequantize_groups_asymmetric(codes, scale, low, bits, numel):
     return values.reshape(-1)[:numel]
 
 
+def quantize_groups_signed(values, bits=4, group_size=64, scale_levels=None):
+    """PR 1855's signed per-group quantization of a flattened tensor: q = clamp(round(x / s), -2^(b-1),
+    2^(b-1) - 1) with s = max|x| / (2^(b-1) - 0.5) per group (fp16; `scale_levels` overrides the
+    divisor). Stored in the asymmetric layout of `quantize_groups_asymmetric` (code q + 2^(b-1),
+    low = -2^(b-1) s, exact in fp16), so one dequantizer serves both."""
+    half = 2 ** (bits - 1)
+    flat = values.detach().float().reshape(-1)
+    groups = F.pad(flat, (0, (-flat.numel()) % group_size)).view(-1, group_size)  # (G, group)
+    divisor = half - 0.5 if scale_levels is None else scale_levels
+    scale = (groups.abs().amax(dim=1) / divisor).clamp_min(2.0 ** -24).to(torch.float16)
+    codes = ((groups / scale.float()[:, None]).round().clamp(-half, half - 1) + half).to(torch.uint8)
+    if bits <= 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)  # group_size is even
+    return codes.contiguous(), scale, (-half * scale.float()).to(torch.float16)
+
+
 def lqer_factors(error, rank, hessian=None, damp=0.01):
     """Rank-r A [rows, r], B [r, cols] with A @ B ~ error. With a Hessian the fit minimizes the
     output error ||(E - AB) L||_F where H = L L^T (SVD of E L, then B <- B L^-1); sqrt of the
@@ -2147,6 +2192,7 @@ def quantize_model_state(state_dict: Mapping[str, torch.Tensor], hessians: Mappi
     tensors. Matrices without a Hessian fall back to round-to-nearest (logged)."""
     entries, errors = {}, {}
     use_lqer = config.quant_scheme == "gptq" and config.lqer_enabled and config.lqer_rank > 0
+    hessian_lqer = config.lqer_scheme == "hessian"  # else PR 1855's plain weight-error LQER
     for name, tensor in state_dict.items():
         tensor = tensor.detach()
         kind, bits, clip = classify_tensor(name, tensor, config)
@@ -2170,9 +2216,9 @@ def quantize_model_state(state_dict: Mapping[str, torch.Tensor], hessians: Mappi
             if kind == "matrix" and use_lqer:
                 approx = dequantize_codes(codes, scales)
                 errors[name] = (hessian_weighted_error(weight, approx, hessian, relative=False)
-                                if hessian is not None else (weight - approx).square().sum().item())
+                                if hessian is not None and hessian_lqer else (weight - approx).square().sum().item())
     for name in sorted(errors, key=errors.get, reverse=True)[:config.lqer_top_k]:
-        add_lqer_correction(entries[name], state_dict[name], hessians.get(name), config)
+        add_lqer_correction(entries[name], state_dict[name], hessians.get(name) if hessian_lqer else None, config)
         if log is not None:
             log(f"quant: LQER rank {config.lqer_rank} on {name}")
     return {"entries": entries}
@@ -2180,12 +2226,21 @@ def quantize_model_state(state_dict: Mapping[str, torch.Tensor], hessians: Mappi
 
 def add_lqer_correction(entry: dict, tensor: torch.Tensor, hessian: torch.Tensor | None,
                         config: QuantSettings) -> None:
-    """Store int-quantized low-rank factors of the entry's quantization error in the entry."""
+    """Store int-quantized low-rank factors of the entry's quantization error in the entry. PR 1855:
+    A = U_r S_r, B = V_r^T of the plain SVD; A int2 with one scale per matrix, B signed int4 in groups
+    (the hessian scheme: the output-error fit of `lqer_factors`, both factors asymmetric int4)."""
     weight = tensor.detach().float().reshape(entry["shape"][0], -1)
     error = weight - dequantize_codes(entry["codes"], entry["scales"]).to(weight.device)
-    factor_a, factor_b = lqer_factors(error, config.lqer_rank, hessian, config.gptq_damp)
-    for label, factor in (("a", factor_a.t()), ("b", factor_b)):  # groups run along rows/cols
-        codes, scale, low = quantize_groups_asymmetric(factor, config.lqer_bits, config.lqer_group_size)
+    if config.lqer_scheme == "pr1855":
+        left, singular, right_t = torch.linalg.svd(error, full_matrices=False)
+        factor_a, factor_b = left[:, :config.lqer_rank] * singular[:config.lqer_rank], right_t[:config.lqer_rank]
+        packed = {"a": quantize_groups_signed(factor_a.t(), 2, factor_a.numel() + factor_a.numel() % 2, 1.5),
+                  "b": quantize_groups_signed(factor_b, config.lqer_bits, config.lqer_group_size)}
+    else:
+        factor_a, factor_b = lqer_factors(error, config.lqer_rank, hessian, config.gptq_damp)
+        packed = {label: quantize_groups_asymmetric(factor, config.lqer_bits, config.lqer_group_size)
+                  for label, factor in (("a", factor_a.t()), ("b", factor_b))}  # groups run along rows/cols
+    for label, (codes, scale, low) in packed.items():
         entry[f"lqer_{label}_codes"] = codes.cpu()
         entry[f"lqer_{label}_scale"] = scale.cpu()
         entry[f"lqer_{label}_low"] = low.cpu()
@@ -2946,7 +3001,7 @@ def quantize_and_write_artifact(h: Hyperparameters, model: GPT, context: RunCont
 # Work is split across ranks with torch.distributed (sums all-reduced); no files are shared.
 # -----------------------------------------------------------------------------
 
-LORA_SITES = ("q", "k", "v", "o", "mlp_in", "mlp_out", "head")
+LORA_SITES = ("q", "k", "v", "o", "mlp", "head")
 
 
 # --- validation data: tokens, byte counts per token, document boundaries ---------------------
@@ -3412,15 +3467,16 @@ def eval_ttt_chunked(model: GPT, val: ValData, config: EvalSettings, audit: Call
 
 
 def lora_site_dims(model, sites=LORA_SITES) -> dict:
-    """{(site, layer_index): (in_dim, out_dim)} of the model's adaptable linears, found by one
-    probe forward on a short random row: in_dim from the hook's input, out_dim from the module with
-    a 2-D weight that was called on that same input just before (the head: the logits' width)."""
+    """{(site, layer_index): (in_dim, out_dim)} of the model's adaptable sites, found by one probe
+    forward on a short random row: in_dim from the hook's input, out_dim from the output of the last
+    module with a 2-D weight that ran before the hook (the delta is added to that output; the head:
+    the logits' width)."""
     device = next(model.parameters()).device
-    last_output_width = {}
+    last_output_width = []
 
     def remember(module, args, output):
-        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-            last_output_width[id(args[0])] = output.shape[-1]
+        if isinstance(output, torch.Tensor):
+            last_output_width[:] = [output.shape[-1]]
 
     handles = [module.register_forward_hook(remember) for module in model.modules()
                if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2]
@@ -3428,7 +3484,7 @@ def lora_site_dims(model, sites=LORA_SITES) -> dict:
 
     def probe(site, layer_index, x):
         if site in sites:
-            dims[(site, layer_index)] = (x.shape[-1], last_output_width.get(id(x)))
+            dims[(site, layer_index)] = (x.shape[-1], last_output_width[0] if last_output_width else None)
         last_output_width.clear()
         return None
 
@@ -3449,22 +3505,24 @@ def lora_site_dims(model, sites=LORA_SITES) -> dict:
 
 
 class BatchedLoRA(nn.Module):
-    """One rank-r adapter per batch element (= per document) at every site: delta = x A_b B_b.
-    B starts at zero, so a fresh adapter leaves the model unchanged. Allocated once per rank and
-    batch size; `reset()` makes it fresh again in place for the next batch."""
+    """One rank-r adapter per batch element (= per document) at every site: delta = x A_b B_b * alpha/r.
+    B starts at zero, so a fresh adapter leaves the model unchanged. A ~ U(-1/sqrt(in), 1/sqrt(in)),
+    seeded: the same draw for every document, or one draw per document slot (`per_slot_init`, as
+    PR 1855 draws its warm-started A factors). Allocated once per rank and batch size: `reset()` makes
+    it fresh again in place, `restart()` keeps A for the warm start."""
 
-    def __init__(self, batch_size: int, site_dims: dict, rank: int, alpha: float, seed: int = 0):
+    def __init__(self, batch_size: int, site_dims: dict, rank: int, alpha: float, seed: int = 0,
+                 per_slot_init: bool = False):
         super().__init__()
+        self.batch_size = batch_size
         self.scale = alpha / rank  # decouples the adapter's magnitude from its rank (PR 1767)
         self.index = {key: str(i) for i, key in enumerate(sorted(site_dims, key=str))}
-        # every document starts from the same A (seeded), so a score never depends on which batch,
-        # rank or random state a document happened to get
         generator = torch.Generator().manual_seed(seed)
-        down_init = {key: (torch.rand(dims[0], rank, generator=generator) * 2 - 1) / math.sqrt(dims[0])
+        draws = batch_size if per_slot_init else 1
+        down_init = {key: (torch.rand(draws, dims[0], rank, generator=generator) * 2 - 1) / math.sqrt(dims[0])
                      for key, dims in sorted(site_dims.items(), key=lambda item: str(item[0]))}
         self.down = nn.ParameterDict({
-            self.index[key]: nn.Parameter(init.unsqueeze(0).repeat(batch_size, 1, 1))
-            for key, init in down_init.items()})
+            self.index[key]: nn.Parameter(init.expand(batch_size, -1, -1).clone()) for key, init in down_init.items()})
         self.up = nn.ParameterDict({
             self.index[key]: nn.Parameter(torch.zeros(batch_size, rank, dims[1])) for key, dims in site_dims.items()})
         for key, init in down_init.items():  # [in, r], kept on the device for reset()
@@ -3477,6 +3535,13 @@ class BatchedLoRA(nn.Module):
             down.copy_(getattr(self, "down_init_" + name).expand_as(down))
         for up in self.up.values():
             up.zero_()
+
+    def restart(self) -> None:
+        """Warm start for the next batch (PR 1767): B back to zero (the model is unchanged again), A keeps
+        the directions it learned."""
+        with torch.no_grad():
+            for up in self.up.values():
+                up.zero_()
 
     def forward(self, site: str, layer_index: int, x: torch.Tensor) -> torch.Tensor | None:
         # x: [B, T, in] -> [B, T, out], or None where this site has no adapter
@@ -3498,23 +3563,39 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:
 class AdapterSlots:
     """This rank's LoRA and its AdamW, one pair per batch size (the last batch may be smaller), built on
     the device at first use and reset in place for every later batch: no per-batch host allocation and
-    copy of the (record shape: ~2 GB) adapter."""
+    copy of the (record shape: ~2 GB) adapter. With PHASED_TTT_WARM_START_A (PR 1855) the full-size
+    batches of a phase share one adapter whose A factors carry over from batch to batch (B restarts at
+    zero, Adam restarts fresh); `new_phase` draws its A again, one draw per document slot."""
 
     def __init__(self, site_dims: dict, config: EvalSettings, device):
-        self.site_dims, self.config, self.device, self.slots = site_dims, config, device, {}
+        self.site_dims, self.config, self.device, self.slots, self.warm = site_dims, config, device, {}, None
+
+    def _build(self, batch_size: int, seed: int = 0, per_slot_init: bool = False) -> tuple:
+        config = self.config
+        lora = BatchedLoRA(batch_size, self.site_dims, config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha,
+                           seed=seed, per_slot_init=per_slot_init).to(self.device)
+        optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr, eps=1e-10,
+                                      betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
+                                      weight_decay=config.phased_ttt_weight_decay)
+        return lora, optimizer
+
+    def new_phase(self, phase: int, rank: int, world: int) -> None:
+        if self.config.phased_ttt_warm_start_a:  # one warm adapter per rank and phase (PR 1855)
+            self.warm = self._build(self.config.phased_ttt_docs_per_batch, seed=phase * world + rank,
+                                    per_slot_init=True)
 
     def fresh(self, batch_size: int) -> tuple:
-        if batch_size not in self.slots:
-            config = self.config
-            lora = BatchedLoRA(batch_size, self.site_dims, config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha)
-            lora = lora.to(self.device)
-            optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr, eps=1e-10,
-                                          betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
-                                          weight_decay=config.phased_ttt_weight_decay)
-            self.slots[batch_size] = (lora, optimizer)
-            return lora, optimizer
-        lora, optimizer = self.slots[batch_size]
-        lora.reset()
+        """The adapter for the next batch: the warm one (A kept) when its size fits, else a fresh one (as
+        PR 1855 gives the odd-sized last batch)."""
+        if self.warm is not None and self.warm[0].batch_size == batch_size:
+            lora, optimizer = self.warm
+            lora.restart()
+        elif batch_size not in self.slots:
+            self.slots[batch_size] = self._build(batch_size)
+            return self.slots[batch_size]
+        else:
+            lora, optimizer = self.slots[batch_size]
+            lora.reset()
         reset_optimizer_state_(optimizer)
         optimizer.zero_grad(set_to_none=True)
         return lora, optimizer
@@ -3728,8 +3809,10 @@ def eval_ttt_phased(model: GPT, val: ValData, config: EvalSettings, audit: Calla
         for param in model.parameters():
             param.requires_grad_(False)
         slots = AdapterSlots(lora_site_dims(model, sites=sites), config, device)
+        slots.new_phase(0, rank, world)
         for event, index in ttt_rank_schedule(queue, len(batches), [after for after, _ in pauses]):
             if event == "pause":  # global SGD on the first documents of the queue, all of them scored
+                slots.new_phase(index + 1, rank, world)
                 stopped_early |= time_budget_s is not None and clock() - clock_start >= time_budget_s
                 stopped = _all_reduce_(torch.tensor([float(stopped_early)], device=device), dist.ReduceOp.MAX)
                 if bool(stopped > 0):  # all ranks agree: no global SGD once any rank stopped adapting

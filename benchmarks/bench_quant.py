@@ -254,7 +254,8 @@ def byte_corpus(limit_bytes):
 
 def bench_penalty(train_seconds):
     """Quantization penalty (quantized minus pre-quant bits per byte) of a small GPT trained on CPU
-    on byte-level text: GPTQ, GPTQ + LQER and round-to-nearest, with their model bytes."""
+    on byte-level text: GPTQ, GPTQ + LQER (both schemes, with the relative output and weight errors
+    of the corrected tensors) and round-to-nearest, with their model bytes."""
     import train_gpt
 
     print(f"== quantization penalty, small GPT trained {train_seconds:.0f} s on CPU (byte-level stdlib text)")
@@ -303,16 +304,27 @@ def bench_penalty(train_seconds):
     clips = ("quant_embed_clip_sigmas", "quant_mlp_clip_sigmas", "quant_attn_clip_sigmas")
     # (settings, Hessians): without Hessians every matrix is rounded to nearest with the same scales
     variants = {"GPTQ": (base, hessians),
-                "GPTQ + LQER r4 top3": (dataclasses.replace(base, lqer_enabled=True, lqer_rank=4, lqer_top_k=3), hessians),
+                "GPTQ + LQER pr1855": (dataclasses.replace(base, lqer_enabled=True, lqer_rank=4, lqer_top_k=3,
+                                                           lqer_scheme="pr1855"), hessians),
+                "GPTQ + LQER hessian": (dataclasses.replace(base, lqer_enabled=True, lqer_rank=4, lqer_top_k=3,
+                                                            lqer_scheme="hessian"), hessians),
                 "RTN (same clips)": (base, {})}
     for clip_scale in (0.85, 0.75):  # RTN with tighter clips spends more bytes
         tighter = dataclasses.replace(base, **{name: getattr(base, name) * clip_scale for name in clips})
         variants[f"RTN clips x{clip_scale}"] = (tighter, {})
+    plain_weights = None
     for label, (settings, matrix_hessians) in variants.items():
         container = quantize_model_state(trained, matrix_hessians, settings)
         model_bytes = len(serialize_artifact(container))
-        quantized = bits_per_byte(dequantize_state(container))
+        weights = dequantize_state(container)
+        quantized = bits_per_byte(weights)
         print(f"  {label:22s} val {quantized:.4f} bits/byte  penalty {quantized - pre:+.4f}  model {model_bytes:,} bytes")
+        plain_weights = weights if label == "GPTQ" else plain_weights
+        for name in [n for n, e in container["entries"].items() if e.get("lqer_rank")]:  # the LQER'd tensors
+            errors = [(hessian_weighted_error(trained[name], w[name], hessians[name]),
+                       float((trained[name] - w[name]).norm() / trained[name].norm())) for w in (plain_weights, weights)]
+            print(f"    {name}: output error {errors[0][0]:.4e} -> {errors[1][0]:.4e}, "
+                  f"weight error {errors[0][1]:.4e} -> {errors[1][1]:.4e}")
     model.load_state_dict(trained)
 
 

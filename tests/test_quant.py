@@ -1,5 +1,6 @@
 """Quantization and artifact (SPEC section 7): GPTQ core, Hessians, LQER, container, counted code."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -214,10 +215,10 @@ def test_preset_quant_settings_follow_the_published_systems():
     assert settings["baseline"].quant_scheme == "int8"
 
 
-def test_lqer_reduces_the_hessian_weighted_error_of_the_worst_tensors():
+def test_hessian_lqer_reduces_the_hessian_weighted_error_of_the_worst_tensors():
     state, hessians = toy_state(), toy_hessians()
     plain = dequantize_state(quantize_model_state(state, hessians, QuantSettings(quant_embed_bits=4, quant_mlp_bits=4, quant_matrix_bits=4, lqer_enabled=False)))
-    container = quantize_model_state(state, hessians, QuantSettings(quant_embed_bits=4, quant_mlp_bits=4, quant_matrix_bits=4, lqer_rank=4, lqer_top_k=2))
+    container = quantize_model_state(state, hessians, QuantSettings(quant_embed_bits=4, quant_mlp_bits=4, quant_matrix_bits=4, lqer_rank=4, lqer_top_k=2, lqer_scheme="hessian"))
     corrected = dequantize_state(container)
     with_lqer = [name for name, entry in container["entries"].items() if entry.get("lqer_rank")]
     assert len(with_lqer) == 2
@@ -226,6 +227,64 @@ def test_lqer_reduces_the_hessian_weighted_error_of_the_worst_tensors():
         before = hessian_weighted_error(state[name], plain[name], hessians[name])
         after = hessian_weighted_error(state[name], corrected[name], hessians[name])
         assert after < 0.97 * before
+
+
+def _pr1855_lqer_reference(state, container, rank, top_k, group=64):
+    """PR 1855's gptq_mixed_quantize LQER step and its dequantization, written out: E = W - W_q for
+    every GPTQ'd matrix, the top_k by ||E||_F; A = U_r S_r, B = V_r^T; A int2 with one scale
+    max|A| / 1.5 (codes -2..1), B int4 over flattened groups of `group`, scale max|group| / 7.5
+    (codes -8..7), scales rounded to fp16; W_hat = W_q + A_hat B_hat."""
+    errors = {}
+    for name, entry in container["entries"].items():
+        if entry.get("kind") == "quant" and entry.get("bits", 8) < 8 and "gate" not in name:
+            w_q = entry["codes"].float() * entry["scales"].float()[:, None]
+            errors[name] = (state[name].float() - w_q, w_q)
+    top = sorted(errors, key=lambda name: -float(errors[name][0].norm()))[:top_k]
+    expected = {}
+    for name in top:
+        error, w_q = errors[name]
+        u, singular, vh = torch.linalg.svd(error, full_matrices=False)
+        a, b = u[:, :rank] * singular[:rank], vh[:rank]
+        scale_a = (a.abs().max() / 1.5).to(torch.float16).float()
+        a_hat = torch.clamp(torch.round(a / scale_a), -2, 1) * scale_a
+        groups = b.reshape(-1, group)
+        scale_b = (groups.abs().amax(dim=1, keepdim=True) / 7.5).to(torch.float16).float()
+        b_hat = (torch.clamp(torch.round(groups / scale_b), -8, 7) * scale_b).reshape(b.shape)
+        expected[name] = w_q + a_hat @ b_hat
+    return expected
+
+
+def test_pr1855_lqer_picks_the_largest_weight_errors_and_matches_its_int2_int4_factors():
+    state, hessians = toy_state(), toy_hessians()
+    settings = QuantSettings(quant_embed_bits=4, quant_mlp_bits=4, quant_matrix_bits=4, lqer_rank=4, lqer_top_k=2)
+    assert settings.lqer_scheme == "pr1855"
+    container = quantize_model_state(state, hessians, settings)
+    plain = quantize_model_state(state, hessians, dataclasses.replace(settings, lqer_enabled=False))
+    expected = _pr1855_lqer_reference(state, plain, rank=4, top_k=2)
+    got = dequantize_state(container)
+    assert sorted(name for name, entry in container["entries"].items() if entry.get("lqer_rank")) == sorted(expected)
+    for name, weight in expected.items():
+        torch.testing.assert_close(got[name], weight, atol=1e-6, rtol=1e-6)
+        assert container["entries"][name]["lqer_a_scale"].numel() == 1  # one scale for all of A
+        assert (got[name] - state[name]).norm() < (dequantize_state(plain)[name] - state[name]).norm()
+    restored = dequantize_state(deserialize_artifact(serialize_artifact(container)))
+    assert all(torch.equal(restored[name], got[name]) for name in got)
+
+
+def test_signed_group_quantizer_round_trips_through_the_asymmetric_layout():
+    """quantize_groups_signed stores q + 2^(b-1) with low = -2^(b-1) s, so the shared dequantizer gives
+    exactly q * s, with q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) and s = fp16(max|x| / (2^(b-1) - 0.5))."""
+    from train_gpt import dequantize_groups_asymmetric, quantize_groups_signed
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randn(5, 64, generator=generator) * torch.tensor([1.0, 0.01, 3.0, 1e-3, 0.2])[:, None]
+    for bits in (2, 3, 4):
+        half = 2 ** (bits - 1)
+        packed, scales, low = quantize_groups_signed(values, bits, 64)
+        scale = (values.abs().amax(dim=1, keepdim=True) / (half - 0.5)).to(torch.float16).float()
+        expected = torch.clamp(torch.round(values / scale), -half, half - 1) * scale
+        back = dequantize_groups_asymmetric(packed, scales, low, 4, values.numel()).view(5, 64)
+        assert torch.equal(back, expected), bits
+        assert packed.dtype == torch.uint8 and packed.shape == (5, 32)  # two codes per byte
 
 
 def test_serialization_round_trip_is_bit_exact_for_every_codec_and_layout():

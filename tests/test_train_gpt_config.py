@@ -122,6 +122,8 @@ CHANGED_SINCE_SNAPSHOT = {
     ("tiny", "SLIDING_WINDOW_ENABLED"): False,
     # the PR 1855 line stores its quantized codes with rANS (per-role tables; ~2.5% smaller than brotli-11)
     ("pr1855", "QUANT_COMPRESSOR"): "rans", ("tiny", "QUANT_COMPRESSOR"): "rans",
+    # LoRA sites as PR 1855 places them: O from the normed attention input, one MLP bypass (PR 1736 too)
+    **{(preset, "PHASED_TTT_LORA_SITES"): "q,k,v,o,mlp,head" for preset in SNAPSHOT},
 }
 for (preset_name, env_name), new_value in CHANGED_SINCE_SNAPSHOT.items():
     SNAPSHOT[preset_name][env_name] = new_value

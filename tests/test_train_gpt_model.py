@@ -41,6 +41,7 @@ def test_interface_shapes_and_dtypes():
     ("XSA", 0), ("UNET_SKIPS", 0), ("SKIP_GATES", 0), ("RESID_MIX", 0), ("NUM_LOOPS", 1),
     ("PARALLEL_START_LAYER", -1), ("GATED_ATTN", 0), ("SPARSE_ATTN_GATE", 0), ("SMEAR_GATE", 0), ("LN_SCALE", 0),
     ("ROPE_DIMS", 0), ("ROPE_DIMS", 16), ("LOGIT_SOFTCAP", 0), ("MLP_ACT", "relu2"), ("QK_GAIN_INIT", 1.5),
+    ("ORTHOGONAL_INIT", 0),
 ])
 def test_each_switch_changes_the_function_and_trains(switch, value):
     overrides = {switch: value}
@@ -124,7 +125,7 @@ def test_recurrence_switch_changes_output_and_reuses_weights():
 
 
 def test_parallel_lanes_start_equal_and_split_when_mixes_differ():
-    h = tiny_h(NUM_LOOPS=1)
+    h = tiny_h(NUM_LOOPS=1, UNET_SKIPS=0)  # a skip would enter lane 0 only
     model = build(h)
     assert [block.parallel for block in model.blocks] == [False] * 4 + [True] * 2
     lanes = {}
@@ -155,6 +156,82 @@ def test_parallel_block_matches_its_definition():
             expected = block.lane_resid[lane] * x[lane] + block.lane_mix[lane, 0] * attn + block.lane_mix[lane, 1] * mlp
             assert torch.allclose(out[lane], expected, atol=1e-5)
     assert block.ln_scale == pytest.approx(1 / math.sqrt(6))
+
+
+def _pr1855_hidden_states(model, ids, layout):
+    """PR 1855's _forward_hidden written out from its source, on our modules' parameters: SmearGate on
+    the raw embedding (masked where the current token is BOS), then RMSNorm = x0; serial blocks
+    x_in = m0 x + m1 x0, x_in + a_s attn(n(x_in)), + m_s mlp(n(.)); in the decoder the gated skip is
+    lerp(w skip, x, sigmoid(g)); at the first parallel layer lane0 = lane1 = x, the skip then enters
+    lane0 only; a parallel block's attention reads n(m0 lane0 + m1 x0), its MLP reads n(lane1), and
+    lane_k <- resid_k lane_k + post(attn->k) attn + post(mlp->k) mlp; output n((lane0 + lane1) / 2)."""
+    norm = lambda t: torch.nn.functional.rms_norm(t, (t.size(-1),))  # noqa: E731
+    x = model.tok_emb(ids)
+    smear = model.smear
+    gate = smear.smear_lambda * torch.sigmoid(x[:, 1:, : smear.dims] @ smear.gate.weight.T)
+    not_bos = (ids[:, 1:] != train_gpt.BOS_ID).to(x.dtype)[..., None]
+    x = norm(torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1] * not_bos], dim=1))
+    x0 = x
+    encoder, decoder = model.layer_order()
+
+    def serial(block, x):
+        x_in = block.resid_mix[0] * x + block.resid_mix[1] * x0
+        out = x_in + block.attn_scale * block.attn(norm(x_in) * block.ln_scale, layout)
+        return out + block.mlp_scale * block.mlp(norm(out) * block.ln_scale)
+
+    skips = []
+    for index in encoder:
+        x = serial(model.blocks[index], x)
+        skips.append(x)
+    lane0 = lane1 = None
+    for position, index in enumerate(decoder):
+        block = model.blocks[index]
+        weight, gate = model.skip_weights[position], torch.sigmoid(model.skip_gates[position])
+        if block.parallel:
+            if lane0 is None:
+                lane0 = lane1 = x
+            if skips:
+                lane0 = torch.lerp(weight * skips.pop(), lane0, gate)
+            attn = block.attn_scale * block.attn(
+                norm(block.resid_mix[0] * lane0 + block.resid_mix[1] * x0) * block.ln_scale, layout)
+            mlp = block.mlp_scale * block.mlp(norm(lane1) * block.ln_scale)
+            post, resid = block.lane_mix, block.lane_resid  # post[target lane, (attn, mlp)]
+            lane0, lane1 = (resid[0] * lane0 + post[0, 0] * attn + post[0, 1] * mlp,
+                            resid[1] * lane1 + post[1, 0] * attn + post[1, 1] * mlp)
+        else:
+            if skips:
+                x = torch.lerp(weight * skips.pop(), x, gate)
+            x = serial(block, x)
+    return norm(0.5 * (lane0 + lane1))
+
+
+@pytest.mark.parametrize("recurrence", [False, True])
+def test_hidden_states_match_pr1855_forward(recurrence):
+    """Parallel lanes, where the U-Net skip enters them, and SmearGate placement, against PR 1855's
+    forward written out independently (random weights everywhere, so every path matters)."""
+    h = tiny_h()  # 6 layers, loop 2-3, parallel from 4: skips reach the parallel layers
+    model = build(h, recurrence=recurrence)
+    ids = random_tokens(2, 48, bos_every=17)
+    layout = train_gpt.DocumentLayout.build(ids, "plain")
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden_states(ids, layout=layout), _pr1855_hidden_states(model, ids, layout),
+                                   atol=2e-5, rtol=2e-5)
+
+
+def test_init_as_pr1855_orthogonal_matrices_lane_residual_and_zero_sparse_gate():
+    """PR 1855 _init_weights: q, k, v and MLP-up matrices orthogonal (all singular values 1), output
+    projections zero; parallel residual scales 1.1; the sparse attention gate starts at zero."""
+    h = tiny_h()
+    model = train_gpt.GPT(h.model)
+    block = model.blocks[4]
+    for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.fc):
+        singular = torch.linalg.svdvals(linear.weight.detach())
+        torch.testing.assert_close(singular, torch.ones_like(singular), atol=1e-5, rtol=0)
+    assert not block.attn.out_proj.weight.any() and not block.mlp.proj.weight.any()
+    assert torch.equal(block.lane_resid.detach(), torch.full((2,), 1.1)) and not block.attn.gate.weight.any()
+    plain = train_gpt.GPT(tiny_h(ORTHOGONAL_INIT=0).model).blocks[4].attn.q_proj.weight.detach()
+    assert torch.linalg.svdvals(plain).std() > 0.1  # nn.Linear's uniform init is not orthogonal
+    assert not train_gpt.Hyperparameters.from_env({"PRESET": "baseline"}).model.orthogonal_init
 
 
 def _doc(length, seed):
@@ -269,13 +346,43 @@ def test_lora_hook_sees_every_site_and_its_delta_is_added():
         plain = model.forward_logits(ids)
         adapted = model.forward_logits(ids, lora=adapter)
     sites = {site for site, _ in seen}
-    assert sites == {"q", "k", "v", "o", "mlp_in", "mlp_out", "head"}
+    assert sites == {"q", "k", "v", "o", "mlp", "head"}
     assert ("head", -1) in seen and {layer for _, layer in seen if layer >= 0} == set(range(h.model.num_layers))
     cap = h.model.logit_softcap
     expected = cap * torch.tanh((cap * torch.atanh(plain / cap) + 0.01) / cap)
     assert torch.allclose(adapted, expected, atol=1e-3)
     nll = model.per_token_nll(ids, ids, lora=adapter)
     assert nll.shape == (1, 32)
+
+
+def test_o_and_mlp_adapters_read_the_normed_block_inputs_as_in_pr1855():
+    """PR 1855 (_block_with_lora): the O adapter reads the normed attention input n and is added to the
+    output projection's output; the MLP adapter is a model_dim -> model_dim bypass from the normed MLP
+    input, added to the MLP's output. Both outputs are then scaled by attn_scale / mlp_scale."""
+    h = tiny_h(NUM_LOOPS=1)
+    model = build(h)
+    dim = h.model.model_dim
+    dims = train_gpt.lora_site_dims(model, sites=("o", "mlp"))
+    assert set(dims.values()) == {(dim, dim)} and len(dims) == 2 * h.model.num_layers
+    block = model.blocks[1]  # a serial block
+    generator = torch.Generator().manual_seed(3)
+    weights = {site: torch.randn(dim, dim, generator=generator) * 0.1 for site in ("o", "mlp")}
+
+    def adapter(site, layer_index, x):
+        return x @ weights[site] if site in weights and layer_index == 7 else None
+
+    x, x0 = torch.randn(1, 2, 16, dim, generator=generator), torch.randn(2, 16, dim, generator=generator)
+    layout = train_gpt.DocumentLayout.build(random_tokens(2, 16, bos_every=6), "plain")
+    with torch.no_grad():
+        out = block(x, x0, layout, adapter, 7)[0]
+        mix = block.resid_mix
+        x_in = mix[0] * x[0] + mix[1] * x0
+        n = torch.nn.functional.rms_norm(x_in, (dim,)) * block.ln_scale
+        middle = x_in + block.attn_scale * (block.attn(n, layout) + n @ weights["o"])
+        m = torch.nn.functional.rms_norm(middle, (dim,)) * block.ln_scale
+        expected = middle + block.mlp_scale * (block.mlp(m) + m @ weights["mlp"])
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(block(x, x0, layout, adapter, 6)[0], out)  # another pass: no adapter
 
 
 def test_gated_attention_init_std_and_sparse_gate_width():
