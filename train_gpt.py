@@ -3009,14 +3009,17 @@ def ngram_hint_rule(order: int) -> tuple[float, int]:
     return (0.60, 2) if order <= 13 else (0.50, 2)
 
 
-def ngram_context_hashes(tokens: torch.Tensor, positions: torch.Tensor, order: int) -> torch.Tensor:
-    """Hash of tokens[p - order : p] for each target position p (any shape); callers mask the
-    positions whose context is not available."""
-    hashes = torch.zeros_like(positions)
-    for back in range(order, 0, -1):  # oldest token first
+def ngram_context_hashes(tokens: torch.Tensor, positions: torch.Tensor, orders: list[int]) -> list[torch.Tensor]:
+    """For each order k, the hash of tokens[p - k : p] at each target position p (any shape), built
+    newest token first so that every order extends the shorter one; callers mask the positions whose
+    context is not available."""
+    hashes, power, by_order = torch.zeros_like(positions), 1, {}
+    for back in range(1, max(orders) + 1):
         token = tokens[(positions - back).clamp_min(0)]
-        hashes = (hashes * NGRAM_HASH_BASE + token + 1) % NGRAM_HASH_MOD
-    return hashes
+        hashes = (hashes + (token + 1) * power) % NGRAM_HASH_MOD
+        power = power * NGRAM_HASH_BASE % NGRAM_HASH_MOD
+        by_order[back] = hashes
+    return [by_order[order] for order in orders]
 
 
 class NgramCounts:
@@ -3098,17 +3101,16 @@ class NgramTilt:
         bits = self.fixed_bits or min(16, max(10, math.ceil(math.log2(8 * max(longest, 1)))))
         self.own = NgramCounts(len(self.orders), num_docs, bits, self.doc_starts.device)
 
-    def hints(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hint id or -1, beta or 0) for target positions [B, W] from the counts as they are now."""
-        positions = positions.clamp(1, self.val.num_tokens - 1)
+    def hints(self, positions: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hint id or -1, beta or 0) for target positions [N] of batch rows [N] (= documents, for
+        their own counts) from the counts as they are now."""
         available = self._context_lengths(positions)
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
         zero = torch.zeros_like(positions)
         hint = torch.full_like(positions, -1)
         beta = torch.zeros(positions.shape, dtype=torch.float32, device=positions.device)
-        for index, order in enumerate(self.orders):
+        all_hashes = ngram_context_hashes(self.val.tokens, positions, self.orders)
+        for index, (order, hashes) in enumerate(zip(self.orders, all_hashes)):
             min_confidence, min_count = ngram_hint_rule(order)
-            hashes = ngram_context_hashes(self.val.tokens, positions, order)
             total, best = self.shared.lookup(index, hashes, zero)
             count = self.shared.pair(index, hashes, best, zero)
             if self.own is not None:
@@ -3129,9 +3131,10 @@ class NgramTilt:
             self.audit(event, positions.cpu().numpy())
         available = self._context_lengths(positions)
         tokens = self.val.tokens[positions]
-        for index, order in enumerate(self.orders):
+        all_hashes = ngram_context_hashes(self.val.tokens, positions, self.orders)
+        for index, (order, hashes) in enumerate(zip(self.orders, all_hashes)):
             use = available >= order
-            counts.add(index, ngram_context_hashes(self.val.tokens, positions[use], order), tokens[use], slots[use])
+            counts.add(index, hashes[use], tokens[use], slots[use])
 
     def scored(self, positions: torch.Tensor) -> None:
         """Targets whose scores this rank just recorded: they join the shared counts at the next barrier."""
@@ -3156,12 +3159,15 @@ def _model_and_scored_nll(model: GPT, inputs: torch.Tensor, targets: torch.Tenso
                           ngram: NgramTilt | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(model NLL, scored NLL), each [B, W]: the same tensor without the tilt; with it, the scored
     NLL is the tilted one (from the counts before this call) and training keeps the model's.
-    `scored` [B, W] marks the targets that will be recorded (for the count of hinted targets)."""
+    `scored` [B, W] marks the targets that will be recorded (the only ones tilted)."""
     if ngram is None:
         nll = model.per_token_nll(inputs, targets, lora=lora)
         return nll, nll
-    hints, betas = ngram.hints(positions)
-    ngram.hinted += int((hints >= 0)[scored].sum())
+    rows = torch.nonzero(scored, as_tuple=True)[0]
+    hints = torch.full_like(positions, -1)
+    betas = torch.zeros(positions.shape, dtype=torch.float32, device=positions.device)
+    hints[scored], betas[scored] = ngram.hints(positions[scored], rows)  # only the targets that are scored
+    ngram.hinted += int((hints >= 0).sum())
     both = model.per_token_nll(inputs, torch.stack([targets, hints.clamp_min(0)], dim=-1), lora=lora)  # [B, W, 2]
     nll = both[..., 0]
     return nll, tilted_nll(nll.detach(), both[..., 1].detach(), hints == targets, betas)

@@ -185,15 +185,15 @@ def test_hints_equal_a_dictionary_counter_whatever_the_order_of_additions(tokens
     order = np.random.default_rng(1).permutation(np.arange(1, val.num_tokens))
     state = NgramTilt(val, 5, 1, 2.0, table_bits=20)  # orders 5, 3, 1
     counted = []
-    everywhere = torch.arange(1, val.num_tokens)[None]
+    everywhere = torch.arange(1, val.num_tokens)
     for part in np.array_split(order, 5):
         state.scored(torch.as_tensor(part))
         state.barrier()
         counted += part.tolist()
-        hints, betas = state.hints(everywhere)
+        hints, betas = state.hints(everywhere, torch.zeros_like(everywhere))
         for position in range(1, val.num_tokens):
             expected = dictionary_hint(tokens, val.doc_starts, counted, position, state.orders, 2.0)
-            assert (int(hints[0, position - 1]), float(betas[0, position - 1])) == pytest.approx(expected, abs=1e-6)
+            assert (int(hints[position - 1]), float(betas[position - 1])) == pytest.approx(expected, abs=1e-6)
     assert int((hints >= 0).sum()) > 20  # the check saw many hints
     other = NgramTilt(val, 5, 1, 2.0, table_bits=20)
     for part in np.array_split(order[::-1].copy(), 3):
@@ -220,7 +220,9 @@ def test_own_document_counts_combine_with_the_shared_ones_and_stay_private(token
     in_doc = torch.stack([torch.arange(width) < length - 1 for length in lengths])
     first_half = in_doc & (torch.arange(width) < width // 2)[None]
     state.add_own(positions, first_half)
-    hints, betas = state.hints(positions)
+    rows = torch.arange(2)[:, None].expand_as(positions)
+    flat_hints, flat_betas = state.hints(positions.reshape(-1), rows.reshape(-1))
+    hints, betas = flat_hints.view_as(positions), flat_betas.view_as(positions)
     checked = 0
     for row in range(2):
         own = positions[row][first_half[row]].tolist()
