@@ -128,6 +128,7 @@ class ModelSettings:
     tied_embed_init_std: float = 0.005  # init std of the tied embedding / output head
     orthogonal_init: bool = True  # q, k, v and MLP-up matrices start orthogonal (PR 1493/1855); 0: nn.Linear init
     logit_softcap: float = 30.0  # logits = c*tanh(z/c); 0 disables
+    asym_logit_rescale: bool = False  # separate softcaps for positive and negative logits, init LOGIT_SOFTCAP, fitted only by TTT weight updates (PR 1923/1945)
     rope_dims: int = 16  # head dims that get rotary embedding (partial RoPE); 0 = none
     rope_base: float = 10000.0  # RoPE base frequency
     qk_gain_init: float = 5.0  # init of the learned per-head query gain (q, k are RMS-normed)
@@ -254,6 +255,10 @@ class EvalSettings:
     phased_ttt_global_epochs: int = 1  # phased TTT: global SGD epochs per phase
     phased_ttt_global_chunk_tokens: int = 32768  # phased TTT: global SGD chunk tokens
     phased_ttt_global_grad_clip: float = 1.0  # phased TTT: global SGD gradient clip
+    ngram_tilt: bool = False  # boost a token n-gram's hint in every scored distribution, renormalized over the vocabulary; counts only from already-scored tokens (PR 1514/2130)
+    ngram_tilt_max_order: int = 16  # n-gram tilt: longest context in tokens; orders max, max-2, ... down to the min (PR 1514)
+    ngram_tilt_min_order: int = 8  # n-gram tilt: shortest context in tokens
+    ngram_tilt_beta: float = 2.0  # n-gram tilt: log-boost of the hint = beta * the hint's confidence (PR 1514)
 
     def batch_rows(self, world_size: int = 1) -> int:
         """Rows of EVAL_SEQ_LEN per forward on one rank (EVAL_BATCH_TOKENS counts all ranks)."""
@@ -371,6 +376,11 @@ class Hyperparameters:
         if model.smear_gate:
             require(0 < model.smear_gate_dims <= model.model_dim,
                     f"SMEAR_GATE_DIMS={model.smear_gate_dims} must be in 1..MODEL_DIM")
+        require(not model.asym_logit_rescale or model.logit_softcap > 0,
+                "ASYM_LOGIT_RESCALE=1 needs LOGIT_SOFTCAP > 0 (its initial value)")
+        require(1 <= eval.ngram_tilt_min_order <= eval.ngram_tilt_max_order and eval.ngram_tilt_beta >= 0,
+                f"NGRAM_TILT_MIN_ORDER={eval.ngram_tilt_min_order} must be in 1..NGRAM_TILT_MAX_ORDER="
+                f"{eval.ngram_tilt_max_order} and NGRAM_TILT_BETA={eval.ngram_tilt_beta} >= 0")
 
     def as_dict(self) -> dict[str, Any]:
         """Every setting by its field name (one flat namespace: names are unique across sections)."""
@@ -466,6 +476,14 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         scalar_lr=0.04, scalar_weight_decay=0.0, grad_clip_norm=0.0, ema_decay=0.0, warmdown_frac=0.1,
         quant_scheme="int8", quant_compressor="zlib", quant_byte_shuffle=False, sliding_window_enabled=False,
         ttt_enabled=False, gptq_reserve_seconds=0.0)),
+    # PR 2130 (1.05670): the eval-time n-gram tilt and logit rescale, one global-SGD phase, Muon lr 0.028
+    # (PR 2060). Not in our code: its other PR 2060 levers (LQER retune, per-group lrzip) and its
+    # hints over the whole stream prefix; GPTQ reserve kept at ours (it used 0.5 s)
+    "pr2130": ("pr1855", dict(
+        ngram_tilt=True, asym_logit_rescale=True, phased_ttt_num_phases=1, matrix_lr=0.028)),
+    # PR 2135 (1.05651): PR 2130 with 32 GPTQ calibration batches
+    "pr2135": ("pr2130", dict(
+        gptq_calibration_batches=32)),
     "tiny": ("pr1855", dict(  # every record feature at CPU scale; about a minute on 2 cores
         vocab_size=1024, num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, loop_start=2,
         loop_end=3,
@@ -1137,6 +1155,11 @@ class Block(nn.Module):
                 + mix[:, 1, None, None, None] * mlp_out)
 
 
+def asymmetric_softcap(logits: torch.Tensor, cap_pos: torch.Tensor, cap_neg: torch.Tensor) -> torch.Tensor:
+    """c*tanh(z/c) with its own c for positive and for negative logits (PR 1923, from modded-nanogpt)."""
+    return torch.where(logits > 0, cap_pos * torch.tanh(logits / cap_pos), cap_neg * torch.tanh(logits / cap_neg))
+
+
 class SmearGate(nn.Module):
     """x_t += lambda * sigmoid(W x_t[:dims]) * x_{t-1} (PR 1855): a cheap bigram-like previous-token
     signal. Masked to zero where a document starts, so nothing leaks across a BOS."""
@@ -1183,6 +1206,12 @@ class GPT(nn.Module):
         self.skip_gates = None
         if num_skips and config.skip_gates:
             self.skip_gates = nn.Parameter(torch.zeros(num_skips, config.model_dim))
+        # asymmetric logit rescale (PR 1923/1945): identity at init; frozen in training (requires_grad off,
+        # so it keeps the symmetric cap), fitted by the TTT weight updates on already-scored tokens only
+        self.softcap_pos = self.softcap_neg = None
+        if config.asym_logit_rescale:
+            self.softcap_pos = nn.Parameter(torch.full((1,), float(config.logit_softcap)), requires_grad=False)
+            self.softcap_neg = nn.Parameter(torch.full((1,), float(config.logit_softcap)), requires_grad=False)
 
     def set_recurrence(self, active: bool) -> None:
         """Turn depth recurrence on/off (switched on at ENABLE_LOOPING_AT of training)."""
@@ -1242,16 +1271,28 @@ class GPT(nn.Module):
 
     def forward_logits(self, input_ids: torch.Tensor, lora: Any = None,
                        layout: DocumentLayout | None = None) -> torch.Tensor:
-        """Softcapped float32 logits [B, T, V]."""
-        return softcap_logits(self.head_logits(input_ids, lora, layout), self.config.logit_softcap)
+        """Softcapped float32 logits [B, T, V]: one cap, or separate caps for positive and negative
+        logits (ASYM_LOGIT_RESCALE)."""
+        logits = self.head_logits(input_ids, lora, layout)
+        if self.softcap_pos is not None:
+            return asymmetric_softcap(logits.float(), self.softcap_pos.float(), self.softcap_neg.float())
+        return softcap_logits(logits, self.config.logit_softcap)
 
     def per_token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor, lora: Any = None,
                       layout: DocumentLayout | None = None) -> torch.Tensor:
-        """Per-token negative log-likelihood in nats [B, T] (float32, full softmax over the vocabulary)."""
-        logits = self.head_logits(input_ids, lora, layout).flatten(0, 1)  # [B*T, V]
-        cap = self.config.logit_softcap
-        nll = (fused_softcapped_nll(logits, target_ids.flatten(), cap) if self.fused_ce
-               else softcapped_nll_reference(logits, target_ids.flatten(), cap))
+        """Negative log-likelihood in nats (float32, full softmax over the vocabulary) of target_ids
+        [B, T] -> [B, T], or of K candidate next tokens per position [B, T, K] -> [B, T, K] (the n-gram
+        tilt scores the target and needs its hint's probability from the same forward)."""
+        if target_ids.dim() == 3 or self.softcap_pos is not None:
+            logits = self.forward_logits(input_ids, lora, layout)
+            if target_ids.dim() == 3:
+                return logits.logsumexp(-1, keepdim=True) - logits.gather(-1, target_ids)
+            nll = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none")
+        else:
+            logits = self.head_logits(input_ids, lora, layout).flatten(0, 1)  # [B*T, V]
+            cap = self.config.logit_softcap
+            nll = (fused_softcapped_nll(logits, target_ids.flatten(), cap) if self.fused_ce
+                   else softcapped_nll_reference(logits, target_ids.flatten(), cap))
         return nll.view_as(target_ids)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor,
@@ -3271,6 +3312,222 @@ def _time_is_up(deadline: float | None, device) -> bool:
     return bool(_all_reduce_(over, dist.ReduceOp.MAX) > 0)
 
 
+# --- causal token n-gram tilt (PR 1514 / 2130 / 2135; token channel only) ----------------------
+# Each scored distribution p is tilted toward one hint token h of a token n-gram model:
+# p'(a) = p(a) exp(beta [a == h]) / Z, Z = sum over all V of p(a) exp(beta [a == h]) = 1 + p(h)(e^beta - 1).
+# The n-gram counts hold ONLY targets whose scores were already recorded: a scoring call looks up
+# the state as it was before the call, and its targets are added after their scores (audit event
+# "ngram_update"). With several ranks, each rank adds its own targets at once and the other ranks'
+# at the end of the round (one scoring call, or one document batch, per rank), by all_gather; the
+# counts do not depend on the order of additions, so every rank holds the same state and the scores
+# do not depend on timing. Contexts never reach back past the document that precedes the target.
+# The within-word and word-start channels of PR 1420 are left out: they read the target (review of
+# PR 1420/1967).
+
+NGRAM_HASH_BASE, NGRAM_HASH_MOD = 1_000_003, 2**31 - 1  # polynomial hash of a context, mod a prime
+NGRAM_KEY_SCALE = 65536  # best_key = count * 65536 + (65535 - token): argmax count, ties -> smallest id
+
+
+def ngram_tilt(log_probs: torch.Tensor, hints: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """log p [N, V] -> log p' [N, V]: add betas[n] to the hint's entry (hint -1: none) and
+    renormalize with a logsumexp over all V entries."""
+    has_hint = hints >= 0
+    bonus = torch.zeros_like(log_probs)
+    rows = torch.arange(log_probs.shape[0], device=log_probs.device)[has_hint]
+    bonus[rows, hints[has_hint]] = betas[has_hint].to(bonus.dtype)
+    tilted = log_probs + bonus
+    return tilted - torch.logsumexp(tilted, dim=-1, keepdim=True)
+
+
+def tilted_nll(target_nll: torch.Tensor, hint_nll: torch.Tensor, hit: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """-log p'(target) from the model's NLL of the target and of the hint (any shape; beta 0 where
+    there is no hint): the closed form of `ngram_tilt`, log Z = log(1 + p(h)(e^beta - 1)), exact
+    because the model's p sums to 1 over the vocabulary."""
+    log_z = torch.log1p(torch.exp(-hint_nll) * torch.expm1(betas))
+    return target_nll - betas * hit.to(betas.dtype) + log_z
+
+
+def ngram_hint_rule(order: int) -> tuple[float, int]:
+    """(least confidence, least context count) for a hint from a context of this order: longer
+    contexts are trusted sooner (PR 1514's schedule)."""
+    if order <= 10:
+        return 0.70, 3
+    return (0.60, 2) if order <= 13 else (0.50, 2)
+
+
+def ngram_context_hashes(tokens: torch.Tensor, positions: torch.Tensor, orders: list[int]) -> list[torch.Tensor]:
+    """For each order k, the hash of tokens[p - k : p] at each target position p (any shape), built
+    newest token first so that every order extends the shorter one; callers mask the positions whose
+    context is not available."""
+    hashes, power, by_order = torch.zeros_like(positions), 1, {}
+    for back in range(1, max(orders) + 1):
+        token = tokens[(positions - back).clamp_min(0)]
+        hashes = (hashes + (token + 1) * power) % NGRAM_HASH_MOD
+        power = power * NGRAM_HASH_BASE % NGRAM_HASH_MOD
+        by_order[back] = hashes
+    return [by_order[order] for order in orders]
+
+
+class NgramCounts:
+    """Hashed token n-gram counts, one table per context order, over `slots` independent tables
+    (the shared counts: 1 slot; a document batch's own counts: one slot per document). Counts are
+    sums, so the tables are a function of the SET of targets added, not of the order of additions."""
+
+    def __init__(self, num_orders: int, slots: int, table_bits: int, device):
+        self.size = 1 << table_bits
+        shape = (num_orders, slots * self.size)
+        self.context_count = torch.zeros(shape, dtype=torch.int32, device=device)
+        self.pair_count = torch.zeros(shape, dtype=torch.int32, device=device)
+        self.best_key = torch.zeros(shape, dtype=torch.int64, device=device)  # argmax count, ties -> smallest id
+
+    def add(self, index: int, hashes: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor) -> None:
+        context_buckets, pair_buckets = self.buckets(hashes, tokens, slots)
+        ones = torch.ones(context_buckets.shape, dtype=torch.int32, device=context_buckets.device)
+        self.context_count[index].index_add_(0, context_buckets, ones)
+        self.pair_count[index].index_add_(0, pair_buckets, ones)
+        keys = self.pair_count[index][pair_buckets].long() * NGRAM_KEY_SCALE + (NGRAM_KEY_SCALE - 1 - tokens)
+        self.best_key[index].scatter_reduce_(0, context_buckets, keys, reduce="amax")
+
+    def buckets(self, hashes: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor):
+        pair_hashes = (hashes * NGRAM_HASH_BASE + tokens + 1) % NGRAM_HASH_MOD
+        return hashes % self.size + slots * self.size, pair_hashes % self.size + slots * self.size
+
+    def lookup(self, index: int, hashes: torch.Tensor, slots: torch.Tensor):
+        """(context count, best next token or -1) of each context."""
+        context_buckets = hashes % self.size + slots * self.size
+        key = self.best_key[index][context_buckets]
+        best = torch.where(key > 0, NGRAM_KEY_SCALE - 1 - key % NGRAM_KEY_SCALE, -1)
+        return self.context_count[index][context_buckets], best
+
+    def pair(self, index: int, hashes: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Count of (context, token); 0 where token is -1."""
+        _, pair_buckets = self.buckets(hashes, tokens.clamp_min(0), slots)
+        return torch.where(tokens >= 0, self.pair_count[index][pair_buckets], 0)
+
+
+class NgramTilt:
+    """The tilt's n-gram state. Two kinds of counts, both holding only targets already scored, and
+    filled at points fixed by the data, not by timing (so a score never depends on how fast a rank ran):
+    - shared: every target scored before the last `barrier()`, identical on all ranks (all_gather).
+      Plain / sliding / chunked-TTT scoring: a barrier after each round (rounds are stream-contiguous
+      blocks of windows, so the counts also hold only earlier tokens). Phased TTT: a barrier at each
+      phase pause, when every document before it in the longest-first queue is scored on every rank
+      (those documents may lie anywhere in the stream; each was scored before any score that uses it);
+    - per document (phased TTT): a document's own targets, added right after each chunk is scored
+      (`add_own`), one table per document of the batch, so documents never see each other's.
+    A hint is the best next token of the longest confident context (PR 1514's schedule); with both
+    kinds, the better of the two tables' best tokens by their summed counts."""
+
+    def __init__(self, val: ValData, max_order: int, min_order: int, beta: float, audit: Callable | None = None,
+                 table_bits: int | None = None):
+        self.val, self.beta, self.audit = val, beta, audit
+        self.orders = list(range(max_order, min_order - 1, -2))
+        # buckets per order: about four per val token, 2^16..2^26 (PR 1514: 2^26); a collision merges two
+        # contexts' counts (still causal, only a weaker hint)
+        self.fixed_bits = table_bits  # tests fix the size of every table (no collisions)
+        table_bits = table_bits or min(26, max(16, math.ceil(math.log2(4 * val.num_tokens))))
+        self.doc_starts = torch.as_tensor(val.doc_starts, dtype=torch.int64, device=val.tokens.device)
+        self.shared = NgramCounts(len(self.orders), 1, table_bits, val.tokens.device)
+        self.own: NgramCounts | None = None
+        self.pending: list[torch.Tensor] = []  # this rank's scored targets since the last barrier
+        self.hinted = 0  # scored targets that got a hint (callers count them)
+
+    @classmethod
+    def from_config(cls, config: EvalSettings, val: ValData, audit: Callable | None = None) -> "NgramTilt | None":
+        if not config.ngram_tilt:
+            return None
+        return cls(val, config.ngram_tilt_max_order, config.ngram_tilt_min_order, config.ngram_tilt_beta, audit)
+
+    def _context_lengths(self, positions: torch.Tensor) -> torch.Tensor:
+        """Tokens available as context of target p: back to the BOS of the document holding p - 1."""
+        doc = torch.searchsorted(self.doc_starts, positions - 1, right=True) - 1
+        return positions - self.doc_starts[doc.clamp_min(0)]
+
+    def begin_documents(self, num_docs: int, longest: int) -> None:
+        """Fresh per-document tables for a batch of documents (row b of later calls = document b)."""
+        bits = self.fixed_bits or min(16, max(10, math.ceil(math.log2(8 * max(longest, 1)))))
+        self.own = NgramCounts(len(self.orders), num_docs, bits, self.doc_starts.device)
+
+    def hints(self, positions: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hint id or -1, beta or 0) for target positions [N] of batch rows [N] (= documents, for
+        their own counts) from the counts as they are now."""
+        available = self._context_lengths(positions)
+        zero = torch.zeros_like(positions)
+        hint = torch.full_like(positions, -1)
+        beta = torch.zeros(positions.shape, dtype=torch.float32, device=positions.device)
+        all_hashes = ngram_context_hashes(self.val.tokens, positions, self.orders)
+        for index, (order, hashes) in enumerate(zip(self.orders, all_hashes)):
+            min_confidence, min_count = ngram_hint_rule(order)
+            total, best = self.shared.lookup(index, hashes, zero)
+            count = self.shared.pair(index, hashes, best, zero)
+            if self.own is not None:
+                own_total, own_best = self.own.lookup(index, hashes, rows)
+                total = total + own_total
+                count = count + self.own.pair(index, hashes, best, rows)
+                other = self.shared.pair(index, hashes, own_best, zero) + self.own.pair(index, hashes, own_best, rows)
+                better = (other > count) | ((other == count) & (own_best >= 0) & ((best < 0) | (own_best < best)))
+                best, count = torch.where(better, own_best, best), torch.where(better, other, count)
+            confidence = count.float() / total.clamp_min(1).float()
+            use = (hint < 0) & (best >= 0) & (available >= order) & (total >= min_count) & (confidence >= min_confidence)
+            hint = torch.where(use, best, hint)
+            beta = torch.where(use, self.beta * confidence, beta)
+        return hint, beta
+
+    def _add(self, counts: NgramCounts, positions: torch.Tensor, slots: torch.Tensor, event: str) -> None:
+        if self.audit is not None and positions.numel():
+            self.audit(event, positions.cpu().numpy())
+        available = self._context_lengths(positions)
+        tokens = self.val.tokens[positions]
+        all_hashes = ngram_context_hashes(self.val.tokens, positions, self.orders)
+        for index, (order, hashes) in enumerate(zip(self.orders, all_hashes)):
+            use = available >= order
+            counts.add(index, hashes[use], tokens[use], slots[use])
+
+    def scored(self, positions: torch.Tensor) -> None:
+        """Targets whose scores this rank just recorded: they join the shared counts at the next barrier."""
+        self.pending.append(positions.reshape(-1))
+
+    def add_own(self, positions: torch.Tensor, in_chunk: torch.Tensor) -> None:
+        """A just-scored chunk [B, W] (mask `in_chunk`) joins its own document's counts."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+        self._add(self.own, positions[in_chunk], rows[in_chunk], "ngram_own_update")
+
+    def barrier(self) -> None:
+        """Collective: every rank's targets scored since the last barrier join the shared counts."""
+        mine = torch.cat(self.pending) if self.pending else torch.zeros(0, dtype=torch.int64,
+                                                                         device=self.doc_starts.device)
+        self.pending = []
+        every = _all_gather_1d(mine) if distributed_info()[1] > 1 else mine
+        self._add(self.shared, every, torch.zeros_like(every), "ngram_update")
+
+
+def _model_and_scored_nll(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor,
+                          scored: torch.Tensor, lora: Any = None,
+                          ngram: NgramTilt | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model NLL, scored NLL), each [B, W]: the same tensor without the tilt; with it, the scored
+    NLL is the tilted one (from the counts before this call) and training keeps the model's.
+    `scored` [B, W] marks the targets that will be recorded (the only ones tilted)."""
+    if ngram is None:
+        nll = model.per_token_nll(inputs, targets, lora=lora)
+        return nll, nll
+    rows = torch.nonzero(scored, as_tuple=True)[0]
+    hints = torch.full_like(positions, -1)
+    betas = torch.zeros(positions.shape, dtype=torch.float32, device=positions.device)
+    hints[scored], betas[scored] = ngram.hints(positions[scored], rows)  # only the targets that are scored
+    ngram.hinted += int((hints >= 0).sum())
+    both = model.per_token_nll(inputs, torch.stack([targets, hints.clamp_min(0)], dim=-1), lora=lora)  # [B, W, 2]
+    nll = both[..., 0]
+    return nll, tilted_nll(nll.detach(), both[..., 1].detach(), hints == targets, betas)
+
+
+def _tilt_extra(ngram: NgramTilt | None) -> dict:
+    """Result fields of the n-gram tilt: scored targets that got a hint, all ranks (collective)."""
+    if ngram is None:
+        return {}
+    hinted = _all_reduce_(torch.tensor([float(ngram.hinted)], dtype=torch.float64, device=ngram.doc_starts.device))
+    return {"ngram_tilt_hinted": int(hinted.item())}
+
+
 # --- windows: which tokens a forward sees, and which of its targets it scores -----------------
 # A window is (input_start, input_length, first_scored): inputs tokens[s : s+n], targets
 # tokens[s+1 : s+n+1]; targets at window index >= first_scored are scored (BOS targets too).
@@ -3324,33 +3581,44 @@ def gather_windows(val: ValData, windows: np.ndarray, width: int | None = None):
 
 @torch.no_grad()
 def _score_windows(model: GPT, val: ValData, windows: np.ndarray, batch_size: int, scores: TokenScores,
-                   audit: Callable | None = None) -> None:
-    for begin in range(0, len(windows), batch_size):
-        inputs, targets, positions, _, scored = gather_windows(val, windows[begin: begin + batch_size])
-        nll = model.per_token_nll(inputs, targets)  # [B, W] nats
-        scores.add(positions[scored], nll[scored])
-        if audit is not None:
-            audit("score", positions[scored].cpu().numpy())
+                   audit: Callable | None = None, ngram: NgramTilt | None = None) -> None:
+    """Score all `windows` (in stream order) in rounds of batch_size windows per rank: a round is a
+    stream-contiguous block, rank r taking its r-th batch; the n-gram counts grow between rounds."""
+    rank, world = distributed_info()
+    for round_start in range(0, len(windows), batch_size * world):
+        batch = windows[round_start + rank * batch_size: round_start + (rank + 1) * batch_size]
+        if len(batch):
+            inputs, targets, positions, _, scored = gather_windows(val, batch)
+            _, nll = _model_and_scored_nll(model, inputs, targets, positions, scored, ngram=ngram)  # [B, W] nats
+            scores.add(positions[scored], nll[scored])
+            if audit is not None:
+                audit("score", positions[scored].cpu().numpy())
+            if ngram is not None:
+                ngram.scored(positions[scored])
+        if ngram is not None:  # the whole round is scored: its targets join the counts
+            ngram.barrier()
 
 
 # --- plain and sliding-window evaluation ------------------------------------------------------
 
 
 def eval_stream(model: GPT, val: ValData, seq_len: int, batch_size: int, stride: int = 0,
-                audit: Callable | None = None, keep_token_scores: bool = False) -> dict:
+                audit: Callable | None = None, keep_token_scores: bool = False,
+                config: EvalSettings | None = None) -> dict:
     """stride 0 ("plain"): rows of seq_len tokens packed back to back, each target scored with the
     context before it in its row. stride > 0 ("sliding"): windows of seq_len tokens advancing by
-    stride, only the new targets scored. Either way every target is scored once."""
+    stride, only the new targets scored. Either way every target is scored once. `config`: its
+    n-gram tilt settings apply (NGRAM_TILT)."""
     started_at = time.perf_counter()
-    rank, world = distributed_info()
     model.eval()
     scores = TokenScores(val)
     if stride:
         windows, mode, extra = sliding_windows(1, val.num_tokens, seq_len, stride), "sliding", {"stride": stride}
     else:
         windows, mode, extra = plain_windows(val.num_tokens, seq_len), "plain", {}
-    _score_windows(model, val, _rank_slice(windows, rank, world), batch_size, scores, audit)
-    return scores.summarize(mode, started_at, keep_token_scores, context=seq_len, **extra)
+    ngram = NgramTilt.from_config(config, val, audit) if config is not None else None
+    _score_windows(model, val, windows, batch_size, scores, audit, ngram)
+    return scores.summarize(mode, started_at, keep_token_scores, context=seq_len, **extra, **_tilt_extra(ngram))
 
 
 # --- weight training on already-scored tokens (chunked TTT and the phase boundaries) ----------
@@ -3430,10 +3698,10 @@ def eval_ttt_chunked(model: GPT, val: ValData, config: EvalSettings, audit: Call
     never trained on. The learning rate follows a cosine across chunks."""
     started_at = time.perf_counter()
     deadline = None if time_budget_s is None else started_at + time_budget_s
-    rank, world = distributed_info()
     scores = TokenScores(val)
     chunk_starts = list(range(1, val.num_tokens, config.ttt_chunk_tokens))
-    score_rows = config.batch_rows(world)
+    score_rows = config.batch_rows(distributed_info()[1])
+    ngram = NgramTilt.from_config(config, val, audit)
     updates, stopped_early = 0, False
     with _WeightsRestored(model):
         model.eval()
@@ -3447,7 +3715,7 @@ def eval_ttt_chunked(model: GPT, val: ValData, config: EvalSettings, audit: Call
             end_target = min(first_target + config.ttt_chunk_tokens, val.num_tokens)
             # 1) score every target of the chunk with the weights trained on earlier chunks only
             windows = sliding_windows(first_target, end_target, config.eval_seq_len, config.sliding_stride)
-            _score_windows(model, val, _rank_slice(windows, rank, world), score_rows, scores, audit)
+            _score_windows(model, val, windows, score_rows, scores, audit, ngram)
             # 2) then adapt on the chunk just scored (not the last one, and not past the budget)
             if chunk_index == len(chunk_starts) - 1 or config.ttt_epochs <= 0:
                 continue
@@ -3460,7 +3728,7 @@ def eval_ttt_chunked(model: GPT, val: ValData, config: EvalSettings, audit: Call
                               params, optimizer, config.ttt_epochs, config.ttt_grad_clip, audit)
             updates += 1
     return scores.summarize("ttt_chunked", started_at, keep_token_scores, ttt_chunks=len(chunk_starts),
-                            ttt_chunks_trained=updates, ttt_stopped_by_budget=stopped_early)
+                            ttt_chunks_trained=updates, ttt_stopped_by_budget=stopped_early, **_tilt_extra(ngram))
 
 
 # --- phased per-document LoRA TTT (PR 1736) ----------------------------------------------------
@@ -3717,15 +3985,20 @@ def projected_ttt_seconds(elapsed_s: float, batch_tokens: int, remaining_tokens:
 
 
 def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, config: EvalSettings,
-                               scores: TokenScores, audit: Callable | None, adapter: tuple | None) -> None:
+                               scores: TokenScores, audit: Callable | None, adapter: tuple | None,
+                               ngram: NgramTilt | None = None) -> None:
     """Score a batch of documents chunk by chunk, each with its own fresh LoRA (adapter = (lora, AdamW));
     after scoring a chunk, take one Adam step per document on that chunk (documents never share an
     adapter). Without an adapter (the fast path past the time budget) only scoring, in chunks of half
-    the context: every target still sees at least that much of its document before it."""
+    the context: every target still sees at least that much of its document before it. With the n-gram
+    tilt, a chunk's targets enter their own document's counts right after they are scored (and the
+    shared counts at the next phase pause)."""
     context = config.eval_seq_len
     chunk = config.phased_ttt_chunk_tokens if adapter else max(config.phased_ttt_chunk_tokens, context // 2)
     starts = val.doc_starts[doc_ids]
     target_counts = val.target_ends(doc_ids) - 1 - starts  # [B]: own tokens after BOS + the next BOS
+    if ngram is not None:
+        ngram.begin_documents(len(doc_ids), int(target_counts.max()))
     lora, optimizer = adapter if adapter else (None, None)
     for chunk_index in range(-(-int(target_counts.max()) // chunk)):
         chunk_end = (chunk_index + 1) * chunk  # targets 1..chunk_end of each document seen
@@ -3736,11 +4009,14 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
         more_chunks_follow = torch.as_tensor(target_counts > chunk_end, device=inputs.device)  # [B]: train on it
         train_now = lora is not None and bool(more_chunks_follow.any())
         with torch.set_grad_enabled(train_now):
-            nll = model.per_token_nll(inputs, targets, lora=lora)  # [B, W]
+            nll, scored_nll = _model_and_scored_nll(model, inputs, targets, positions, in_chunk, lora, ngram)  # [B, W]
         # 1) score: the chunk's NLL is recorded before any update that sees these tokens
-        scores.add(positions[in_chunk], nll[in_chunk])
+        scores.add(positions[in_chunk], scored_nll[in_chunk])
         if audit is not None:
             audit("score", positions[in_chunk].cpu().numpy())
+        if ngram is not None:
+            ngram.scored(positions[in_chunk])
+            ngram.add_own(positions, in_chunk)
         # 2) update: one step per document on the chunk it just scored
         if train_now:
             chunk_mask = in_chunk.to(nll.dtype)
@@ -3804,6 +4080,7 @@ def eval_ttt_phased(model: GPT, val: ValData, config: EvalSettings, audit: Calla
     sites = tuple(site.strip() for site in config.phased_ttt_lora_sites.split(",") if site.strip())
     spent = {True: [0.0, 0], False: [0.0, 0]}  # adapted / fast path: [seconds, tokens] on this rank
     global_updates, stopped_early, adapted_batches = 0, False, 0
+    ngram = NgramTilt.from_config(config, val, audit)
     with _WeightsRestored(model):
         model.eval()
         for param in model.parameters():
@@ -3813,6 +4090,8 @@ def eval_ttt_phased(model: GPT, val: ValData, config: EvalSettings, audit: Calla
         for event, index in ttt_rank_schedule(queue, len(batches), [after for after, _ in pauses]):
             if event == "pause":  # global SGD on the first documents of the queue, all of them scored
                 slots.new_phase(index + 1, rank, world)
+                if ngram is not None:  # every document before the pause is scored, on every rank
+                    ngram.barrier()
                 stopped_early |= time_budget_s is not None and clock() - clock_start >= time_budget_s
                 stopped = _all_reduce_(torch.tensor([float(stopped_early)], device=device), dist.ReduceOp.MAX)
                 if bool(stopped > 0):  # all ranks agree: no global SGD once any rank stopped adapting
@@ -3827,7 +4106,7 @@ def eval_ttt_phased(model: GPT, val: ValData, config: EvalSettings, audit: Calla
             adapted_batches += adapt
             doc_ids = batches[index]
             _score_and_adapt_documents(model, val, doc_ids, config, scores, audit,
-                                       slots.fresh(len(doc_ids)) if adapt else None)
+                                       slots.fresh(len(doc_ids)) if adapt else None, ngram)
             if device.type == "cuda":  # the clock reads finished work
                 torch.cuda.synchronize(device)
             spent[adapt][0] += clock() - began
@@ -3839,7 +4118,7 @@ def eval_ttt_phased(model: GPT, val: ValData, config: EvalSettings, audit: Calla
     return scores.summarize("ttt_phased", started_at, keep_token_scores, ttt_phases_trained=global_updates,
                             ttt_prefix_docs=min(config.phased_ttt_prefix_docs, val.num_docs),
                             ttt_stopped_by_budget=stopped_early, ttt_batches=len(batches),
-                            ttt_batches_adapted=adapted_batches)
+                            ttt_batches_adapted=adapted_batches, **_tilt_extra(ngram))
 
 
 def eval_ttt(config: EvalSettings, model: GPT, val: ValData, time_budget_s: float | None = None,
@@ -3853,15 +4132,18 @@ def eval_ttt(config: EvalSettings, model: GPT, val: ValData, time_budget_s: floa
 
 
 def warm_up_on_random_tokens(model: GPT, vocab_size: int, seq_len: int, batch_size: int = 2,
-                             lora: nn.Module | None = None, seed: int = 0, backward: bool = True) -> None:
+                             lora: nn.Module | None = None, seed: int = 0, backward: bool = True,
+                             candidates: int = 1) -> None:
     """Run the eval forward (and a backward, for TTT kernels) on random tokens, never val data;
-    gradients are discarded and no weight changes."""
+    gradients are discarded and no weight changes. candidates 2: the n-gram tilt's [B, T, 2] targets."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randint(2, vocab_size, (batch_size, seq_len + 1), generator=generator).to(device)
     inputs[:, 0] = BOS_ID
     # contiguous, like the evals' batches: memory layout is part of a graph's guards too
     inputs, targets = inputs[:, :-1].contiguous(), inputs[:, 1:].contiguous()
+    if candidates > 1:
+        targets = torch.stack([targets] * candidates, dim=-1)
     with torch.no_grad():
         model.per_token_nll(inputs, targets, lora=lora)
     if backward:
@@ -3941,12 +4223,14 @@ def evaluate_after_training(h: Hyperparameters, model: GPT, quantized: GPT, cont
         for label in planned:
             keep = config.save_token_nll and label == planned[-1]
             if label == "pre_quant":
-                result = eval_stream(model, val, config.eval_seq_len, batch_rows, keep_token_scores=keep)
+                result = eval_stream(model, val, config.eval_seq_len, batch_rows, keep_token_scores=keep,
+                                     config=config)
             elif label == "quantized":
-                result = eval_stream(quantized, val, config.eval_seq_len, batch_rows, keep_token_scores=keep)
+                result = eval_stream(quantized, val, config.eval_seq_len, batch_rows, keep_token_scores=keep,
+                                     config=config)
             elif label == "quantized_sliding_window":
                 result = eval_stream(quantized, val, config.eval_seq_len, batch_rows, config.sliding_stride,
-                                     keep_token_scores=keep)
+                                     keep_token_scores=keep, config=config)
             else:
                 spent = decode_s + sum(evals[name]["eval_time_s"] for name in evals if name != "pre_quant")
                 result = eval_ttt(config, quantized, val, config.eval_max_seconds - spent, keep_token_scores=keep)
@@ -3976,15 +4260,20 @@ def compile_and_warm_up_eval(h: Hyperparameters, model: GPT, quantized: GPT, con
         # graphs differ by grad mode, by requires_grad of the weights and by the LoRA being there:
         # trainable weights (plain and sliding scoring; chunked TTT and global SGD steps) ...
         warm_up_on_random_tokens(quantized, vocab, seq_len)
+        candidates = 2 if config.ngram_tilt else 1  # tilted scoring: target and hint from one forward
+        if candidates > 1:
+            warm_up_on_random_tokens(quantized, vocab, seq_len, backward=False, candidates=candidates)
         if config.ttt_enabled and config.ttt_mode == "phased":
             # ... and frozen weights: scoring with and without a LoRA, LoRA steps (its batch dim is static)
             for param in quantized.parameters():
                 param.requires_grad_(False)
-            warm_up_on_random_tokens(quantized, vocab, seq_len, config.phased_ttt_docs_per_batch, backward=False)
+            warm_up_on_random_tokens(quantized, vocab, seq_len, config.phased_ttt_docs_per_batch, backward=False,
+                                     candidates=candidates)
             sites = tuple(site.strip() for site in config.phased_ttt_lora_sites.split(",") if site.strip())
             lora = BatchedLoRA(config.phased_ttt_docs_per_batch, lora_site_dims(quantized, sites),
                                config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha).to(context.device)
-            warm_up_on_random_tokens(quantized, vocab, seq_len, config.phased_ttt_docs_per_batch, lora=lora)
+            warm_up_on_random_tokens(quantized, vocab, seq_len, config.phased_ttt_docs_per_batch, lora=lora,
+                                     candidates=candidates)
     seconds = time.perf_counter() - started
     context.log(f"eval compile warm-up: {seconds:.1f}s on random tokens ({context.compile_backend}; not scored, "
                 f"not in eval_time)")
