@@ -265,3 +265,49 @@ def test_a_reset_adapter_and_optimizer_give_exactly_the_results_of_fresh_ones(mo
     finally:
         for param in model.parameters():
             param.requires_grad_(True)
+
+
+# --- the queue on a real process group (Gloo; the store is the same object under NCCL) ----------
+
+
+def _queue_worker(rank, world_size, port, results):
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        queue = TTTWorkQueue.for_process_group()
+        claimed = []
+        while (index := queue.claim()) < 40:
+            claimed.append(index)
+            time.sleep(0.03 if rank == 0 else 0.005)  # rank 0 is the slow one
+        queue.publish_costs(rank + 0.25, math.nan)
+        dist.barrier()
+        costs = queue.costs()
+        second = TTTWorkQueue.for_process_group()  # the next eval: a fresh counter
+        first_of_second = second.claim()
+        dist.barrier()
+        results.put((rank, claimed, costs, first_of_second))
+        dist.barrier()  # rank 0 hosts the store: nobody leaves while another still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_of_a_process_group_share_one_queue_and_a_slow_rank_takes_fewer_batches():
+    import socket
+
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.SimpleQueue()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.spawn(_queue_worker, args=(2, port, results), nprocs=2, join=True)
+    by_rank = dict((rank, rest) for rank, *rest in (results.get(), results.get()))
+    slow, fast = by_rank[0][0], by_rank[1][0]
+    assert sorted(slow + fast) == list(range(40))  # every batch exactly once
+    assert len(slow) < len(fast)
+    for rank in (0, 1):
+        costs = by_rank[rank][1]
+        assert costs[0][0] == 0.25 and costs[1][0] == 1.25 and all(math.isnan(f) for _, f in costs)
+    assert sorted(by_rank[rank][2] for rank in (0, 1)) == [0, 1]
