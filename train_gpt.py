@@ -3590,8 +3590,10 @@ def evaluate_after_training(h: Hyperparameters, model: GPT, quantized: GPT, cont
             evals[label] = result
             log(format_eval_line(label, result))
             if result.get("ttt_stopped_by_budget"):
-                log(f"{label}: EVAL_MAX_SECONDS={config.eval_max_seconds:g} spent, TTT adaptation stopped early "
-                    f"(every token was still scored)")
+                adapted = (f"{result['ttt_batches_adapted']} of {result['ttt_batches']} batches adapted, "
+                           if "ttt_batches" in result else "")
+                log(f"{label}: EVAL_MAX_SECONDS={config.eval_max_seconds:g} would be passed, TTT adaptation stopped "
+                    f"early ({adapted}every token was still scored)")
     if config.save_token_nll and context.rank == 0:
         path = os.path.join(context.artifact_dir, "token_nll.npz")
         save_token_nll(path, evals[planned[-1]], val.to("cpu"))
