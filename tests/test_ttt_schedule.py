@@ -2,7 +2,7 @@
 projection (fake clocks, several simulated ranks, one of them slow) and the reusable LoRA buffers.
 
 The simulated ranks run the real `ttt_rank_schedule`, `TTTWorkQueue` and `projected_ttt_seconds` on one
-shared in-memory store; only the work itself is replaced by a cost per token."""
+shared in-memory store (torch.distributed.HashStore); only the work itself is replaced by a cost per token."""
 
 import math
 
@@ -13,7 +13,7 @@ import torch
 import train_gpt
 from tg_helpers import random_eval_model
 from train_gpt import (
-    BOS_ID, AdapterSlots, EvalSettings, TokenScores, TTTWorkQueue, _LocalStore, _document_batches,
+    BOS_ID, AdapterSlots, EvalSettings, TokenScores, TTTWorkQueue, _document_batches,
     _score_and_adapt_documents, eval_ttt_phased, lora_site_dims, make_val_data, phase_pauses,
     projected_ttt_seconds, ttt_rank_schedule,
 )
@@ -88,11 +88,11 @@ def test_global_sgd_trains_on_the_first_scored_documents_longest_first(model, va
 
 def simulate(batch_tokens, pause_after, budget, slowdown, adapt_cost=1e-3, fast_cost=1e-4, pause_seconds=0.5,
              decide=None):
-    """Run len(slowdown) ranks through ttt_rank_schedule on one _LocalStore. A batch costs its tokens
+    """Run len(slowdown) ranks through ttt_rank_schedule on one in-memory store (HashStore). A batch costs its tokens
     x (adapt_cost or fast_cost) x the rank's slowdown; a pause is a barrier, then pause_seconds for all.
     decide(elapsed, index, queue, rank) -> adapt (default: the projection rule of eval_ttt_phased).
     Returns (batches [(index, rank, adapted, start, end)], pauses [(phase, release time, ranks)])."""
-    world, store = len(slowdown), _LocalStore()
+    world, store = len(slowdown), torch.distributed.HashStore()
     queues = [TTTWorkQueue(store, rank, world) for rank in range(world)]
     tokens_after = np.cumsum(batch_tokens[::-1])[::-1].tolist()[1:] + [0]
     if decide is None:
