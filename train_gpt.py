@@ -3891,27 +3891,6 @@ def phase_pauses(batch_sizes: list, prefix_docs: int, num_phases: int) -> list:
     return pauses
 
 
-class _LocalStore:
-    """The four key-value operations of torch.distributed.Store, in memory, for a single process (and for
-    simulating several ranks in a test)."""
-
-    def __init__(self):
-        self.values = {}
-
-    def add(self, key: str, amount: int) -> int:
-        self.values[key] = int(self.values.get(key, 0)) + amount
-        return self.values[key]
-
-    def set(self, key: str, value: str) -> None:
-        self.values[key] = value.encode() if isinstance(value, str) else value
-
-    def get(self, key: str) -> bytes:
-        return self.values[key]
-
-    def check(self, keys: list) -> bool:
-        return all(key in self.values for key in keys)
-
-
 class TTTWorkQueue:
     """Queue indices 0, 1, 2, ... handed to whichever rank asks first, so a slow rank simply takes fewer
     batches (PR 1855 shares a counter file in /tmp; here an atomic add on the process group's key-value
@@ -3919,7 +3898,7 @@ class TTTWorkQueue:
     token, adapted and fast path, for the other ranks' time projections."""
 
     def __init__(self, store=None, rank: int = 0, world: int = 1):
-        self.store = store if store is not None else _LocalStore()
+        self.store = store if store is not None else dist.HashStore()  # in memory: one process
         self.rank, self.world = rank, world
         # all ranks call this once per eval, and an eval ends with a collective: a fresh key prefix per eval
         self.prefix = f"ttt_queue/{(self.store.add('ttt_queue/calls', 1) - 1) // world}/"
@@ -4237,8 +4216,10 @@ def evaluate_after_training(h: Hyperparameters, model: GPT, quantized: GPT, cont
             evals[label] = result
             log(format_eval_line(label, result))
             if result.get("ttt_stopped_by_budget"):
-                log(f"{label}: EVAL_MAX_SECONDS={config.eval_max_seconds:g} spent, TTT adaptation stopped early "
-                    f"(every token was still scored)")
+                adapted = (f"{result['ttt_batches_adapted']} of {result['ttt_batches']} batches adapted, "
+                           if "ttt_batches" in result else "")
+                log(f"{label}: EVAL_MAX_SECONDS={config.eval_max_seconds:g} would be passed, TTT adaptation stopped "
+                    f"early ({adapted}every token was still scored)")
     if config.save_token_nll and context.rank == 0:
         path = os.path.join(context.artifact_dir, "token_nll.npz")
         save_token_nll(path, evals[planned[-1]], val.to("cpu"))

@@ -299,7 +299,8 @@ def check_environment(shape: CheckShape, device: torch.device, backend: str) -> 
         gpu_memory_gib=torch.cuda.get_device_properties(device).total_memory / 2**30 if gpu else None,
         cuda=torch.version.cuda, python=platform.python_version(), torch=torch.__version__, triton=triton_version,
         fa3_module_found=importlib.util.find_spec("flash_attn_interface") is not None,
-        fa3_available=train_gpt.fa3_available(device), attention_backend=backend,
+        fa3_available=train_gpt.fa3_available(device), fa3_problem=train_gpt.fa3_problem(device) or None,
+        attention_backend=backend,
         attention_backend_auto=train_gpt.select_attention_backend("auto", device),
         brotli=BROTLI_STATUS, autocast=shape.autocast,
         compile=dict(backend=shape.compile_backend, train="torch.compile(model, dynamic=False, fullgraph=True)",
@@ -313,7 +314,8 @@ def check_environment(shape: CheckShape, device: torch.device, backend: str) -> 
 def available_backends(device: torch.device) -> dict:
     """{backend: None if it can run here, else why not} for the backends compared with `plain`; flex,
     sdpa and varlen are tried everywhere (an error is reported per backend)."""
-    fa3 = None if train_gpt.fa3_available(device) else "unavailable (needs Hopper + flash_attn_interface)"
+    problem = train_gpt.fa3_problem(device)  # why FA3 cannot run here (import or first call)
+    fa3 = f"unavailable: {problem}" if problem else None
     return {"fa3": fa3, "flex": None, "sdpa": None, "varlen": None}
 
 

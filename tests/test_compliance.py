@@ -236,9 +236,49 @@ def test_no_weight_update_uses_a_token_whose_score_was_not_yet_computed(mode, mo
     val = val_from(tokens)
     wrapper = RecordingModel(model, tokens)
     result = MODES[mode](wrapper, val)
+    assert_updates_read_only_scored_tokens(wrapper, result, val, tokens)
+
+
+class Clocked(torch.nn.Module):
+    """A fake clock that every forward advances by its tokens (x3 with a gradient: an adapting step)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.now = model, 0.0
+
+    def clock(self):
+        return self.now
+
+    def forward_logits(self, input_ids, lora=None):
+        return self.model.forward_logits(input_ids, lora)
+
+    def per_token_nll(self, input_ids, target_ids, lora=None):
+        self.now += input_ids.numel() * (3.0 if torch.is_grad_enabled() else 1.0)
+        return self.model.per_token_nll(input_ids, target_ids, lora)
+
+
+def test_phased_ttt_past_its_projected_budget_still_scores_before_every_update(model, tokens):
+    """The same watch over a phased run whose fake-clock budget runs out halfway: some batches adapt,
+    the rest is scored on the fast path (no LoRA, longer chunks), global SGD stops; every target is
+    still scored exactly once and no update reads a token scored only after it. (Keeping the budget is
+    tested in test_ttt_schedule.py; 4 batches are too coarse for it.)"""
+    val = val_from(tokens)
+    config = EvalSettings(**{**EVAL.__dict__, "phased_ttt_prefix_docs": 3})
+    full = Clocked(model)
+    eval_ttt_phased(full, val, config, clock=full.clock)
+    wrapper = RecordingModel(model, tokens)
+    clocked = Clocked(wrapper)
+    result = eval_ttt_phased(clocked, val, config, time_budget_s=full.now / 2, clock=clocked.clock,
+                             keep_token_scores=True)
+    assert result["ttt_stopped_by_budget"] and 0 < result["ttt_batches_adapted"] < result["ttt_batches"]
+    assert_updates_read_only_scored_tokens(wrapper, result, val, tokens)
+
+
+def assert_updates_read_only_scored_tokens(wrapper, result, val, tokens):
     recording = wrapper.recording
     scored_by = {position: scored[0] for position, scored in wrapper.decode(result).items()}
     assert sorted(scored_by) == list(range(1, val.num_tokens))
+    assert result["scored_tokens"] == val.num_tokens - 1
     updates = np.array(recording.updates)
     trainers = [forward for forward in recording.forwards if forward.can_train]
     assert len(updates) > 5 and any(forward.backward_seen for forward in trainers)  # the test has teeth

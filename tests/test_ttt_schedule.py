@@ -2,7 +2,7 @@
 projection (fake clocks, several simulated ranks, one of them slow) and the reusable LoRA buffers.
 
 The simulated ranks run the real `ttt_rank_schedule`, `TTTWorkQueue` and `projected_ttt_seconds` on one
-shared in-memory store; only the work itself is replaced by a cost per token."""
+shared in-memory store (torch.distributed.HashStore); only the work itself is replaced by a cost per token."""
 
 import math
 
@@ -13,7 +13,7 @@ import torch
 import train_gpt
 from tg_helpers import random_eval_model
 from train_gpt import (
-    BOS_ID, AdapterSlots, EvalSettings, TokenScores, TTTWorkQueue, _LocalStore, _document_batches,
+    BOS_ID, AdapterSlots, EvalSettings, TokenScores, TTTWorkQueue, _document_batches,
     _score_and_adapt_documents, eval_ttt_phased, lora_site_dims, make_val_data, phase_pauses,
     projected_ttt_seconds, ttt_rank_schedule,
 )
@@ -88,11 +88,11 @@ def test_global_sgd_trains_on_the_first_scored_documents_longest_first(model, va
 
 def simulate(batch_tokens, pause_after, budget, slowdown, adapt_cost=1e-3, fast_cost=1e-4, pause_seconds=0.5,
              decide=None):
-    """Run len(slowdown) ranks through ttt_rank_schedule on one _LocalStore. A batch costs its tokens
+    """Run len(slowdown) ranks through ttt_rank_schedule on one in-memory store (HashStore). A batch costs its tokens
     x (adapt_cost or fast_cost) x the rank's slowdown; a pause is a barrier, then pause_seconds for all.
     decide(elapsed, index, queue, rank) -> adapt (default: the projection rule of eval_ttt_phased).
     Returns (batches [(index, rank, adapted, start, end)], pauses [(phase, release time, ranks)])."""
-    world, store = len(slowdown), _LocalStore()
+    world, store = len(slowdown), torch.distributed.HashStore()
     queues = [TTTWorkQueue(store, rank, world) for rank in range(world)]
     tokens_after = np.cumsum(batch_tokens[::-1])[::-1].tolist()[1:] + [0]
     if decide is None:
@@ -152,7 +152,7 @@ def test_simulated_ranks_score_every_batch_once_and_join_every_pause_in_order(sl
         assert counts[slow_rank] < min(counts[rank] for rank in range(8) if rank != slow_rank)
 
 
-def test_projection_keeps_a_slow_rank_run_within_budget_and_still_adapts_most_of_it():
+def test_projection_keeps_a_slow_rank_run_within_budget_and_still_adapts_part_of_it():
     """8 ranks, one 3x slower; adapting everything would take ~2x the budget. The projection rule stops
     adapting in time, every batch is scored once, the last rank finishes within the budget, and a part
     is still adapted. (Each rank's first batch adapts unmeasured: a budget smaller than that batch on
@@ -265,3 +265,49 @@ def test_a_reset_adapter_and_optimizer_give_exactly_the_results_of_fresh_ones(mo
     finally:
         for param in model.parameters():
             param.requires_grad_(True)
+
+
+# --- the queue on a real process group (Gloo; the store is the same object under NCCL) ----------
+
+
+def _queue_worker(rank, world_size, port, results):
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        queue = TTTWorkQueue.for_process_group()
+        claimed = []
+        while (index := queue.claim()) < 40:
+            claimed.append(index)
+            time.sleep(0.03 if rank == 0 else 0.005)  # rank 0 is the slow one
+        queue.publish_costs(rank + 0.25, math.nan)
+        dist.barrier()
+        costs = queue.costs()
+        second = TTTWorkQueue.for_process_group()  # the next eval: a fresh counter
+        first_of_second = second.claim()
+        dist.barrier()
+        results.put((rank, claimed, costs, first_of_second))
+        dist.barrier()  # rank 0 hosts the store: nobody leaves while another still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_of_a_process_group_share_one_queue_and_a_slow_rank_takes_fewer_batches():
+    import socket
+
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.SimpleQueue()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.spawn(_queue_worker, args=(2, port, results), nprocs=2, join=True)
+    by_rank = dict((rank, rest) for rank, *rest in (results.get(), results.get()))
+    slow, fast = by_rank[0][0], by_rank[1][0]
+    assert sorted(slow + fast) == list(range(40))  # every batch exactly once
+    assert len(slow) < len(fast)
+    for rank in (0, 1):
+        costs = by_rank[rank][1]
+        assert costs[0][0] == 0.25 and costs[1][0] == 1.25 and all(math.isnan(f) for _, f in costs)
+    assert sorted(by_rank[rank][2] for rank in (0, 1)) == [0, 1]
