@@ -3038,7 +3038,8 @@ def quantize_and_write_artifact(h: Hyperparameters, model: GPT, context: RunCont
 # and phased per-document LoRA TTT (PR 1736). The TTT drivers are written so that the order "score a
 # token, then (maybe) train on it" is visible in one short loop and can be recorded through an
 # `audit(event, positions)` callback; the tests use it: ("score", stream positions whose NLL was just
-# recorded), ("update", every stream position the update's forward read).
+# recorded), ("update", every stream position the update's forward read), and with NGRAM_TILT
+# ("ngram_update" / "ngram_own_update", targets entering the n-gram counts).
 # Work is split across ranks with torch.distributed (sums all-reduced); no files are shared.
 # -----------------------------------------------------------------------------
 
