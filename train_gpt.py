@@ -30,10 +30,12 @@ import lzma
 import math
 import os
 import platform
+import queue
 import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import zlib
@@ -595,6 +597,46 @@ class TrainLoader:
             targets = chunk[1:].view(self.seqs_per_micro, self.seq_len)
             batches.append((inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)))
         return batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from self.next_step()
+
+
+class PrefetchingLoader:
+    """A TrainLoader read ahead by a background thread: the next steps' tokens are read from disk, cut
+    into micro-batches and (for a GPU) pinned while the current step computes, so `next_step()` only
+    starts their asynchronous copies to the device. The thread calls nothing but the wrapped loader's
+    own `next_step()`, one step after another, so the batches and their order are exactly the
+    loader's. `skip_step()` (resume) works until the first `next_step()` starts the thread."""
+
+    def __init__(self, loader: TrainLoader, device: torch.device | str, depth: int = 2):
+        self.loader, self.device = loader, torch.device(device)
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)  # steps read ahead (an exception ends it)
+        self.thread: threading.Thread | None = None
+
+    def skip_step(self) -> None:
+        if self.thread is not None:
+            raise RuntimeError("skip_step after the prefetch thread started")
+        self.loader.skip_step()
+
+    def _read_ahead(self) -> None:
+        pin = self.device.type == "cuda"
+        try:
+            while True:  # blocks on a full queue; a daemon thread, so an abandoned loader just sleeps
+                batches = self.loader.next_step()
+                self.ready.put([(x.pin_memory(), y.pin_memory()) for x, y in batches] if pin else batches)
+        except BaseException as error:  # a bad shard: raised in the training thread at its step
+            self.ready.put(error)
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._read_ahead, name="train-prefetch", daemon=True)
+            self.thread.start()
+        batches = self.ready.get()
+        if isinstance(batches, BaseException):
+            raise batches
+        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in batches]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -1295,13 +1337,23 @@ def all_reduce_flat_(tensors: list[torch.Tensor], average: bool) -> None:
         offset += tensor.numel()
 
 
-def rank0_decides(values: list[float], device: torch.device) -> list[float]:
-    """Rank 0's values on every rank, so that all ranks take the same decision (stop, skip, ...)."""
+def rank0_decides(values: list[float], device: torch.device, host_group: Any = None) -> list[float]:
+    """Rank 0's values on every rank, so that all ranks take the same decision (stop, skip, ...).
+    With `host_group` (a Gloo group, see `host_process_group`) they travel host to host, with no device
+    round trip."""
     if distributed_info()[1] == 1:
         return values
-    shared = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.broadcast(shared, src=0)
+    shared = torch.tensor(values, dtype=torch.float64, device="cpu" if host_group is not None else device)
+    dist.broadcast(shared, src=0, group=host_group)
     return shared.tolist()
+
+
+def host_process_group() -> Any:
+    """A Gloo group over all ranks when the default group is NCCL (host values need no GPU copy);
+    None otherwise (a Gloo world already works on host tensors). Every rank must call it."""
+    if distributed_info()[1] > 1 and dist.get_backend() == "nccl":
+        return dist.new_group(backend="gloo")
+    return None
 
 
 class Muon(torch.optim.Optimizer):
@@ -1320,13 +1372,16 @@ class Muon(torch.optim.Optimizer):
         self.backend_steps, self.polar_express, self.row_normalize = backend_steps, polar_express, row_normalize
 
     def reduce_gradients(self) -> list[torch.Tensor]:
-        """Average gradients across ranks; returns, per group, this rank's shard [n_owned, rows, cols]."""
+        """Average gradients across ranks; returns, per group, this rank's shard [n_owned, rows, cols]
+        (float32). On GPUs the gradients travel in bf16, half the bytes (PR 1855 does the same)."""
         rank, world = distributed_info()
         shards = []
         for group in self.param_groups:
             params = group["params"]
             per_rank = math.ceil(len(params) / world)
             stacked = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            if world > 1 and stacked.is_cuda:
+                stacked = stacked.bfloat16()
             if per_rank * world > len(params):  # pad so the stack splits evenly across ranks
                 padding = stacked.new_zeros(per_rank * world - len(params), *stacked.shape[1:])
                 stacked = torch.cat([stacked, padding])
@@ -1335,38 +1390,45 @@ class Muon(torch.optim.Optimizer):
             elif dist.get_backend() == "nccl":
                 shard = stacked.new_empty(per_rank, *stacked.shape[1:])
                 dist.reduce_scatter_tensor(shard, stacked, op=dist.ReduceOp.AVG)
-                shards.append(shard)
+                shards.append(shard.float())
             else:  # Gloo has no reduce-scatter: all-reduce, then keep this rank's slice
                 dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
                 shards.append(stacked[rank * per_rank: (rank + 1) * per_rank] / world)
         return shards
 
     @torch.no_grad()
-    def apply_updates(self, shards: list[torch.Tensor], grad_scale: float = 1.0) -> None:
-        """Momentum + orthogonalization on this rank's shard, all-gather, apply to every parameter."""
+    def apply_updates(self, shards: list[torch.Tensor], grad_scale: float | torch.Tensor = 1.0) -> None:
+        """Momentum + orthogonalization on this rank's shard, all-gather, apply to every parameter. The
+        owned matrices of a group share a shape: momentum runs as one foreach op over them and
+        Newton-Schulz as one batched call on their stack [n, rows, cols], not one call per matrix."""
         rank, world = distributed_info()
         for group, shard in zip(self.param_groups, shards):
             params = group["params"]
             per_rank = shard.size(0)
-            updates = torch.zeros_like(shard)
-            for local in range(per_rank):
-                index = rank * per_rank + local
-                if index >= len(params):
-                    break  # padding
-                param = params[index]
-                grad = shard[local] * grad_scale
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
-                buffer = state["momentum_buffer"]
-                buffer.mul_(group["momentum"]).add_(grad)
-                update = grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
+            owned = params[rank * per_rank: (rank + 1) * per_rank]  # the rest of the shard is padding
+            updates = torch.zeros_like(shard) if world > 1 and len(owned) < per_rank else None
+            if owned:
+                grads = list((shard[: len(owned)] * grad_scale).unbind(0))
+                for param, grad in zip(owned, grads):
+                    if "momentum_buffer" not in self.state[param]:
+                        self.state[param]["momentum_buffer"] = torch.zeros_like(grad)
+                buffers = [self.state[param]["momentum_buffer"] for param in owned]
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, grads)
+                stacked = torch.stack(torch._foreach_add(grads, buffers, alpha=group["momentum"])
+                                      if group["nesterov"] else buffers)  # [n, rows, cols]
                 if self.row_normalize:  # MuonEq-R: equalize row norms before orthogonalizing
-                    update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-                compute_dtype = torch.bfloat16 if update.is_cuda else torch.float32
-                update = newton_schulz(update, self.backend_steps, self.polar_express, compute_dtype)
-                updates[local] = update * math.sqrt(max(1.0, update.size(0) / update.size(1)))
+                    stacked = stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                compute_dtype = torch.bfloat16 if stacked.is_cuda else torch.float32
+                stacked = newton_schulz(stacked, self.backend_steps, self.polar_express, compute_dtype)
+                stacked = stacked * math.sqrt(max(1.0, stacked.size(1) / stacked.size(2)))
+                if updates is None:
+                    updates = stacked
+                else:
+                    updates[: len(owned)] = stacked
             if world > 1:
+                if shard.is_cuda:
+                    updates = updates.bfloat16()  # the all-gather carries bf16 updates (PR 1855)
                 gathered = updates.new_empty(per_rank * world, *updates.shape[1:])
                 if dist.get_backend() == "nccl":
                     dist.all_gather_into_tensor(gathered, updates)
@@ -1421,8 +1483,9 @@ class TrainingOptimizer:
         for group in self.adam.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
 
-    def step(self) -> float:
-        """Average gradients across ranks, clip by the global norm, update. Returns the pre-clip norm."""
+    def step(self) -> torch.Tensor:
+        """Average gradients across ranks, clip by the global norm, update. Returns the pre-clip norm as
+        a 0-dim tensor: the clip runs on the device, with no host sync."""
         _, world = distributed_info()
         shards = self.muon.reduce_gradients()
         adam_grads = [p.grad for p in self.adam_params if p.grad is not None]
@@ -1434,12 +1497,13 @@ class TrainingOptimizer:
         if world > 1:
             dist.all_reduce(muon_sq, op=dist.ReduceOp.SUM)
         adam_sq = sum(g.float().square().sum() for g in adam_grads) if adam_grads else 0.0
-        norm = float(torch.sqrt(muon_sq + adam_sq))
+        norm = torch.sqrt(muon_sq + adam_sq)
         scale = 1.0
-        if self.config.grad_clip_norm > 0 and norm > self.config.grad_clip_norm:
-            scale = self.config.grad_clip_norm / (norm + 1e-6)
-            for grad in adam_grads:
-                grad.mul_(scale)
+        if self.config.grad_clip_norm > 0:
+            clip = self.config.grad_clip_norm
+            scale = torch.where(norm > clip, clip / (norm + 1e-6), torch.ones_like(norm))
+            if adam_grads:
+                torch._foreach_mul_(adam_grads, scale)
         self.muon.apply_updates(shards, grad_scale=scale)
         self.adam.step()
         return norm
@@ -1648,10 +1712,11 @@ def compute_context(device: torch.device, autocast: str) -> Any:
 
 
 def forward_backward(forward: Callable, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     optimizer: TrainingOptimizer, backend: str, autocast: str) -> float:
+                     optimizer: TrainingOptimizer, backend: str, autocast: str) -> torch.Tensor:
     """Gradients of the mean loss over this rank's micro-batches; returns the loss averaged over all
-    ranks (the optimizer is not stepped here). The document layout is built here, outside `forward`
-    (which may be compiled), so its data-dependent parts never enter the graph."""
+    ranks as a 0-dim device tensor (reading it is the caller's one host sync of the step; the optimizer
+    is not stepped here). The document layout is built here, outside `forward` (which may be
+    compiled), so its data-dependent parts never enter the graph."""
     optimizer.zero_grad()
     device = batches[0][0].device
     total = torch.zeros((), device=device)
@@ -1663,7 +1728,7 @@ def forward_backward(forward: Callable, batches: list[tuple[torch.Tensor, torch.
         total += loss.detach().float()
     total /= len(batches)
     all_reduce_flat_([total], average=True)
-    return float(total)
+    return total
 
 
 def compile_warm_up(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, make_loader: Callable[[], Any],
@@ -1707,7 +1772,7 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     rank, _ = distributed_info()
     checkpoint_path = checkpoint_dir and os.path.join(checkpoint_dir, "checkpoint.pt")
 
-    def train_step(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def train_step(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         return forward_backward(forward, batches, optimizer, model.attn_backend, autocast)
 
     warmup_start = clock()
@@ -1716,6 +1781,7 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     warmup_time = clock() - warmup_start
 
     loader = make_loader()
+    host_group = host_process_group()  # rank 0's clock reaches the others host to host
     budget = training_budget_seconds(h)
     step_durations: list[float] = []
     stop_reason, loss_value = "iterations", float("nan")
@@ -1731,7 +1797,8 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
             step_durations.append(now - previous_top)
         previous_top = now
         elapsed, predicted, signal_number = rank0_decides(
-            [now - start, max(step_durations[-10:], default=0.0), stop_signals[0] if stop_signals else 0], device)
+            [now - start, max(step_durations[-10:], default=0.0), stop_signals[0] if stop_signals else 0], device,
+            host_group)
         if signal_number:  # rank 0 got SIGTERM/SIGINT: every rank stops here, between two steps
             save_interrupted_and_stop(h, model, optimizer, ema, checkpoint_dir, step, elapsed, signal_number, log)
         progress = elapsed / budget if budget is not None else step / h.optim.iterations
@@ -1744,12 +1811,13 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
             break
         optimizer.set_schedule(lr_multiplier(progress, h.optim.warmdown_frac, h.optim.min_lr),
                                muon_momentum_at(step, h.optim))
-        loss_value = train_step(loader.next_step())
+        # the step's one device-to-host transfer: the loss, read before the update so that a NaN is
+        # never applied. The update and the EMA are queued behind it without waiting (no synchronize)
+        loss_value = train_step(loader.next_step()).item()
         stop_if_diverged(loss_value, step + 1, checkpoint_path, log)
         optimizer.step()
         if ema is not None:
             ema.update(model)
-        synchronize()
         step += 1
         log_step(h, step, loss_value, clock() - start, log)
         if checkpoint_path and h.optim.checkpoint_every > 0 and step % h.optim.checkpoint_every == 0 and rank == 0:
@@ -3895,9 +3963,9 @@ def run_stages(h: Hyperparameters, context: RunContext) -> dict[str, Any]:
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layer order with recurrence "
         f"{model.layer_order(looping=h.model.recurrence_enabled)}")
     accum, seqs_per_micro = h.data.batch_layout(context.world_size)
-    context.make_train_loader = lambda: TrainLoader(
+    context.make_train_loader = lambda: PrefetchingLoader(TrainLoader(
         train_paths, h.model.vocab_size, h.data.train_seq_len, seqs_per_micro, accum, context.rank,
-        context.world_size, h.run.seed, device)
+        context.world_size, h.run.seed), device)
     summary: dict[str, Any] = dict(
         run_id=h.run.run_id, preset=h.run.preset, steps=None, train_time_s=None, tokens_per_s=None,
         pre_quant_val_bpb=None, quant_val_bpb=None, sliding_val_bpb=None, ttt_val_bpb=None,

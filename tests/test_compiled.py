@@ -62,7 +62,7 @@ def train_steps(model, compiled, optimizer, plan):
         model.set_recurrence(recurrence)
         ids = random_tokens(2, 128, vocab=512, seed=step, bos_every=bos_every)
         losses.append(train_gpt.forward_backward(compiled, [(ids, ids.roll(-1, 1))], optimizer, model.attn_backend,
-                                                 "fp32"))
+                                                 "fp32").item())
         optimizer.step()
     return losses
 
