@@ -3524,9 +3524,14 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
     chunk, context = config.phased_ttt_chunk_tokens, config.eval_seq_len
     starts = val.doc_starts[doc_ids]
     target_counts = val.target_ends(doc_ids) - 1 - starts  # [B]: own tokens after BOS + the next BOS
+    # A short last batch is padded with empty documents (no targets: never scored, never trained on), so
+    # every batch has PHASED_TTT_DOCS_PER_BATCH rows, the shape the compile warm-up compiled
+    padding = max(0, config.phased_ttt_docs_per_batch - len(doc_ids))
+    starts = np.concatenate([starts, np.repeat(starts[:1], padding)])
+    target_counts = np.concatenate([target_counts, np.zeros(padding, dtype=target_counts.dtype)])
     lora = None
     if adapt:
-        lora = BatchedLoRA(len(doc_ids), site_dims, config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha)
+        lora = BatchedLoRA(len(starts), site_dims, config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha)
         lora = lora.to(val.tokens.device)
     if adapt:
         optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr, eps=1e-10,
@@ -3634,10 +3639,11 @@ def warm_up_on_random_tokens(model: GPT, vocab_size: int, seq_len: int, batch_si
     gradients are discarded and no weight changes."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randint(2, vocab_size, (batch_size, seq_len + 1), generator=generator).to(device)
+    # two fresh row-major tensors, like the evals' gathered batches: strides are part of a graph's guards
+    # too (a slice of one [B, T+1] tensor keeps stride T+1, which a single row's guard would check)
+    inputs, targets = (torch.randint(2, vocab_size, (batch_size, seq_len), generator=generator).to(device)
+                       for _ in range(2))
     inputs[:, 0] = BOS_ID
-    # contiguous, like the evals' batches: memory layout is part of a graph's guards too
-    inputs, targets = inputs[:, :-1].contiguous(), inputs[:, 1:].contiguous()
     with torch.no_grad():
         model.per_token_nll(inputs, targets, lora=lora)
     if backward:
@@ -3752,6 +3758,9 @@ def compile_and_warm_up_eval(h: Hyperparameters, model: GPT, quantized: GPT, con
         # graphs differ by grad mode, by requires_grad of the weights and by the LoRA being there:
         # trainable weights (plain and sliding scoring; chunked TTT and global SGD steps) ...
         warm_up_on_random_tokens(quantized, vocab, seq_len)
+        # ... also for one row: dynamic shapes still specialize a size of 1 (a last eval batch or a last
+        # SGD step of a single row would otherwise compile inside the timed eval) ...
+        warm_up_on_random_tokens(quantized, vocab, seq_len, batch_size=1)
         if config.ttt_enabled and config.ttt_mode == "phased":
             # ... and frozen weights: scoring with and without a LoRA, LoRA steps (its batch dim is static)
             for param in quantized.parameters():
