@@ -30,10 +30,12 @@ import lzma
 import math
 import os
 import platform
+import queue
 import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import zlib
@@ -627,6 +629,46 @@ class TrainLoader:
             targets = chunk[1:].view(self.seqs_per_micro, self.seq_len)
             batches.append((inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)))
         return batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from self.next_step()
+
+
+class PrefetchingLoader:
+    """A TrainLoader read ahead by a background thread: the next steps' tokens are read from disk, cut
+    into micro-batches and (for a GPU) pinned while the current step computes, so `next_step()` only
+    starts their asynchronous copies to the device. The thread calls nothing but the wrapped loader's
+    own `next_step()`, one step after another, so the batches and their order are exactly the
+    loader's. `skip_step()` (resume) works until the first `next_step()` starts the thread."""
+
+    def __init__(self, loader: TrainLoader, device: torch.device | str, depth: int = 2):
+        self.loader, self.device = loader, torch.device(device)
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)  # steps read ahead (an exception ends it)
+        self.thread: threading.Thread | None = None
+
+    def skip_step(self) -> None:
+        if self.thread is not None:
+            raise RuntimeError("skip_step after the prefetch thread started")
+        self.loader.skip_step()
+
+    def _read_ahead(self) -> None:
+        pin = self.device.type == "cuda"
+        try:
+            while True:  # blocks on a full queue; a daemon thread, so an abandoned loader just sleeps
+                batches = self.loader.next_step()
+                self.ready.put([(x.pin_memory(), y.pin_memory()) for x, y in batches] if pin else batches)
+        except BaseException as error:  # a bad shard: raised in the training thread at its step
+            self.ready.put(error)
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._read_ahead, name="train-prefetch", daemon=True)
+            self.thread.start()
+        batches = self.ready.get()
+        if isinstance(batches, BaseException):
+            raise batches
+        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in batches]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -1393,13 +1435,23 @@ def all_reduce_flat_(tensors: list[torch.Tensor], average: bool) -> None:
         offset += tensor.numel()
 
 
-def rank0_decides(values: list[float], device: torch.device) -> list[float]:
-    """Rank 0's values on every rank, so that all ranks take the same decision (stop, skip, ...)."""
+def rank0_decides(values: list[float], device: torch.device, host_group: Any = None) -> list[float]:
+    """Rank 0's values on every rank, so that all ranks take the same decision (stop, skip, ...).
+    With `host_group` (a Gloo group, see `host_process_group`) they travel host to host, with no device
+    round trip."""
     if distributed_info()[1] == 1:
         return values
-    shared = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.broadcast(shared, src=0)
+    shared = torch.tensor(values, dtype=torch.float64, device="cpu" if host_group is not None else device)
+    dist.broadcast(shared, src=0, group=host_group)
     return shared.tolist()
+
+
+def host_process_group() -> Any:
+    """A Gloo group over all ranks when the default group is NCCL (host values need no GPU copy);
+    None otherwise (a Gloo world already works on host tensors). Every rank must call it."""
+    if distributed_info()[1] > 1 and dist.get_backend() == "nccl":
+        return dist.new_group(backend="gloo")
+    return None
 
 
 class Muon(torch.optim.Optimizer):
@@ -1418,13 +1470,16 @@ class Muon(torch.optim.Optimizer):
         self.backend_steps, self.polar_express, self.row_normalize = backend_steps, polar_express, row_normalize
 
     def reduce_gradients(self) -> list[torch.Tensor]:
-        """Average gradients across ranks; returns, per group, this rank's shard [n_owned, rows, cols]."""
+        """Average gradients across ranks; returns, per group, this rank's shard [n_owned, rows, cols]
+        (float32). On GPUs the gradients travel in bf16, half the bytes (PR 1855 does the same)."""
         rank, world = distributed_info()
         shards = []
         for group in self.param_groups:
             params = group["params"]
             per_rank = math.ceil(len(params) / world)
             stacked = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            if world > 1 and stacked.is_cuda:
+                stacked = stacked.bfloat16()
             if per_rank * world > len(params):  # pad so the stack splits evenly across ranks
                 padding = stacked.new_zeros(per_rank * world - len(params), *stacked.shape[1:])
                 stacked = torch.cat([stacked, padding])
@@ -1433,38 +1488,45 @@ class Muon(torch.optim.Optimizer):
             elif dist.get_backend() == "nccl":
                 shard = stacked.new_empty(per_rank, *stacked.shape[1:])
                 dist.reduce_scatter_tensor(shard, stacked, op=dist.ReduceOp.AVG)
-                shards.append(shard)
+                shards.append(shard.float())
             else:  # Gloo has no reduce-scatter: all-reduce, then keep this rank's slice
                 dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
                 shards.append(stacked[rank * per_rank: (rank + 1) * per_rank] / world)
         return shards
 
     @torch.no_grad()
-    def apply_updates(self, shards: list[torch.Tensor], grad_scale: float = 1.0) -> None:
-        """Momentum + orthogonalization on this rank's shard, all-gather, apply to every parameter."""
+    def apply_updates(self, shards: list[torch.Tensor], grad_scale: float | torch.Tensor = 1.0) -> None:
+        """Momentum + orthogonalization on this rank's shard, all-gather, apply to every parameter. The
+        owned matrices of a group share a shape: momentum runs as one foreach op over them and
+        Newton-Schulz as one batched call on their stack [n, rows, cols], not one call per matrix."""
         rank, world = distributed_info()
         for group, shard in zip(self.param_groups, shards):
             params = group["params"]
             per_rank = shard.size(0)
-            updates = torch.zeros_like(shard)
-            for local in range(per_rank):
-                index = rank * per_rank + local
-                if index >= len(params):
-                    break  # padding
-                param = params[index]
-                grad = shard[local] * grad_scale
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
-                buffer = state["momentum_buffer"]
-                buffer.mul_(group["momentum"]).add_(grad)
-                update = grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
+            owned = params[rank * per_rank: (rank + 1) * per_rank]  # the rest of the shard is padding
+            updates = torch.zeros_like(shard) if world > 1 and len(owned) < per_rank else None
+            if owned:
+                grads = list((shard[: len(owned)] * grad_scale).unbind(0))
+                for param, grad in zip(owned, grads):
+                    if "momentum_buffer" not in self.state[param]:
+                        self.state[param]["momentum_buffer"] = torch.zeros_like(grad)
+                buffers = [self.state[param]["momentum_buffer"] for param in owned]
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, grads)
+                stacked = torch.stack(torch._foreach_add(grads, buffers, alpha=group["momentum"])
+                                      if group["nesterov"] else buffers)  # [n, rows, cols]
                 if self.row_normalize:  # MuonEq-R: equalize row norms before orthogonalizing
-                    update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-                compute_dtype = torch.bfloat16 if update.is_cuda else torch.float32
-                update = newton_schulz(update, self.backend_steps, self.polar_express, compute_dtype)
-                updates[local] = update * math.sqrt(max(1.0, update.size(0) / update.size(1)))
+                    stacked = stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                compute_dtype = torch.bfloat16 if stacked.is_cuda else torch.float32
+                stacked = newton_schulz(stacked, self.backend_steps, self.polar_express, compute_dtype)
+                stacked = stacked * math.sqrt(max(1.0, stacked.size(1) / stacked.size(2)))
+                if updates is None:
+                    updates = stacked
+                else:
+                    updates[: len(owned)] = stacked
             if world > 1:
+                if shard.is_cuda:
+                    updates = updates.bfloat16()  # the all-gather carries bf16 updates (PR 1855)
                 gathered = updates.new_empty(per_rank * world, *updates.shape[1:])
                 if dist.get_backend() == "nccl":
                     dist.all_gather_into_tensor(gathered, updates)
@@ -1519,8 +1581,9 @@ class TrainingOptimizer:
         for group in self.adam.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
 
-    def step(self) -> float:
-        """Average gradients across ranks, clip by the global norm, update. Returns the pre-clip norm."""
+    def step(self) -> torch.Tensor:
+        """Average gradients across ranks, clip by the global norm, update. Returns the pre-clip norm as
+        a 0-dim tensor: the clip runs on the device, with no host sync."""
         _, world = distributed_info()
         shards = self.muon.reduce_gradients()
         adam_grads = [p.grad for p in self.adam_params if p.grad is not None]
@@ -1532,12 +1595,13 @@ class TrainingOptimizer:
         if world > 1:
             dist.all_reduce(muon_sq, op=dist.ReduceOp.SUM)
         adam_sq = sum(g.float().square().sum() for g in adam_grads) if adam_grads else 0.0
-        norm = float(torch.sqrt(muon_sq + adam_sq))
+        norm = torch.sqrt(muon_sq + adam_sq)
         scale = 1.0
-        if self.config.grad_clip_norm > 0 and norm > self.config.grad_clip_norm:
-            scale = self.config.grad_clip_norm / (norm + 1e-6)
-            for grad in adam_grads:
-                grad.mul_(scale)
+        if self.config.grad_clip_norm > 0:
+            clip = self.config.grad_clip_norm
+            scale = torch.where(norm > clip, clip / (norm + 1e-6), torch.ones_like(norm))
+            if adam_grads:
+                torch._foreach_mul_(adam_grads, scale)
         self.muon.apply_updates(shards, grad_scale=scale)
         self.adam.step()
         return norm
@@ -1746,10 +1810,11 @@ def compute_context(device: torch.device, autocast: str) -> Any:
 
 
 def forward_backward(forward: Callable, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     optimizer: TrainingOptimizer, backend: str, autocast: str) -> float:
+                     optimizer: TrainingOptimizer, backend: str, autocast: str) -> torch.Tensor:
     """Gradients of the mean loss over this rank's micro-batches; returns the loss averaged over all
-    ranks (the optimizer is not stepped here). The document layout is built here, outside `forward`
-    (which may be compiled), so its data-dependent parts never enter the graph."""
+    ranks as a 0-dim device tensor (reading it is the caller's one host sync of the step; the optimizer
+    is not stepped here). The document layout is built here, outside `forward` (which may be
+    compiled), so its data-dependent parts never enter the graph."""
     optimizer.zero_grad()
     device = batches[0][0].device
     total = torch.zeros((), device=device)
@@ -1761,7 +1826,7 @@ def forward_backward(forward: Callable, batches: list[tuple[torch.Tensor, torch.
         total += loss.detach().float()
     total /= len(batches)
     all_reduce_flat_([total], average=True)
-    return float(total)
+    return total
 
 
 def compile_warm_up(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, make_loader: Callable[[], Any],
@@ -1805,7 +1870,7 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     rank, _ = distributed_info()
     checkpoint_path = checkpoint_dir and os.path.join(checkpoint_dir, "checkpoint.pt")
 
-    def train_step(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def train_step(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         return forward_backward(forward, batches, optimizer, model.attn_backend, autocast)
 
     warmup_start = clock()
@@ -1814,6 +1879,7 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     warmup_time = clock() - warmup_start
 
     loader = make_loader()
+    host_group = host_process_group()  # rank 0's clock reaches the others host to host
     budget = training_budget_seconds(h)
     step_durations: list[float] = []
     stop_reason, loss_value = "iterations", float("nan")
@@ -1829,7 +1895,8 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
             step_durations.append(now - previous_top)
         previous_top = now
         elapsed, predicted, signal_number = rank0_decides(
-            [now - start, max(step_durations[-10:], default=0.0), stop_signals[0] if stop_signals else 0], device)
+            [now - start, max(step_durations[-10:], default=0.0), stop_signals[0] if stop_signals else 0], device,
+            host_group)
         if signal_number:  # rank 0 got SIGTERM/SIGINT: every rank stops here, between two steps
             save_interrupted_and_stop(h, model, optimizer, ema, checkpoint_dir, step, elapsed, signal_number, log)
         progress = elapsed / budget if budget is not None else step / h.optim.iterations
@@ -1844,12 +1911,13 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
                                muon_momentum_at(step, progress, h.optim))
         if ema is not None and h.optim.ema_horizon_frac > 0:
             ema.decay = relative_ema_decay(h.optim.ema_horizon_frac, step, progress, h.optim.iterations)
-        loss_value = train_step(loader.next_step())
+        # the step's one device-to-host transfer: the loss, read before the update so that a NaN is
+        # never applied. The update and the EMA are queued behind it without waiting (no synchronize)
+        loss_value = train_step(loader.next_step()).item()
         stop_if_diverged(loss_value, step + 1, checkpoint_path, log)
         optimizer.step()
         if ema is not None:
             ema.update(model)
-        synchronize()
         step += 1
         log_step(h, step, loss_value, clock() - start, log)
         if checkpoint_path and h.optim.checkpoint_every > 0 and step % h.optim.checkpoint_every == 0 and rank == 0:
@@ -3853,10 +3921,12 @@ class AdapterSlots:
             self.warm = self._build(self.config.phased_ttt_docs_per_batch, seed=phase * world + rank,
                                     per_slot_init=True)
 
-    def fresh(self, batch_size: int) -> tuple:
-        """The adapter for the next batch: the warm one (A kept) when its size fits, else a fresh one (as
-        PR 1855 gives the odd-sized last batch)."""
-        if self.warm is not None and self.warm[0].batch_size == batch_size:
+    def fresh(self, num_docs: int) -> tuple:
+        """The adapter for a batch of num_docs documents, with at least PHASED_TTT_DOCS_PER_BATCH rows (a
+        short last batch is padded to the compiled shape): the warm one (A kept) for a full batch, else a
+        fresh one (as PR 1855 gives the odd-sized last batch)."""
+        batch_size = max(num_docs, self.config.phased_ttt_docs_per_batch)
+        if self.warm is not None and self.warm[0].batch_size == num_docs:
             lora, optimizer = self.warm
             lora.restart()
         elif batch_size not in self.slots:
@@ -3977,8 +4047,13 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
     chunk = config.phased_ttt_chunk_tokens if adapter else max(config.phased_ttt_chunk_tokens, context // 2)
     starts = val.doc_starts[doc_ids]
     target_counts = val.target_ends(doc_ids) - 1 - starts  # [B]: own tokens after BOS + the next BOS
+    # A short last batch is padded with empty documents (no targets: never scored, never trained on), so
+    # every batch has PHASED_TTT_DOCS_PER_BATCH rows, the shape the compile warm-up compiled
+    padding = max(0, config.phased_ttt_docs_per_batch - len(doc_ids))
+    starts = np.concatenate([starts, np.repeat(starts[:1], padding)])
+    target_counts = np.concatenate([target_counts, np.zeros(padding, dtype=target_counts.dtype)])
     if ngram is not None:
-        ngram.begin_documents(len(doc_ids), int(target_counts.max()))
+        ngram.begin_documents(len(starts), int(target_counts.max()))
     lora, optimizer = adapter if adapter else (None, None)
     for chunk_index in range(-(-int(target_counts.max()) // chunk)):
         chunk_end = (chunk_index + 1) * chunk  # targets 1..chunk_end of each document seen
@@ -4118,11 +4193,12 @@ def warm_up_on_random_tokens(model: GPT, vocab_size: int, seq_len: int, batch_si
     gradients are discarded and no weight changes. candidates 2: the n-gram tilt's [B, T, 2] targets."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randint(2, vocab_size, (batch_size, seq_len + 1), generator=generator).to(device)
+    # two fresh row-major tensors, like the evals' gathered batches: strides are part of a graph's guards
+    # too (a slice of one [B, T+1] tensor keeps stride T+1, which a single row's guard would check)
+    inputs, targets = (torch.randint(2, vocab_size, (batch_size, seq_len), generator=generator).to(device)
+                       for _ in range(2))
     inputs[:, 0] = BOS_ID
-    # contiguous, like the evals' batches: memory layout is part of a graph's guards too
-    inputs, targets = inputs[:, :-1].contiguous(), inputs[:, 1:].contiguous()
-    if candidates > 1:
+    if candidates > 1:  # [B, T, K]: a fresh row-major tensor as well
         targets = torch.stack([targets] * candidates, dim=-1)
     with torch.no_grad():
         model.per_token_nll(inputs, targets, lora=lora)
@@ -4242,9 +4318,12 @@ def compile_and_warm_up_eval(h: Hyperparameters, model: GPT, quantized: GPT, con
         # graphs differ by grad mode, by requires_grad of the weights and by the LoRA being there:
         # trainable weights (plain and sliding scoring; chunked TTT and global SGD steps) ...
         warm_up_on_random_tokens(quantized, vocab, seq_len)
-        candidates = 2 if config.ngram_tilt else 1  # tilted scoring: target and hint from one forward
-        if candidates > 1:
-            warm_up_on_random_tokens(quantized, vocab, seq_len, backward=False, candidates=candidates)
+        # ... also for one row: dynamic shapes still specialize a size of 1 (a last eval batch or a last
+        # SGD step of a single row would otherwise compile inside the timed eval) ...
+        warm_up_on_random_tokens(quantized, vocab, seq_len, batch_size=1)
+        if config.ngram_tilt:  # ... tilted scoring: target and hint from one forward, [B, T, 2] targets ...
+            for rows in (2, 1):
+                warm_up_on_random_tokens(quantized, vocab, seq_len, batch_size=rows, backward=False, candidates=2)
         if config.ttt_enabled and config.ttt_mode == "phased":
             # ... and frozen weights: scoring with and without a LoRA, LoRA steps (its batch dim is static)
             for param in quantized.parameters():
@@ -4460,9 +4539,9 @@ def run_stages(h: Hyperparameters, context: RunContext) -> dict[str, Any]:
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layer order with recurrence "
         f"{model.layer_order(looping=h.model.recurrence_enabled)}")
     accum, seqs_per_micro = h.data.batch_layout(context.world_size)
-    context.make_train_loader = lambda: TrainLoader(
+    context.make_train_loader = lambda: PrefetchingLoader(TrainLoader(
         train_paths, h.model.vocab_size, h.data.train_seq_len, seqs_per_micro, accum, context.rank,
-        context.world_size, h.run.seed, device)
+        context.world_size, h.run.seed), device)
     summary: dict[str, Any] = dict(
         run_id=h.run.run_id, preset=h.run.preset, steps=None, train_time_s=None, tokens_per_s=None,
         pre_quant_val_bpb=None, quant_val_bpb=None, sliding_val_bpb=None, ttt_val_bpb=None,

@@ -400,7 +400,7 @@ def check_training(h, shape: CheckShape, device: torch.device, backend: str, dea
         return -(-(document_starts(inputs) + 1) // train_gpt.CU_SEQLENS_BUCKET) * train_gpt.CU_SEQLENS_BUCKET
 
     def micro_steps(step_batches):
-        return train_gpt.forward_backward(forward, step_batches, optimizer, backend, shape.autocast)
+        return train_gpt.forward_backward(forward, step_batches, optimizer, backend, shape.autocast).item()
 
     for recurrence in (False, True):
         name = "recurrence_on" if recurrence else "recurrence_off"

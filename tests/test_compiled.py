@@ -6,6 +6,7 @@ slow on a 2-core machine, and one small test runs inductor itself. FA3 cannot ru
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -62,7 +63,7 @@ def train_steps(model, compiled, optimizer, plan):
         model.set_recurrence(recurrence)
         ids = random_tokens(2, 128, vocab=512, seed=step, bos_every=bos_every)
         losses.append(train_gpt.forward_backward(compiled, [(ids, ids.roll(-1, 1))], optimizer, model.attn_backend,
-                                                 "fp32"))
+                                                 "fp32").item())
         optimizer.step()
     return losses
 
@@ -146,3 +147,33 @@ def test_compiled_run_trains_quantizes_and_evaluates_every_mode(tiny_dataset, tm
     assert "compile:aot_eager" in log and "recurrence: on" in log and "eval compile warm-up" in log
     assert not counters["graph_break"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["ttt_mode"] == "phased"
+
+
+def test_eval_warm_up_compiles_every_graph_the_timed_evals_use(monkeypatch):
+    """After `compile_and_warm_up_eval` (random tokens), plain eval and phased TTT compile nothing more:
+    a compile inside them would be charged to the timed eval. The data is built to hit the shapes that
+    used to recompile: a last plain batch of one row, global-SGD steps of one row, and document batches
+    shorter than PHASED_TTT_DOCS_PER_BATCH (padded to it now). Dynamo only (backend eager): the graphs
+    and guards are dynamo's; inductor would only add code generation time."""
+    h = tiny_h(VOCAB_SIZE=512, EVAL_SEQ_LEN=96, EVAL_BATCH_TOKENS=2 * 96, PHASED_TTT_CHUNK_TOKENS=24,
+               PHASED_TTT_DOCS_PER_BATCH=2, PHASED_TTT_PREFIX_DOCS=3, PHASED_TTT_LORA_RANK=4,
+               PHASED_TTT_GLOBAL_CHUNK_TOKENS=96, **MINIMAL, **{k: v for k, v in SMALL.items() if k not in MINIMAL})
+    torch.manual_seed(0)
+    model, spare = train_gpt.GPT(h.model, "sdpa"), train_gpt.GPT(h.model, "sdpa")
+    model.set_recurrence(True)
+    rng = np.random.default_rng(0)
+    lengths = np.array([51, 39, 32, 18, 20, 5, 7, 3, 12, 60])  # 247 tokens: 3 rows of 96
+    tokens = rng.integers(8, 512, int(lengths.sum()))
+    tokens[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = train_gpt.BOS_ID
+    val = train_gpt.make_val_data(tokens, np.ones_like(tokens), vocab_size=512)
+    assert len(train_gpt.plain_windows(val.num_tokens, 96)) % h.eval.batch_rows(1) == 1  # a one-row last batch
+    context = train_gpt.RunContext("", lambda line: None, torch.device("cpu"), compile_backend="eager")
+    train_gpt.configure_compile("eager")
+    train_gpt.compile_and_warm_up_eval(h, spare, model, context)
+    warm = counters["stats"]["unique_graphs"]
+    assert warm >= 4
+    train_gpt.eval_stream(model, val, 96, h.eval.batch_rows(1))
+    result = train_gpt.eval_ttt_phased(model, val, h.eval)
+    assert result["ttt_phases_trained"] == 3 and result["scored_tokens"] == val.num_tokens - 1
+    assert counters["stats"]["unique_graphs"] == warm, "graphs compiled inside the timed evals"
+    assert not counters["graph_break"]

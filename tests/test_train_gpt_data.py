@@ -98,3 +98,46 @@ def test_loader_wraps_around_epochs(tmp_path):
     for _ in range(10):  # far more tokens than the shard holds
         batches = loader.next_step()
         assert all(x.shape == (4, 64) for x, _ in batches)
+
+
+def _same_steps(first, second):
+    return all(torch.equal(a, b) for s1, s2 in zip(first, second) for p1, p2 in zip(s1, s2) for a, b in zip(p1, p2))
+
+
+def _small_shards(tmp_path, count=3):
+    """Shards of ~1-2 K tokens: a 2 x 2 x 32-token step crosses a shard boundary every few steps."""
+    return [write_shard(tmp_path / f"fineweb_train_{index:06d}.bin",
+                        np.concatenate(make_documents(12, 512, seed=index, max_len=150))) for index in range(count)]
+
+
+def test_prefetching_loader_yields_exactly_the_synchronous_batches_across_shards_and_epochs(tmp_path):
+    paths = _small_shards(tmp_path)
+    total = sum(train_gpt.shard_token_count(path) for path in paths)
+    steps = 2 * total // (2 * 2 * 32) + 3  # two epochs and more: every shard boundary, twice
+    synchronous = _stream(paths, 2, 1, steps, accum=2, seed=3)
+    loader = train_gpt.PrefetchingLoader(train_gpt.TrainLoader(paths, 512, 32, 2, 2, 1, 2, seed=3), "cpu")
+    prefetched = [loader.next_step() for _ in range(steps)]
+    assert len(prefetched) == steps and _same_steps(prefetched, synchronous)
+
+
+def test_prefetching_loader_resumes_where_the_synchronous_one_does(tmp_path):
+    """skip_step (resume) before the first step lands on the same batches; after the read-ahead
+    started, skipping would skip an unknown step, so it is an error."""
+    paths = _small_shards(tmp_path)
+    synchronous = train_gpt.TrainLoader(paths, 512, 32, 2, 2, 0, 1, seed=1)
+    loader = train_gpt.PrefetchingLoader(train_gpt.TrainLoader(paths, 512, 32, 2, 2, 0, 1, seed=1), "cpu")
+    for _ in range(7):
+        synchronous.skip_step()
+        loader.skip_step()
+    assert _same_steps([loader.next_step() for _ in range(5)], [synchronous.next_step() for _ in range(5)])
+    with pytest.raises(RuntimeError, match="skip_step after"):
+        loader.skip_step()
+
+
+def test_prefetching_loader_raises_a_bad_shard_error_in_the_training_thread(tmp_path):
+    paths = _small_shards(tmp_path, count=2)
+    write_shard(paths[1], np.full(2000, 600, dtype=np.uint16))  # ids >= VOCAB_SIZE in the second shard
+    loader = train_gpt.PrefetchingLoader(train_gpt.TrainLoader(paths, 512, 32, 2, 2, 0, 1, seed=0), "cpu")
+    with pytest.raises(ValueError, match="fineweb_train_000001.bin: token id 600"):
+        for _ in range(50):
+            loader.next_step()

@@ -153,6 +153,29 @@ def test_compile_warmup_is_undone_exactly(tiny_dataset):
     assert all(torch.equal(a, b) for a, b in zip(curves[0][1], curves[1][1]))
 
 
+def test_a_training_step_reads_one_value_from_the_device(tiny_dataset, monkeypatch):
+    """The timed loop's only device-to-host transfer per step is the loss, read before the update; the
+    clip, the optimizer, the EMA and the wallclock decision never read a tensor. Counted through every
+    Tensor -> Python conversion (item, tolist, float, int, bool, format) over 6 steps with EMA and clipping."""
+    h, model, optimizer, make_loader = setup(tiny_dataset, ITERATIONS=6, TRAIN_LOG_EVERY=2, GRAD_CLIP_NORM=0.3)
+    ema = train_gpt.ExponentialMovingAverage(model, 0.9)
+    reads = []
+
+    def adam_step_counter(tensor):  # AdamW's step counts live on the host here (CUDA: fused, on device)
+        return any(tensor is state.get("step") for state in optimizer.adam.state.values())
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__format__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            if not adam_step_counter(self):
+                reads.append(_name)
+            return _original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    result = train_gpt.train_model(h, model, optimizer, make_loader, lambda line: None, ema=ema)
+    monkeypatch.undo()
+    assert result.steps == 6 and reads == ["item"] * 6, reads
+
+
 def test_ema_tracks_the_weights():
     h = tiny_h()
     model = train_gpt.GPT(h.model)
