@@ -347,6 +347,8 @@ class Hyperparameters:
         require(bool(sites) and all(site in LORA_SITES for site in sites),
                 f"PHASED_TTT_LORA_SITES={eval.phased_ttt_lora_sites!r}: use a comma-separated subset of "
                 f"{','.join(LORA_SITES)}")
+        require(eval.phased_ttt_chunk_tokens <= eval.eval_seq_len,
+                f"PHASED_TTT_CHUNK_TOKENS={eval.phased_ttt_chunk_tokens} must be <= EVAL_SEQ_LEN={eval.eval_seq_len}")
         require(quant.lqer_scheme != "pr1855" or 2 <= quant.lqer_bits <= 4,
                 f"LQER_BITS={quant.lqer_bits} must be 2..4 with LQER_SCHEME=pr1855")
         require(model.vocab_size <= 65536, f"VOCAB_SIZE={model.vocab_size} does not fit the uint16 shard format")
@@ -4057,10 +4059,15 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
     lora, optimizer = adapter if adapter else (None, None)
     for chunk_index in range(-(-int(target_counts.max()) // chunk)):
         chunk_end = (chunk_index + 1) * chunk  # targets 1..chunk_end of each document seen
-        window_start = max(0, chunk_end - context)  # document-relative index of the first input
-        windows = np.stack([starts + window_start, np.clip(target_counts - window_start, 0, chunk_end - window_start),
-                            np.full_like(starts, chunk_index * chunk - window_start)], axis=1)
-        inputs, targets, positions, inside, in_chunk = gather_windows(val, windows, width=chunk_end - window_start)
+        width = chunk_end - max(0, chunk_end - context)  # the same for every document: static shapes
+        # per document (PR 1855): the chunk ends at min(chunk_end, its last target), and its window is the
+        # `context` inputs before that, so a short last chunk still sees a full context
+        ends = np.minimum(chunk_end, target_counts)
+        window_starts = np.maximum(0, ends - context)  # document-relative index of the first input
+        active = target_counts > chunk_index * chunk
+        windows = np.stack([starts + window_starts, np.where(active, ends - window_starts, 0),
+                            chunk_index * chunk - window_starts], axis=1)
+        inputs, targets, positions, inside, in_chunk = gather_windows(val, windows, width=width)
         more_chunks_follow = torch.as_tensor(target_counts > chunk_end, device=inputs.device)  # [B]: train on it
         train_now = lora is not None and bool(more_chunks_follow.any())
         with torch.set_grad_enabled(train_now):

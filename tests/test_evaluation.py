@@ -404,8 +404,9 @@ def _pr1855_lora_ttt_reference(model, val, batches, config, site_dims, down_init
     batch (warm start; `down_init` for the first), a fresh AdamW, and scores each chunk of
     `phased_ttt_chunk_tokens` targets before one step on that chunk's mean NLL when a chunk follows.
     The batch's optimizer steps while any of its documents trains; a document that has stopped gets
-    zero gradients, so only weight decay moves its factors. Windows start at the document's BOS (the
-    test's context covers every document). Returns {stream position: nll}."""
+    zero gradients, so only weight decay moves its factors. Chunk c's window: the `eval_seq_len` inputs
+    before min((c + 1) * chunk, the document's last target) (PR 1855's _compute_chunk_window). Returns
+    {stream position: nll}."""
     scale = config.phased_ttt_lora_alpha / config.phased_ttt_lora_rank
     down = {key: value.clone() for key, value in down_init.items()}  # key (site, layer, slot) -> [in, r]
     nll_at = {}
@@ -435,12 +436,13 @@ def _pr1855_lora_ttt_reference(model, val, batches, config, site_dims, down_init
             steps = 0
             for first in range(0, count, chunk):
                 last = min(first + chunk, count)
-                nll = model.per_token_nll(tokens[None, :last], tokens[None, 1:last + 1], lora=adapter)[0]
+                window = max(0, last - config.eval_seq_len)
+                nll = model.per_token_nll(tokens[None, window:last], tokens[None, window + 1:last + 1], lora=adapter)[0]
                 for j in range(first, last):
-                    nll_at[start + 1 + j] = float(nll[j].detach())
+                    nll_at[start + 1 + j] = float(nll[j - window].detach())
                 if last < count:
                     optimizer.zero_grad()
-                    nll[first:last].mean().backward()
+                    nll[first - window:last - window].mean().backward()
                     optimizer.step()
                     steps += 1
             for _ in range(batch_steps - steps):  # the other documents still train: zero gradient here
@@ -452,15 +454,16 @@ def _pr1855_lora_ttt_reference(model, val, batches, config, site_dims, down_init
     return nll_at
 
 
-def test_phased_lora_warm_start_matches_pr1855_reference(model, val):
+@pytest.mark.parametrize("context", [64, 20])
+def test_phased_lora_warm_start_matches_pr1855_reference(model, val, context):
     """PR 1767/1855 warm start: across batches of one size the A factors keep what they learned and B
     restarts at zero, with fresh Adam moments; checked against a one-document-at-a-time reference.
     A cold start (fresh A every batch) scores the second batch differently, so the check can fail."""
     from train_gpt import AdapterSlots, TokenScores, _score_and_adapt_documents, lora_site_dims
 
     model = copy.deepcopy(model).double()  # float64: Adam's normalized steps amplify float32 rounding
-    config = tiny_eval(eval_seq_len=64, phased_ttt_lr=0.05, phased_ttt_docs_per_batch=3,
-                       phased_ttt_warm_start_a=True)  # context 64 > every document
+    config = tiny_eval(eval_seq_len=context, phased_ttt_lr=0.05, phased_ttt_docs_per_batch=3,
+                       phased_ttt_warm_start_a=True)  # context 64: every document; 20: sliding windows
     sites = ("q", "o", "mlp", "head")
     site_dims = lora_site_dims(model, sites=sites)
     batches = [np.array([0, 1, 2]), np.array([3, 4, 5])]

@@ -82,6 +82,9 @@ def test_baseline_preset_is_the_naive_baseline():
     ({"GPTQ_CALIBRATION_BATCHES": "-1"}, "GPTQ_CALIBRATION_BATCHES"),
     ({"GPTQ_CALIBRATION_SOURCE": "val"}, "GPTQ_CALIBRATION_SOURCE"),
     ({"SAVE_TOKEN_NLL": "perhaps"}, "SAVE_TOKEN_NLL"),
+    ({"PHASED_TTT_CHUNK_TOKENS": "4096"}, "PHASED_TTT_CHUNK_TOKENS"),
+    ({"LQER_SCHEME": "svd"}, "LQER_SCHEME"),
+    ({"LQER_BITS": "8"}, "LQER_BITS"),
 ])
 def test_invalid_settings_fail_naming_the_env_var(env, needle):
     with pytest.raises(ValueError, match=needle):
