@@ -121,7 +121,8 @@ class ModelSettings:
     num_heads: int = 8  # query heads
     num_kv_heads: int = 4  # key/value heads (grouped-query attention)
     mlp_mult: int = 4  # MLP hidden width = MLP_MULT * MODEL_DIM
-    mlp_act: str = "leaky_relu2"  # leaky_relu2 (LeakyReLU(0.5)^2, PR 1274+) | relu2 (baseline)
+    mlp_act: str = "leaky_relu2"  # leaky_relu2 (LeakyReLU(MLP_LEAKY_SLOPE)^2, PR 1274+) | relu2 (baseline)
+    mlp_leaky_slope: float = 0.5  # negative slope of leaky_relu2 (PR 1945/1967: 0.3 lets more negative signal through)
     tied_embed_init_std: float = 0.005  # init std of the tied embedding / output head
     logit_softcap: float = 30.0  # logits = c*tanh(z/c); 0 disables
     rope_dims: int = 16  # head dims that get rotary embedding (partial RoPE); 0 = none
@@ -236,6 +237,7 @@ class EvalSettings:
     phased_ttt_lora_alpha: float = 144.0  # phased TTT: adapter output scaled by alpha/rank (PR 1767/1855: 1.8)
     phased_ttt_lora_sites: str = "q,k,v,o,mlp_in,mlp_out,head"  # phased TTT: linears with a LoRA (a subset)
     phased_ttt_lr: float = 1e-4  # phased TTT: LoRA Adam learning rate
+    phased_ttt_local_lr_mult: float = 1.0  # phased TTT: multiplier on the per-document LoRA lr only, not the global SGD (PR 1953: 0.75)
     phased_ttt_beta1: float = 0.0  # phased TTT: LoRA Adam beta1
     phased_ttt_beta2: float = 0.99  # phased TTT: LoRA Adam beta2
     phased_ttt_weight_decay: float = 0.5  # phased TTT: LoRA Adam weight decay
@@ -312,7 +314,8 @@ class Hyperparameters:
                                        "embed_weight_decay scalar_weight_decay grad_clip_norm ema_decay"),
                                (quant, "gptq_calibration_batches gptq_reserve_seconds gptq_damp"),
                                (eval, "ttt_lr ttt_epochs ttt_grad_clip phased_ttt_prefix_docs phased_ttt_lr "
-                                      "phased_ttt_weight_decay phased_ttt_global_lr phased_ttt_global_epochs")):
+                                      "phased_ttt_weight_decay phased_ttt_global_lr phased_ttt_global_epochs "
+                                      "phased_ttt_local_lr_mult"), (model, "mlp_leaky_slope")):
             for name in names.split():
                 require(getattr(section, name) >= 0, f"{name.upper()}={getattr(section, name)} must be >= 0")
         for section, name in ((model, "enable_looping_at"), (optim, "warmdown_frac"), (optim, "min_lr"),
@@ -454,6 +457,15 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         scalar_lr=0.04, scalar_weight_decay=0.0, grad_clip_norm=0.0, ema_decay=0.0, warmdown_frac=0.1,
         quant_scheme="int8", quant_compressor="zlib", quant_byte_shuffle=False, sliding_window_enabled=False,
         ttt_enabled=False, gptq_reserve_seconds=0.0)),
+    # Open record candidates after PR 1855 (3-seed means on 8xH100). Not here: their AWQ-lite GPTQ and
+    # asymmetric logit rescale (PR 1945 base), which these runs also had.
+    "pr1953": ("pr1855", dict(  # 1.05855: eval at 2560 (trained at 2048), TTT LoRA without Q/V, local lr x0.75
+        eval_seq_len=2560, phased_ttt_lora_sites="k,o,mlp_in,mlp_out,head", phased_ttt_local_lr_mult=0.75,
+        qk_gain_init=5.25)),
+    "pr1965": ("pr1953", dict(  # 1.05875: the TTT budget moved from LoRA rank to a longer global-SGD prefix
+        phased_ttt_lora_rank=56, phased_ttt_prefix_docs=3000)),
+    "pr2119": ("pr1953", dict(  # 1.05858 (non-record): TTT adapters on K and O only, eval at 2688, QK-gain 5.35
+        phased_ttt_lora_sites="k,o", eval_seq_len=2688, qk_gain_init=5.35)),
     "tiny": ("pr1855", dict(  # every record feature at CPU scale; about a minute on 2 cores
         vocab_size=1024, num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, loop_start=2,
         loop_end=3,
@@ -740,7 +752,10 @@ class MatrixLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    """Partial RoPE: rotates the first `rope_dims` dims of each head (16 of 64 in the record line)."""
+    """Partial RoPE: rotates the first `rope_dims` dims of each head (16 of 64 in the record line).
+    Angles are computed for every position of the row, so an EVAL_SEQ_LEN above TRAIN_SEQ_LEN simply
+    extrapolates (no frequency rescaling), as PR 1953 evaluated at 2560 a model trained at 2048; q.k
+    depends only on the offset between two positions, which is what the longer context adds."""
 
     def __init__(self, rope_dims: int, base: float):
         super().__init__()
@@ -806,14 +821,14 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelSettings, layer_index: int):
         super().__init__()
-        self.layer_index, self.act = layer_index, config.mlp_act
+        self.layer_index, self.act, self.leaky_slope = layer_index, config.mlp_act, config.mlp_leaky_slope
         self.fc = MatrixLinear(config.model_dim, config.mlp_mult * config.model_dim)
         self.proj = MatrixLinear(config.mlp_mult * config.model_dim, config.model_dim, zero_init=True)
 
     def forward(self, x: torch.Tensor, lora: Any = None, slot: int = 0) -> torch.Tensor:
         hidden = apply_lora(self.fc, "mlp_in", slot, x, lora)
-        if self.act == "leaky_relu2":  # LeakyReLU(0.5)^2 (PR 1274 line): keeps gradient for negatives
-            hidden = F.leaky_relu(hidden, negative_slope=0.5).square()
+        if self.act == "leaky_relu2":  # LeakyReLU(slope)^2 (PR 1274 line): keeps gradient for negatives
+            hidden = F.leaky_relu(hidden, negative_slope=self.leaky_slope).square()
         else:  # ReLU^2 (baseline)
             hidden = F.relu(hidden).square()
         return apply_lora(self.proj, "mlp_out", slot, hidden, lora)
@@ -3208,7 +3223,9 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
         lora = BatchedLoRA(len(doc_ids), site_dims, config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha)
         lora = lora.to(val.tokens.device)
     if adapt:
-        optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr, eps=1e-10,
+        # the "local" (per-document) lr gets its own multiplier; the global SGD keeps PHASED_TTT_GLOBAL_LR (PR 1953)
+        optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr * config.phased_ttt_local_lr_mult,
+                                      eps=1e-10,
                                       betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
                                       weight_decay=config.phased_ttt_weight_decay)
     for chunk_index in range(-(-int(target_counts.max()) // chunk)):
