@@ -206,6 +206,10 @@ class QuantSettings:
     quant_small_tensor_numel: int = 65536  # tensors with at most this many elements stay fp16
     quant_compressor: str = "rans"  # rans (rANS-coded quantized codes, brotli for the rest) | brotli | lzma | zlib
     quant_byte_shuffle: bool = True  # byte shuffle (stride 2) before compression
+    awq_lite_enabled: bool = False  # GPTQ gives the most activation-salient column groups of each matrix AWQ_LITE_BITS (PR 1908/1945)
+    awq_lite_bits: int = 8  # bits of the salient column groups
+    awq_lite_group_size: int = 64  # columns per AWQ-lite group
+    awq_lite_top_k: int = 1  # salient groups per matrix
     lqer_enabled: bool = True  # low-rank correction of the quantization error (PR 1855)
     lqer_rank: int = 4  # LQER rank
     lqer_bits: int = 4  # LQER factor bits (asymmetric)
@@ -312,7 +316,7 @@ class Hyperparameters:
         for section, names in ((run, "cpu_threads"), (data, "grad_accum_steps val_max_docs"),
                                (optim, "warmup_steps muon_momentum_warmup_steps checkpoint_every muon_weight_decay "
                                        "embed_weight_decay scalar_weight_decay grad_clip_norm ema_decay"),
-                               (quant, "gptq_calibration_batches gptq_reserve_seconds gptq_damp"),
+                               (quant, "gptq_calibration_batches gptq_reserve_seconds gptq_damp awq_lite_top_k"),
                                (eval, "ttt_lr ttt_epochs ttt_grad_clip phased_ttt_prefix_docs phased_ttt_lr "
                                       "phased_ttt_weight_decay phased_ttt_global_lr phased_ttt_global_epochs "
                                       "phased_ttt_local_lr_mult"), (model, "mlp_leaky_slope")):
@@ -355,6 +359,9 @@ class Hyperparameters:
         require(optim.max_wallclock_seconds == 0 or quant.gptq_reserve_seconds < optim.max_wallclock_seconds,
                 f"GPTQ_RESERVE_SECONDS={quant.gptq_reserve_seconds} leaves no training time within "
                 f"MAX_WALLCLOCK_SECONDS={optim.max_wallclock_seconds}")
+        require(2 <= quant.awq_lite_bits <= 8 and quant.awq_lite_group_size > 0,
+                f"AWQ_LITE_BITS={quant.awq_lite_bits} must be in 2..8 and AWQ_LITE_GROUP_SIZE="
+                f"{quant.awq_lite_group_size} positive")
         if model.sparse_attn_gate:
             require(model.gated_attn, "SPARSE_ATTN_GATE=1 needs GATED_ATTN=1 (it changes the gate's input)")
             require(0 < model.sparse_attn_gate_dims <= model.model_dim,
@@ -457,11 +464,11 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         scalar_lr=0.04, scalar_weight_decay=0.0, grad_clip_norm=0.0, ema_decay=0.0, warmdown_frac=0.1,
         quant_scheme="int8", quant_compressor="zlib", quant_byte_shuffle=False, sliding_window_enabled=False,
         ttt_enabled=False, gptq_reserve_seconds=0.0)),
-    # Open record candidates after PR 1855 (3-seed means on 8xH100). Not here: their AWQ-lite GPTQ and
-    # asymmetric logit rescale (PR 1945 base), which these runs also had.
+    # Open record candidates after PR 1855 (3-seed means on 8xH100). Not here: the asymmetric logit
+    # rescale of their PR 1945 base, which these runs also had.
     "pr1953": ("pr1855", dict(  # 1.05855: eval at 2560 (trained at 2048), TTT LoRA without Q/V, local lr x0.75
         eval_seq_len=2560, phased_ttt_lora_sites="k,o,mlp_in,mlp_out,head", phased_ttt_local_lr_mult=0.75,
-        qk_gain_init=5.25)),
+        qk_gain_init=5.25, awq_lite_enabled=True)),  # AWQ-lite: one int8 group of 64 per matrix (PR 1945)
     "pr1965": ("pr1953", dict(  # 1.05875: the TTT budget moved from LoRA rank to a longer global-SGD prefix
         phased_ttt_lora_rank=56, phased_ttt_prefix_docs=3000)),
     "pr2119": ("pr1953", dict(  # 1.05858 (non-record): TTT adapters on K and O only, eval at 2688, QK-gain 5.35
@@ -1735,9 +1742,12 @@ _SUB_BLOCK = 16  # columns per rank-1 panel inside a GPTQ block; the rest of the
 
 
 @torch.no_grad()
-def gptq_quantize(weight, hessian, bits, clip_sigmas, block_size=128, damp=0.01, scales=None):
+def gptq_quantize(weight, hessian, bits, clip_sigmas, block_size=128, damp=0.01, scales=None, promoted=None,
+                  promoted_bits=8):
     """GPTQ with SDClip scales. weight [rows, cols], hessian [cols, cols] -> (codes int8
     [rows, cols] in [-clip_range, clip_range], scales fp16 [rows]); dequant = codes * scales[:, None].
+    `promoted` (bool [cols], AWQ-lite): those columns get `promoted_bits` with their own SDClip scales
+    (same clip sigmas, finer steps) inside the same solve; then returns (codes, scales, promoted_scales).
 
     Columns go in descending order of diag(H) (most-used inputs first, the "act-order" of the GPTQ
     code), with 1% damping. The rounding residual of a column is pushed by rank-1 updates within its
@@ -1750,11 +1760,18 @@ def gptq_quantize(weight, hessian, bits, clip_sigmas, block_size=128, damp=0.01,
     if scales is None:
         scales = sdclip_scales(weight, bits, clip_sigmas)
     step = scales.float().to(weight.device)  # (rows,)
+    column_step, column_clip = [step] * cols, [clip_range] * cols
+    if promoted is not None:
+        promoted_scales = sdclip_scales(weight, promoted_bits, clip_sigmas)
+        for column in torch.nonzero(promoted).flatten().tolist():
+            column_step[column], column_clip[column] = promoted_scales.float().to(weight.device), 2 ** (promoted_bits - 1) - 1
     hessian = hessian.detach().to(device=weight.device, dtype=torch.float32).clone()
     dead = hessian.diagonal() <= 0  # inputs never seen in calibration: their weights are free
     hessian.diagonal()[dead] = 1.0
     order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
     propagate = _propagation_matrix(hessian[order][:, order], damp)  # (cols, cols) upper
+    column_step = [column_step[c] for c in order.tolist()]  # in processing order
+    column_clip = [column_clip[c] for c in order.tolist()]
     work = weight.detach().float()[:, order].t().contiguous()  # (cols, rows), column j = work[j]
     work[dead[order]] = 0.0
     original = work.clone()  # (cols, rows): residuals are taken against the original weights
@@ -1767,9 +1784,10 @@ def gptq_quantize(weight, hessian, bits, clip_sigmas, block_size=128, damp=0.01,
             panel = work[sub_start:sub_end]  # (b, rows) view
             for j in range(sub_end - sub_start):
                 column, code, residual = panel[j], codes_t[sub_start + j], residuals[sub_start - start + j]
-                torch.div(column, step, out=code)
-                code.round_().clamp_(-clip_range, clip_range)
-                torch.addcmul(original[sub_start + j], code, step, value=-1.0, out=residual)
+                step_j, clip_j = column_step[sub_start + j], column_clip[sub_start + j]
+                torch.div(column, step_j, out=code)
+                code.round_().clamp_(-clip_j, clip_j)
+                torch.addcmul(original[sub_start + j], code, step_j, value=-1.0, out=residual)
                 if j + 1 < sub_end - sub_start:
                     panel[j + 1:].addr_(propagate[sub_start + j, sub_start + j + 1:sub_end], residual)
             if sub_end < end:
@@ -1779,7 +1797,37 @@ def gptq_quantize(weight, hessian, bits, clip_sigmas, block_size=128, damp=0.01,
             work[end:].addmm_(propagate[start:end, end:].t(), residuals)
     codes = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
     codes[:, order] = codes_t.t().to(torch.int8)
+    if promoted is not None:
+        return codes, scales, promoted_scales
     return codes, scales
+
+
+def awq_salient_groups(weight, hessian, group_size, top_k):
+    """AWQ-lite (PR 1908/1945): the `top_k` groups of `group_size` adjacent input columns with the largest
+    saliency sum_c rms(x_c) * mean_r |W[r, c]|, where rms(x_c) = sqrt(H[c, c]) (H = mean x x^T). Returns
+    the bool column mask [cols]: the inputs that carry most signal through large weights get more bits."""
+    cols = weight.shape[1]
+    saliency = hessian.diagonal().float().clamp_min(0).sqrt().to(weight.device) * weight.float().abs().mean(0)
+    groups = -(-cols // group_size)
+    padded = torch.zeros(groups * group_size, device=weight.device)
+    padded[:cols] = saliency
+    chosen = torch.topk(padded.view(groups, group_size).sum(1), min(top_k, groups)).indices
+    mask = torch.zeros(groups, dtype=torch.bool, device=weight.device)
+    mask[chosen] = True
+    return mask.repeat_interleave(group_size)[:cols]
+
+
+def entry_weight(entry):
+    """A quantized entry's matrix before LQER: codes * scales per row; AWQ-lite columns use their own scales."""
+    weight = dequantize_codes(entry["codes"], entry["scales"])
+    if "awq_scales" in entry:
+        columns = _awq_columns(entry["awq_groups"], entry["awq_group_size"], weight.shape[1])
+        weight[:, columns] = dequantize_codes(entry["codes"][:, columns], entry["awq_scales"])
+    return weight
+
+
+def _awq_columns(groups, group_size, cols):
+    return torch.cat([torch.arange(g * group_size, min((g + 1) * group_size, cols)) for g in groups])
 
 
 def dequantize_codes(codes, scales):
@@ -1900,14 +1948,23 @@ def quantize_model_state(state_dict: Mapping[str, torch.Tensor], hessians: Mappi
             hessian = hessians.get(name) if kind == "matrix" else None
             if kind == "matrix" and hessian is None and config.quant_scheme == "gptq" and log is not None:
                 log(f"quant: no Hessian for {name}, using round-to-nearest")
+            awq = None
             if kind == "gate":
                 codes, scales = absmax_quantize(weight, bits)
+            elif config.awq_lite_enabled and config.quant_scheme == "gptq" and hessian is not None:
+                promoted = awq_salient_groups(weight, hessian, config.awq_lite_group_size, config.awq_lite_top_k)
+                codes, scales, awq_scales = gptq_quantize(weight, hessian, bits, clip, config.gptq_block_size,
+                                                          config.gptq_damp, promoted=promoted,
+                                                          promoted_bits=config.awq_lite_bits)
+                groups = torch.nonzero(promoted[::config.awq_lite_group_size]).flatten().tolist()
+                awq = {"awq_groups": groups, "awq_group_size": config.awq_lite_group_size,
+                       "awq_bits": config.awq_lite_bits, "awq_scales": awq_scales.cpu()}
             else:
                 codes, scales = _quantize_matrix(weight, hessian, bits, clip, config)
             entries[name] = {"kind": "quant", "dtype": dtype_name, "shape": shape, "bits": bits,
-                             "codes": codes.cpu(), "scales": scales.cpu()}
+                             "codes": codes.cpu(), "scales": scales.cpu(), **(awq or {})}
             if kind == "matrix" and use_lqer:
-                approx = dequantize_codes(codes, scales)
+                approx = entry_weight(entries[name])
                 errors[name] = (hessian_weighted_error(weight, approx, hessian, relative=False)
                                 if hessian is not None else (weight - approx).square().sum().item())
     for name in sorted(errors, key=errors.get, reverse=True)[:config.lqer_top_k]:
@@ -1921,7 +1978,7 @@ def add_lqer_correction(entry: dict, tensor: torch.Tensor, hessian: torch.Tensor
                         config: QuantSettings) -> None:
     """Store int-quantized low-rank factors of the entry's quantization error in the entry."""
     weight = tensor.detach().float().reshape(entry["shape"][0], -1)
-    error = weight - dequantize_codes(entry["codes"], entry["scales"]).to(weight.device)
+    error = weight - entry_weight(entry).to(weight.device)
     factor_a, factor_b = lqer_factors(error, config.lqer_rank, hessian, config.gptq_damp)
     for label, factor in (("a", factor_a.t()), ("b", factor_b)):  # groups run along rows/cols
         codes, scale, low = quantize_groups_asymmetric(factor, config.lqer_bits, config.lqer_group_size)
@@ -1936,7 +1993,7 @@ def _dequantize_entry(entry):
         return entry["tensor"].clone()
     if entry["kind"] == "float":
         return entry["tensor"].to(_DTYPES[entry["dtype"]])
-    weight = dequantize_codes(entry["codes"], entry["scales"])  # (rows, cols) float32
+    weight = entry_weight(entry)  # (rows, cols) float32
     if entry.get("lqer_rank"):
         rank, bits = entry["lqer_rank"], entry["lqer_bits"]
         rows, cols = weight.shape
@@ -2398,6 +2455,14 @@ def _check_entry(name, entry):
     need(is_array(arrays.get("codes"), torch.int8, [rows, cols]), f"needs int8 codes of shape [{rows}, {cols}]")
     need(is_array(arrays.get("scales"), torch.float16, [rows]), f"needs float16 scales of shape [{rows}]")
     expected = {"codes", "scales"}
+    if "awq_groups" in entry:
+        groups, group_size, awq_bits = entry.get("awq_groups"), entry.get("awq_group_size"), entry.get("awq_bits")
+        need(type(group_size) is int and group_size > 0 and type(awq_bits) is int and 2 <= awq_bits <= 8
+             and type(groups) is list and 0 < len(groups) == len(set(groups))
+             and all(type(g) is int and 0 <= g * group_size < cols for g in groups)
+             and is_array(arrays.get("awq_scales"), torch.float16, [rows]),
+             "needs distinct AWQ groups within the columns, a group size, bits in 2..8 and float16 awq_scales")
+        expected.add("awq_scales")
     rank, lqer_bits = entry.get("lqer_rank"), entry.get("lqer_bits")
     if rank:
         need(type(rank) is int and rank > 0 and type(lqer_bits) is int and 1 <= lqer_bits <= 8,
