@@ -92,6 +92,7 @@ class DataSettings:
     tokenizer_path: str = ""  # SentencePiece model; its vocab size must equal VOCAB_SIZE
     train_seq_len: int = 2048  # tokens per training sequence
     train_batch_tokens: int = 786432  # tokens per optimizer step, all ranks together
+    train_seq_schedule: str = ""  # "len@until,...": shorter sequences early, same tokens per step; last len = TRAIN_SEQ_LEN (PR 2014: 1024@0.1,2048@0.7,3072@1)
     grad_accum_steps: int = 0  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE
     val_max_docs: int = 50000  # validation documents scored (challenge: first 50,000)
 
@@ -103,14 +104,42 @@ class DataSettings:
     def val_glob(self) -> str:
         return self.val_files or os.path.join(self.data_path, "fineweb_val_[0-9]*.bin")
 
-    def batch_layout(self, world_size: int) -> tuple[int, int]:
-        """(grad_accum_steps, sequences per rank per micro-step) for this world size; errors name env vars."""
+    def batch_layout(self, world_size: int, seq_len: int = 0) -> tuple[int, int]:
+        """(grad_accum_steps, sequences per rank per micro-step) for this world size (and a sequence
+        length of TRAIN_SEQ_SCHEDULE; default TRAIN_SEQ_LEN); errors name env vars."""
         accum = self.grad_accum_steps or max(1, 8 // world_size)
-        per_micro = world_size * accum * self.train_seq_len
+        seq_len = seq_len or self.train_seq_len
+        per_micro = world_size * accum * seq_len
         if self.train_batch_tokens % per_micro:
             raise ValueError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not divisible by WORLD_SIZE*"
-                             f"GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN={world_size}*{accum}*{self.train_seq_len}")
+                             f"GRAD_ACCUM_STEPS*sequence length={world_size}*{accum}*{seq_len} (TRAIN_SEQ_LEN"
+                             f"/TRAIN_SEQ_SCHEDULE)")
         return accum, self.train_batch_tokens // per_micro
+
+    def seq_schedule(self) -> list[tuple[int, float]]:
+        """TRAIN_SEQ_SCHEDULE as [(seq_len, until_fraction)], or [(TRAIN_SEQ_LEN, 1.0)] when empty."""
+        if not self.train_seq_schedule.strip():
+            return [(self.train_seq_len, 1.0)]
+        try:
+            stages = [(int(length), float(until)) for length, until in
+                      (item.split("@") for item in self.train_seq_schedule.split(","))]
+        except ValueError:
+            raise ValueError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}: use len@fraction,... "
+                             f"(e.g. 1024@0.1,2048@0.7,3072@1)") from None
+        fractions = [until for _, until in stages]
+        require(all(length > 0 for length, _ in stages) and fractions == sorted(set(fractions))
+                and 0 < fractions[0] and fractions[-1] == 1.0 and stages[-1][0] == self.train_seq_len,
+                f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}: positive lengths, increasing fractions "
+                f"ending at 1, last length = TRAIN_SEQ_LEN={self.train_seq_len}")
+        return stages
+
+
+def seq_len_at(schedule: list[tuple[int, float]], progress: float) -> int:
+    """The training sequence length at a training fraction: the first stage whose `until` is above it."""
+    for length, until in schedule:
+        if progress < until:
+            return length
+    return schedule[-1][0]
 
 
 @dataclass
@@ -362,6 +391,10 @@ class Hyperparameters:
         require(2 <= quant.awq_lite_bits <= 8 and quant.awq_lite_group_size > 0,
                 f"AWQ_LITE_BITS={quant.awq_lite_bits} must be in 2..8 and AWQ_LITE_GROUP_SIZE="
                 f"{quant.awq_lite_group_size} positive")
+        if len(self.data.seq_schedule()) > 1:
+            require(self.optim.warmup_steps == 0 or self.optim.warmup_steps >= 2 * len(self.data.seq_schedule()),
+                    f"WARMUP_STEPS={self.optim.warmup_steps} must cover every TRAIN_SEQ_SCHEDULE length with "
+                    f"recurrence off and on (>= {2 * len(self.data.seq_schedule())})")
         if model.sparse_attn_gate:
             require(model.gated_attn, "SPARSE_ATTN_GATE=1 needs GATED_ATTN=1 (it changes the gate's input)")
             require(0 < model.sparse_attn_gate_dims <= model.model_dim,
@@ -471,6 +504,9 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         qk_gain_init=5.25, awq_lite_enabled=True)),  # AWQ-lite: one int8 group of 64 per matrix (PR 1945)
     "pr1965": ("pr1953", dict(  # 1.05875: the TTT budget moved from LoRA rank to a longer global-SGD prefix
         phased_ttt_lora_rank=56, phased_ttt_prefix_docs=3000)),
+    "pr2014": ("pr1953", dict(  # 1.05759: train context 1024 -> 2048 -> 3072 at fixed tokens/step, eval at 3072, 1 phase
+        train_seq_len=3072, train_seq_schedule="1024@0.1,2048@0.7,3072@1", eval_seq_len=3072,
+        phased_ttt_num_phases=1, phased_ttt_docs_per_batch=24)),  # not here: its short-document TTT chunks
     "pr2119": ("pr1953", dict(  # 1.05858 (non-record): TTT adapters on K and O only, eval at 2688, QK-gain 5.35
         phased_ttt_lora_sites="k,o", eval_seq_len=2688, qk_gain_init=5.35)),
     "tiny": ("pr1855", dict(  # every record feature at CPU scale; about a minute on 2 cores
@@ -599,15 +635,17 @@ class TrainLoader:
         """Advance past one optimizer step's tokens without building its batches (resume)."""
         self._take(self.step_tokens + 1)
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """All micro-batches of this rank for one optimizer step."""
+    def next_step(self, seq_len: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """All micro-batches of this rank for one optimizer step, as rows of `seq_len` (default: the
+        loader's). The same tokens either way: a step always spans TRAIN_BATCH_TOKENS (PR 2014's schedule)."""
+        seq_len = seq_len or self.seq_len
         span = self._take(self.step_tokens + 1)
         batches = []
         for micro in range(self.accum):
             start = (self.rank * self.accum + micro) * self.micro_tokens
             chunk = torch.from_numpy(span[start: start + self.micro_tokens + 1].astype(np.int64))
-            inputs = chunk[:-1].view(self.seqs_per_micro, self.seq_len)
-            targets = chunk[1:].view(self.seqs_per_micro, self.seq_len)
+            inputs = chunk[:-1].view(self.micro_tokens // seq_len, seq_len)
+            targets = chunk[1:].view(self.micro_tokens // seq_len, seq_len)
             batches.append((inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)))
         return batches
 
@@ -1452,9 +1490,13 @@ def compile_warm_up(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer
     initial_model = copy.deepcopy(model.state_dict())
     initial_optimizer = copy.deepcopy(optimizer.state_dict())
     warmup_loader = make_loader()
+    lengths = [length for length, _ in h.data.seq_schedule()]
+    half = h.optim.warmup_steps // 2
     for warmup_step in range(h.optim.warmup_steps):
-        model.set_recurrence(h.model.recurrence_enabled and warmup_step >= h.optim.warmup_steps // 2)
-        train_step(warmup_loader.next_step())
+        model.set_recurrence(h.model.recurrence_enabled and warmup_step >= half)
+        # every sequence length of TRAIN_SEQ_SCHEDULE in both recurrence states: each is its own graph
+        phase_step = warmup_step - half if warmup_step >= half else warmup_step
+        train_step(warmup_loader.next_step(lengths[phase_step % len(lengths)]))
         optimizer.step()
     model.load_state_dict(initial_model)
     optimizer.load_state_dict(initial_optimizer)
@@ -1499,6 +1541,7 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     synchronize()
     start, first_step = clock() - elapsed_before, step
     previous_top = clock()
+    schedule, previous_seq_len = h.data.seq_schedule(), h.data.train_seq_len
     while step < h.optim.iterations:
         # A step starts only if the slowest recent iteration (measured top to top: step, EMA, logging,
         # checkpoint) still fits in the budget. Rank 0 decides for everyone so all ranks stop together.
@@ -1520,7 +1563,11 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
             break
         optimizer.set_schedule(lr_multiplier(progress, h.optim.warmdown_frac, h.optim.min_lr),
                                muon_momentum_at(step, h.optim))
-        loss_value = train_step(loader.next_step())
+        seq_len = seq_len_at(schedule, progress)
+        if seq_len != previous_seq_len:
+            log(f"train_seq_len: {seq_len} from step {step} (progress {progress:.3f})")
+            previous_seq_len = seq_len
+        loss_value = train_step(loader.next_step(seq_len))
         stop_if_diverged(loss_value, step + 1, checkpoint_path, log)
         optimizer.step()
         if ema is not None:
@@ -3722,6 +3769,8 @@ def run_stages(h: Hyperparameters, context: RunContext) -> dict[str, Any]:
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layer order with recurrence "
         f"{model.layer_order(looping=h.model.recurrence_enabled)}")
     accum, seqs_per_micro = h.data.batch_layout(context.world_size)
+    for length, _ in h.data.seq_schedule():  # every scheduled length must split the step evenly too
+        h.data.batch_layout(context.world_size, length)
     context.make_train_loader = lambda: TrainLoader(
         train_paths, h.model.vocab_size, h.data.train_seq_len, seqs_per_micro, accum, context.rank,
         context.world_size, h.run.seed, device)

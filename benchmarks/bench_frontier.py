@@ -12,8 +12,8 @@ longer eval context helps only a model that can use it), and differences of a fe
 
 Adding a mechanism is one line in MECHANISMS: (name, env overrides).
 
-    python benchmarks/bench_frontier.py            # 2 seeds, 45 s training, 64 val documents: ~30 minutes on 2 busy cores
-    python benchmarks/bench_frontier.py --quick    # 1 seed, 30 s training, 24 val documents: ~12 minutes
+    python benchmarks/bench_frontier.py            # 2 seeds, 150 steps (the tiny preset), 64 val documents
+    python benchmarks/bench_frontier.py --quick    # 1 seed, 40 steps, 24 val documents: ~15 minutes on 2 busy cores
 """
 
 import argparse
@@ -40,6 +40,7 @@ MECHANISMS = [
                                         "PHASED_TTT_LOCAL_LR_MULT": "0.75"}),
     ("MLP leaky slope 0.3 (PR 1945/1967)", {"MLP_LEAKY_SLOPE": "0.3"}),
     ("QK-gain init 5.25 (PR 1953)", {"QK_GAIN_INIT": "5.25"}),
+    ("train context 32->64->128 (PR 2014 shape)", {"TRAIN_SEQ_SCHEDULE": "32@0.1,64@0.7,128@1", "WARMUP_STEPS": "6"}),
     # tiny matrices have 64-256 input columns: groups of 16 keep the promoted share near PR 1945's 1 of 8-32
     ("AWQ-lite int8 salient group (PR 1908/1945)", {"AWQ_LITE_ENABLED": "1", "AWQ_LITE_GROUP_SIZE": "16"}),
 ]
@@ -69,7 +70,7 @@ def measure(summary: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 30 s of training, 24 val documents")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 40 training steps, 24 val documents")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 1 2 (--quick: 1)")
     parser.add_argument("--data", default="/tmp/bench_frontier_data", help="demo data folder (built if missing)")
     parser.add_argument("--out", default="/tmp/bench_frontier_runs", help="run folders go here (replaced)")
@@ -81,8 +82,11 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
     common = {key: value for key, value in os.environ.items() if key not in train_gpt.knob_fields()}
+    # a fixed number of steps, not the wallclock cap: on a shared CPU the cap would make the amount of
+    # training (and so every difference) depend on the machine's load
     common.update(PRESET="tiny", DATA_PATH=args.data, TOKENIZER_PATH=os.path.join(args.data, "tokenizer.model"),
-                  MAX_WALLCLOCK_SECONDS="30" if args.quick else "45", VAL_MAX_DOCS="24" if args.quick else "64")
+                  MAX_WALLCLOCK_SECONDS="0", GPTQ_RESERVE_SECONDS="0", ITERATIONS="40" if args.quick else "150",
+                  VAL_MAX_DOCS="24" if args.quick else "64")
     results = {name: {} for name, _ in MECHANISMS}
     for seed in seeds:
         base_dir = None

@@ -444,6 +444,9 @@ def test_ttt_adapter_masks_put_adapters_only_on_the_chosen_sites(model, val, sit
     ("pr1965", "phased", dict(eval_seq_len=2560, phased_ttt_lora_sites="k,o,mlp_in,mlp_out,head",
                               phased_ttt_local_lr_mult=0.75, phased_ttt_lora_rank=56, phased_ttt_prefix_docs=3000)),
     ("pr2119", "phased", dict(eval_seq_len=2688, phased_ttt_lora_sites="k,o", phased_ttt_local_lr_mult=0.75)),
+    ("pr2014", "phased", dict(eval_seq_len=3072, phased_ttt_lora_sites="k,o,mlp_in,mlp_out,head",
+                              phased_ttt_local_lr_mult=0.75, phased_ttt_num_phases=1, phased_ttt_prefix_docs=2500,
+                              phased_ttt_docs_per_batch=24)),
 ])
 def test_each_published_preset_selects_its_ttt_system(preset, mode, expected):
     from train_gpt import Hyperparameters
