@@ -223,6 +223,53 @@ def test_hessians_are_all_reduced_under_torch_distributed(tmp_path):
         torch.testing.assert_close(reduced[name], expected[name])
 
 
+def _toy_and_batches():
+    torch.manual_seed(0)
+    model = LoopedToy()
+    generator = torch.Generator().manual_seed(1)
+    # unequal shares: rank 0 gets 3 batches of 2 x 5, rank 1 two of 4 x 3 (a token-weighted mean is needed)
+    batches = [torch.randint(0, 11, (2, 5), generator=generator) for _ in range(3)]
+    batches += [torch.randint(0, 11, (4, 3), generator=generator) for _ in range(2)]
+    return model, batches
+
+
+def _hessian_worker(rank, world_size, port, queue):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        model, batches = _toy_and_batches()
+        hessians = collect_hessians(model, batches[:3] if rank == 0 else batches[3:])
+        queue.put((rank, {name: value.tolist() for name, value in hessians.items()}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_get_the_hessians_of_one_process_over_all_their_batches():
+    """GPTQ Hessians averaged over all ranks (PR 2020): every rank ends with sum(x x^T) / tokens over the
+    batches of BOTH ranks, what one process gets from all of them (not a mean of per-rank means)."""
+    import socket
+
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.SimpleQueue()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.spawn(_hessian_worker, args=(2, port, queue), nprocs=2, join=True)
+    per_rank = dict(queue.get() for _ in range(2))
+    model, batches = _toy_and_batches()
+    expected = collect_hessians(model, batches)
+    for rank in (0, 1):
+        assert per_rank[rank].keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(torch.tensor(per_rank[rank][name]), value, rtol=1e-5, atol=1e-6)
+    mean_of_means = (collect_hessians(model, batches[:3])["shared.weight"]
+                     + collect_hessians(model, batches[3:])["shared.weight"]) / 2
+    assert not torch.allclose(mean_of_means, expected["shared.weight"], rtol=1e-3)
+
+
 # --- Whole-model quantization, LQER, loading -------------------------------------------------
 
 
