@@ -97,6 +97,7 @@ class DataSettings:
     tokenizer_path: str = ""  # SentencePiece model; its vocab size must equal VOCAB_SIZE
     train_seq_len: int = 2048  # tokens per training sequence
     train_batch_tokens: int = 786432  # tokens per optimizer step, all ranks together
+    train_seq_schedule: str = ""  # "len@until,...": shorter sequences early, same tokens per step; last len = TRAIN_SEQ_LEN (PR 2014: 1024@0.1,2048@0.7,3072@1)
     grad_accum_steps: int = 0  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE
     val_max_docs: int = 50000  # validation documents scored (challenge: first 50,000)
 
@@ -108,14 +109,42 @@ class DataSettings:
     def val_glob(self) -> str:
         return self.val_files or os.path.join(self.data_path, "fineweb_val_[0-9]*.bin")
 
-    def batch_layout(self, world_size: int) -> tuple[int, int]:
-        """(grad_accum_steps, sequences per rank per micro-step) for this world size; errors name env vars."""
+    def batch_layout(self, world_size: int, seq_len: int = 0) -> tuple[int, int]:
+        """(grad_accum_steps, sequences per rank per micro-step) for this world size (and a sequence
+        length of TRAIN_SEQ_SCHEDULE; default TRAIN_SEQ_LEN); errors name env vars."""
         accum = self.grad_accum_steps or max(1, 8 // world_size)
-        per_micro = world_size * accum * self.train_seq_len
+        seq_len = seq_len or self.train_seq_len
+        per_micro = world_size * accum * seq_len
         if self.train_batch_tokens % per_micro:
             raise ValueError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not divisible by WORLD_SIZE*"
-                             f"GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN={world_size}*{accum}*{self.train_seq_len}")
+                             f"GRAD_ACCUM_STEPS*sequence length={world_size}*{accum}*{seq_len} (TRAIN_SEQ_LEN"
+                             f"/TRAIN_SEQ_SCHEDULE)")
         return accum, self.train_batch_tokens // per_micro
+
+    def seq_schedule(self) -> list[tuple[int, float]]:
+        """TRAIN_SEQ_SCHEDULE as [(seq_len, until_fraction)], or [(TRAIN_SEQ_LEN, 1.0)] when empty."""
+        if not self.train_seq_schedule.strip():
+            return [(self.train_seq_len, 1.0)]
+        try:
+            stages = [(int(length), float(until)) for length, until in
+                      (item.split("@") for item in self.train_seq_schedule.split(","))]
+        except ValueError:
+            raise ValueError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}: use len@fraction,... "
+                             f"(e.g. 1024@0.1,2048@0.7,3072@1)") from None
+        fractions = [until for _, until in stages]
+        require(all(length > 0 for length, _ in stages) and fractions == sorted(set(fractions))
+                and 0 < fractions[0] and fractions[-1] == 1.0 and stages[-1][0] == self.train_seq_len,
+                f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}: positive lengths, increasing fractions "
+                f"ending at 1, last length = TRAIN_SEQ_LEN={self.train_seq_len}")
+        return stages
+
+
+def seq_len_at(schedule: list[tuple[int, float]], progress: float) -> int:
+    """The training sequence length at a training fraction: the first stage whose `until` is above it."""
+    for length, until in schedule:
+        if progress < until:
+            return length
+    return schedule[-1][0]
 
 
 @dataclass
@@ -126,7 +155,8 @@ class ModelSettings:
     num_heads: int = 8  # query heads
     num_kv_heads: int = 4  # key/value heads (grouped-query attention)
     mlp_mult: int = 4  # MLP hidden width = MLP_MULT * MODEL_DIM
-    mlp_act: str = "leaky_relu2"  # leaky_relu2 (LeakyReLU(0.5)^2, PR 1274+) | relu2 (baseline)
+    mlp_act: str = "leaky_relu2"  # leaky_relu2 (LeakyReLU(MLP_LEAKY_SLOPE)^2, PR 1274+) | relu2 (baseline)
+    mlp_leaky_slope: float = 0.5  # negative slope of leaky_relu2 (PR 1945/1967: 0.3 lets more negative signal through)
     tied_embed_init_std: float = 0.005  # init std of the tied embedding / output head
     orthogonal_init: bool = True  # q, k, v and MLP-up matrices start orthogonal (PR 1493/1855); 0: nn.Linear init
     logit_softcap: float = 30.0  # logits = c*tanh(z/c); 0 disables
@@ -214,6 +244,10 @@ class QuantSettings:
     quant_small_tensor_numel: int = 65536  # tensors with at most this many elements stay fp16
     quant_compressor: str = "rans"  # rans (rANS-coded quantized codes, brotli for the rest) | brotli | lzma | zlib
     quant_byte_shuffle: bool = True  # byte shuffle (stride 2) before compression
+    awq_lite_enabled: bool = False  # GPTQ gives the most activation-salient column groups of each matrix AWQ_LITE_BITS (PR 1908/1945)
+    awq_lite_bits: int = 8  # bits of the salient column groups
+    awq_lite_group_size: int = 64  # columns per AWQ-lite group
+    awq_lite_top_k: int = 1  # salient groups per matrix
     lqer_enabled: bool = True  # low-rank correction of the quantization error (PR 1855)
     lqer_rank: int = 4  # LQER rank
     lqer_scheme: str = "pr1855"  # pr1855 (SVD of W-Wq, top-k by its norm, A int2/matrix, B int4/group) | hessian
@@ -247,6 +281,7 @@ class EvalSettings:
     phased_ttt_lora_sites: str = "q,k,v,o,mlp,head"  # phased TTT: sites with a LoRA (a subset of these)
     phased_ttt_warm_start_a: bool = True  # phased TTT: LoRA A factors carry over between batches of a phase (PR 1767)
     phased_ttt_lr: float = 1e-4  # phased TTT: LoRA Adam learning rate
+    phased_ttt_local_lr_mult: float = 1.0  # phased TTT: multiplier on the per-document LoRA lr only, not the global SGD (PR 1953: 0.75)
     phased_ttt_beta1: float = 0.0  # phased TTT: LoRA Adam beta1
     phased_ttt_beta2: float = 0.99  # phased TTT: LoRA Adam beta2
     phased_ttt_weight_decay: float = 0.5  # phased TTT: LoRA Adam weight decay
@@ -326,9 +361,10 @@ class Hyperparameters:
         for section, names in ((run, "cpu_threads"), (data, "grad_accum_steps val_max_docs"),
                                (optim, "warmup_steps muon_momentum_warmup_steps checkpoint_every muon_weight_decay "
                                        "embed_weight_decay scalar_weight_decay grad_clip_norm ema_decay"),
-                               (quant, "gptq_calibration_batches gptq_reserve_seconds gptq_damp"),
+                               (quant, "gptq_calibration_batches gptq_reserve_seconds gptq_damp awq_lite_top_k"),
                                (eval, "ttt_lr ttt_epochs ttt_grad_clip phased_ttt_prefix_docs phased_ttt_lr "
-                                      "phased_ttt_weight_decay phased_ttt_global_lr phased_ttt_global_epochs")):
+                                      "phased_ttt_weight_decay phased_ttt_global_lr phased_ttt_global_epochs "
+                                      "phased_ttt_local_lr_mult"), (model, "mlp_leaky_slope")):
             for name in names.split():
                 require(getattr(section, name) >= 0, f"{name.upper()}={getattr(section, name)} must be >= 0")
         for section, name in ((model, "enable_looping_at"), (optim, "warmdown_frac"), (optim, "min_lr"),
@@ -373,6 +409,13 @@ class Hyperparameters:
         require(optim.max_wallclock_seconds == 0 or quant.gptq_reserve_seconds < optim.max_wallclock_seconds,
                 f"GPTQ_RESERVE_SECONDS={quant.gptq_reserve_seconds} leaves no training time within "
                 f"MAX_WALLCLOCK_SECONDS={optim.max_wallclock_seconds}")
+        require(2 <= quant.awq_lite_bits <= 8 and quant.awq_lite_group_size > 0,
+                f"AWQ_LITE_BITS={quant.awq_lite_bits} must be in 2..8 and AWQ_LITE_GROUP_SIZE="
+                f"{quant.awq_lite_group_size} positive")
+        if len(self.data.seq_schedule()) > 1:
+            require(self.optim.warmup_steps == 0 or self.optim.warmup_steps >= 2 * len(self.data.seq_schedule()),
+                    f"WARMUP_STEPS={self.optim.warmup_steps} must cover every TRAIN_SEQ_SCHEDULE length with "
+                    f"recurrence off and on (>= {2 * len(self.data.seq_schedule())})")
         if model.sparse_attn_gate:
             require(model.gated_attn, "SPARSE_ATTN_GATE=1 needs GATED_ATTN=1 (it changes the gate's input)")
             require(0 < model.sparse_attn_gate_dims <= model.model_dim,
@@ -488,6 +531,18 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
     # PR 2135 (1.05651): PR 2130 with 32 GPTQ calibration batches
     "pr2135": ("pr2130", dict(
         gptq_calibration_batches=32)),
+    # Open record candidates after PR 1855 (3-seed means on 8xH100), with the asymmetric logit rescale of
+    # their PR 1945 base
+    "pr1953": ("pr1855", dict(  # 1.05855: eval at 2560 (trained at 2048), TTT LoRA without Q/V, local lr x0.75
+        eval_seq_len=2560, phased_ttt_lora_sites="k,o,mlp,head", phased_ttt_local_lr_mult=0.75, asym_logit_rescale=True,
+        qk_gain_init=5.25, awq_lite_enabled=True)),  # AWQ-lite: one int8 group of 64 per matrix (PR 1945)
+    "pr1965": ("pr1953", dict(  # 1.05875: the TTT budget moved from LoRA rank to a longer global-SGD prefix
+        phased_ttt_lora_rank=56, phased_ttt_prefix_docs=3000)),
+    "pr2014": ("pr1953", dict(  # 1.05759: train context 1024 -> 2048 -> 3072 at fixed tokens/step, eval at 3072, 1 phase
+        train_seq_len=3072, train_seq_schedule="1024@0.1,2048@0.7,3072@1", eval_seq_len=3072,
+        phased_ttt_num_phases=1, phased_ttt_docs_per_batch=24)),  # not here: its short-document TTT chunks
+    "pr2119": ("pr1953", dict(  # 1.05858 (non-record): TTT adapters on K and O only, eval at 2688, QK-gain 5.35
+        phased_ttt_lora_sites="k,o", eval_seq_len=2688, qk_gain_init=5.35)),
     "tiny": ("pr1855", dict(  # every record feature at CPU scale; about a minute on 2 cores
         vocab_size=1024, num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, loop_start=2,
         loop_end=3,
@@ -620,15 +675,17 @@ class TrainLoader:
         """Advance past one optimizer step's tokens without building its batches (resume)."""
         self._take(self.step_tokens + 1)
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """All micro-batches of this rank for one optimizer step."""
+    def next_step(self, seq_len: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """All micro-batches of this rank for one optimizer step, as rows of `seq_len` (default: the
+        loader's). The same tokens either way: a step always spans TRAIN_BATCH_TOKENS (PR 2014's schedule)."""
+        seq_len = seq_len or self.seq_len
         span = self._take(self.step_tokens + 1)
         batches = []
         for micro in range(self.accum):
             start = (self.rank * self.accum + micro) * self.micro_tokens
             chunk = torch.from_numpy(span[start: start + self.micro_tokens + 1].astype(np.int64))
-            inputs = chunk[:-1].view(self.seqs_per_micro, self.seq_len)
-            targets = chunk[1:].view(self.seqs_per_micro, self.seq_len)
+            inputs = chunk[:-1].view(self.micro_tokens // seq_len, seq_len)
+            targets = chunk[1:].view(self.micro_tokens // seq_len, seq_len)
             batches.append((inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)))
         return batches
 
@@ -663,14 +720,18 @@ class PrefetchingLoader:
         except BaseException as error:  # a bad shard: raised in the training thread at its step
             self.ready.put(error)
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def next_step(self, seq_len: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """As TrainLoader.next_step: a step's tokens do not depend on the row length, so the rows read
+        ahead at the loader's length are only re-cut to `seq_len` (TRAIN_SEQ_SCHEDULE)."""
         if self.thread is None:
             self.thread = threading.Thread(target=self._read_ahead, name="train-prefetch", daemon=True)
             self.thread.start()
         batches = self.ready.get()
         if isinstance(batches, BaseException):
             raise batches
-        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in batches]
+        seq_len = seq_len or self.loader.seq_len
+        return [(x.to(self.device, non_blocking=True).view(-1, seq_len), y.to(self.device, non_blocking=True).view(-1, seq_len))
+                for x, y in batches]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -831,7 +892,10 @@ class MatrixLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    """Partial RoPE: rotates the first `rope_dims` dims of each head (16 of 64 in the record line)."""
+    """Partial RoPE: rotates the first `rope_dims` dims of each head (16 of 64 in the record line).
+    Angles are computed for every position of the row, so an EVAL_SEQ_LEN above TRAIN_SEQ_LEN simply
+    extrapolates (no frequency rescaling), as PR 1953 evaluated at 2560 a model trained at 2048; q.k
+    depends only on the offset between two positions, which is what the longer context adds."""
 
     def __init__(self, rope_dims: int, base: float):
         super().__init__()
@@ -904,9 +968,9 @@ class CausalSelfAttention(nn.Module):
 # runs without it. Tests run both kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1).
 
 
-def leaky_relu2(pre: torch.Tensor) -> torch.Tensor:
-    """LeakyReLU(0.5)^2 (PR 1274 line): keeps a gradient for negative inputs."""
-    return F.leaky_relu(pre, negative_slope=0.5).square()
+def leaky_relu2(pre: torch.Tensor, slope: float = 0.5) -> torch.Tensor:
+    """LeakyReLU(slope)^2 (PR 1274 line: 0.5; PR 1945/1967: 0.3): keeps a gradient for negative inputs."""
+    return F.leaky_relu(pre, negative_slope=slope).square()
 
 
 def softcap_logits(logits: torch.Tensor, cap: float) -> torch.Tensor:
@@ -932,11 +996,12 @@ def select_fused_kernels(run: RunSettings, model: ModelSettings, device: torch.d
     """(fused MLP, fused CE): auto = on with CUDA and triton where the model uses the op; 1 = required."""
     available = device.type == "cuda" and triton_available()
     chosen = []
-    for name, applies in (("fused_mlp", model.mlp_act == "leaky_relu2"), ("fused_ce", model.logit_softcap > 0)):
+    fused_mlp_applies = model.mlp_act == "leaky_relu2" and model.mlp_leaky_slope == 0.5  # the kernel's slope
+    for name, applies in (("fused_mlp", fused_mlp_applies), ("fused_ce", model.logit_softcap > 0)):
         value = getattr(run, name)
         if value == "1":
             require(available or os.environ.get("TRITON_INTERPRET") == "1", f"{name.upper()}=1 needs CUDA and triton")
-            require(applies, f"{name.upper()}=1 needs MLP_ACT=leaky_relu2 and LOGIT_SOFTCAP>0")
+            require(applies, f"{name.upper()}=1 needs MLP_ACT=leaky_relu2 with MLP_LEAKY_SLOPE=0.5, LOGIT_SOFTCAP>0")
         chosen.append(value == "1" or (value == "auto" and available and applies))
     return chosen[0], chosen[1]
 
@@ -1135,17 +1200,21 @@ class MLP(nn.Module):
     def __init__(self, config: ModelSettings, layer_index: int, fused: bool = False):
         super().__init__()
         self.layer_index, self.act, self.fused = layer_index, config.mlp_act, fused
+        self.leaky_slope = config.mlp_leaky_slope
         self.fc = MatrixLinear(config.model_dim, config.mlp_mult * config.model_dim, orthogonal=config.orthogonal_init)
         self.proj = MatrixLinear(config.mlp_mult * config.model_dim, config.model_dim, zero_init=True)
 
     def forward(self, x: torch.Tensor, lora: Any = None, slot: int = 0) -> torch.Tensor:
-        if self.fused:  # the Triton kernel
+        if self.fused:  # the Triton kernel (slope 0.5 only: select_fused_kernels)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             out = FusedLeakyReLU2MLP.apply(x.reshape(-1, x.size(-1)).to(dtype), self.fc.weight.to(dtype),
                                            self.proj.weight.to(dtype)).view(*x.shape[:-1], -1)
         else:
             hidden = self.fc(x)
-            hidden = leaky_relu2(hidden) if self.act == "leaky_relu2" else F.relu(hidden).square()  # ReLU^2: baseline
+            if self.act == "leaky_relu2":  # LeakyReLU(slope)^2 (PR 1274 line): keeps gradient for negatives
+                hidden = leaky_relu2(hidden, self.leaky_slope)
+            else:  # ReLU^2 (baseline)
+                hidden = F.relu(hidden).square()
             out = self.proj(hidden)
         # the "mlp" adapter bypasses the whole MLP: model_dim -> model_dim from its normed input (PR 1855)
         return add_lora(out, "mlp", slot, x, lora)
@@ -1841,9 +1910,13 @@ def compile_warm_up(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer
     initial_model = copy.deepcopy(model.state_dict())
     initial_optimizer = copy.deepcopy(optimizer.state_dict())
     warmup_loader = make_loader()
+    lengths = [length for length, _ in h.data.seq_schedule()]
+    half = h.optim.warmup_steps // 2
     for warmup_step in range(h.optim.warmup_steps):
-        model.set_recurrence(h.model.recurrence_enabled and warmup_step >= h.optim.warmup_steps // 2)
-        train_step(warmup_loader.next_step())
+        model.set_recurrence(h.model.recurrence_enabled and warmup_step >= half)
+        # every sequence length of TRAIN_SEQ_SCHEDULE in both recurrence states: each is its own graph
+        phase_step = warmup_step - half if warmup_step >= half else warmup_step
+        train_step(warmup_loader.next_step(lengths[phase_step % len(lengths)]))
         optimizer.step()
     model.load_state_dict(initial_model)
     optimizer.load_state_dict(initial_optimizer)
@@ -1889,6 +1962,7 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     synchronize()
     start, first_step = clock() - elapsed_before, step
     previous_top = clock()
+    schedule, previous_seq_len = h.data.seq_schedule(), h.data.train_seq_len
     while step < h.optim.iterations:
         # A step starts only if the slowest recent iteration (measured top to top: step, EMA, logging,
         # checkpoint) still fits in the budget. Rank 0 decides for everyone so all ranks stop together.
@@ -1913,9 +1987,13 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
                                muon_momentum_at(step, progress, h.optim))
         if ema is not None and h.optim.ema_horizon_frac > 0:
             ema.decay = relative_ema_decay(h.optim.ema_horizon_frac, step, progress, h.optim.iterations)
+        seq_len = seq_len_at(schedule, progress)
+        if seq_len != previous_seq_len:
+            log(f"train_seq_len: {seq_len} from step {step} (progress {progress:.3f})")
+            previous_seq_len = seq_len
         # the step's one device-to-host transfer: the loss, read before the update so that a NaN is
         # never applied. The update and the EMA are queued behind it without waiting (no synchronize)
-        loss_value = train_step(loader.next_step()).item()
+        loss_value = train_step(loader.next_step(seq_len)).item()
         stop_if_diverged(loss_value, step + 1, checkpoint_path, log)
         optimizer.step()
         if ema is not None:
@@ -2136,9 +2214,12 @@ _SUB_BLOCK = 16  # columns per rank-1 panel inside a GPTQ block; the rest of the
 
 
 @torch.no_grad()
-def gptq_quantize(weight, hessian, bits, clip_sigmas, block_size=128, damp=0.01, scales=None):
+def gptq_quantize(weight, hessian, bits, clip_sigmas, block_size=128, damp=0.01, scales=None, promoted=None,
+                  promoted_bits=8):
     """GPTQ with SDClip scales. weight [rows, cols], hessian [cols, cols] -> (codes int8
     [rows, cols] in [-clip_range, clip_range], scales fp16 [rows]); dequant = codes * scales[:, None].
+    `promoted` (bool [cols], AWQ-lite): those columns get `promoted_bits` with their own SDClip scales
+    (same clip sigmas, finer steps) inside the same solve; then returns (codes, scales, promoted_scales).
 
     Columns go in descending order of diag(H) (most-used inputs first, the "act-order" of the GPTQ
     code), with 1% damping. The rounding residual of a column is pushed by rank-1 updates within its
@@ -2151,11 +2232,18 @@ def gptq_quantize(weight, hessian, bits, clip_sigmas, block_size=128, damp=0.01,
     if scales is None:
         scales = sdclip_scales(weight, bits, clip_sigmas)
     step = scales.float().to(weight.device)  # (rows,)
+    column_step, column_clip = [step] * cols, [clip_range] * cols
+    if promoted is not None:
+        promoted_scales = sdclip_scales(weight, promoted_bits, clip_sigmas)
+        for column in torch.nonzero(promoted).flatten().tolist():
+            column_step[column], column_clip[column] = promoted_scales.float().to(weight.device), 2 ** (promoted_bits - 1) - 1
     hessian = hessian.detach().to(device=weight.device, dtype=torch.float32).clone()
     dead = hessian.diagonal() <= 0  # inputs never seen in calibration: their weights are free
     hessian.diagonal()[dead] = 1.0
     order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
     propagate = _propagation_matrix(hessian[order][:, order], damp)  # (cols, cols) upper
+    column_step = [column_step[c] for c in order.tolist()]  # in processing order
+    column_clip = [column_clip[c] for c in order.tolist()]
     work = weight.detach().float()[:, order].t().contiguous()  # (cols, rows), column j = work[j]
     work[dead[order]] = 0.0
     original = work.clone()  # (cols, rows): residuals are taken against the original weights
@@ -2168,9 +2256,10 @@ def gptq_quantize(weight, hessian, bits, clip_sigmas, block_size=128, damp=0.01,
             panel = work[sub_start:sub_end]  # (b, rows) view
             for j in range(sub_end - sub_start):
                 column, code, residual = panel[j], codes_t[sub_start + j], residuals[sub_start - start + j]
-                torch.div(column, step, out=code)
-                code.round_().clamp_(-clip_range, clip_range)
-                torch.addcmul(original[sub_start + j], code, step, value=-1.0, out=residual)
+                step_j, clip_j = column_step[sub_start + j], column_clip[sub_start + j]
+                torch.div(column, step_j, out=code)
+                code.round_().clamp_(-clip_j, clip_j)
+                torch.addcmul(original[sub_start + j], code, step_j, value=-1.0, out=residual)
                 if j + 1 < sub_end - sub_start:
                     panel[j + 1:].addr_(propagate[sub_start + j, sub_start + j + 1:sub_end], residual)
             if sub_end < end:
@@ -2180,7 +2269,37 @@ def gptq_quantize(weight, hessian, bits, clip_sigmas, block_size=128, damp=0.01,
             work[end:].addmm_(propagate[start:end, end:].t(), residuals)
     codes = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
     codes[:, order] = codes_t.t().to(torch.int8)
+    if promoted is not None:
+        return codes, scales, promoted_scales
     return codes, scales
+
+
+def awq_salient_groups(weight, hessian, group_size, top_k):
+    """AWQ-lite (PR 1908/1945): the `top_k` groups of `group_size` adjacent input columns with the largest
+    saliency sum_c rms(x_c) * mean_r |W[r, c]|, where rms(x_c) = sqrt(H[c, c]) (H = mean x x^T). Returns
+    the bool column mask [cols]: the inputs that carry most signal through large weights get more bits."""
+    cols = weight.shape[1]
+    saliency = hessian.diagonal().float().clamp_min(0).sqrt().to(weight.device) * weight.float().abs().mean(0)
+    groups = -(-cols // group_size)
+    padded = torch.zeros(groups * group_size, device=weight.device)
+    padded[:cols] = saliency
+    chosen = torch.topk(padded.view(groups, group_size).sum(1), min(top_k, groups)).indices
+    mask = torch.zeros(groups, dtype=torch.bool, device=weight.device)
+    mask[chosen] = True
+    return mask.repeat_interleave(group_size)[:cols]
+
+
+def entry_weight(entry):
+    """A quantized entry's matrix before LQER: codes * scales per row; AWQ-lite columns use their own scales."""
+    weight = dequantize_codes(entry["codes"], entry["scales"])
+    if "awq_scales" in entry:
+        columns = _awq_columns(entry["awq_groups"], entry["awq_group_size"], weight.shape[1])
+        weight[:, columns] = dequantize_codes(entry["codes"][:, columns], entry["awq_scales"])
+    return weight
+
+
+def _awq_columns(groups, group_size, cols):
+    return torch.cat([torch.arange(g * group_size, min((g + 1) * group_size, cols)) for g in groups])
 
 
 def dequantize_codes(codes, scales):
@@ -2318,14 +2437,23 @@ def quantize_model_state(state_dict: Mapping[str, torch.Tensor], hessians: Mappi
             hessian = hessians.get(name) if kind == "matrix" else None
             if kind == "matrix" and hessian is None and config.quant_scheme == "gptq" and log is not None:
                 log(f"quant: no Hessian for {name}, using round-to-nearest")
+            awq = None
             if kind == "gate":
                 codes, scales = absmax_quantize(weight, bits)
+            elif config.awq_lite_enabled and config.quant_scheme == "gptq" and hessian is not None:
+                promoted = awq_salient_groups(weight, hessian, config.awq_lite_group_size, config.awq_lite_top_k)
+                codes, scales, awq_scales = gptq_quantize(weight, hessian, bits, clip, config.gptq_block_size,
+                                                          config.gptq_damp, promoted=promoted,
+                                                          promoted_bits=config.awq_lite_bits)
+                groups = torch.nonzero(promoted[::config.awq_lite_group_size]).flatten().tolist()
+                awq = {"awq_groups": groups, "awq_group_size": config.awq_lite_group_size,
+                       "awq_bits": config.awq_lite_bits, "awq_scales": awq_scales.cpu()}
             else:
                 codes, scales = _quantize_matrix(weight, hessian, bits, clip, config)
             entries[name] = {"kind": "quant", "dtype": dtype_name, "shape": shape, "bits": bits,
-                             "codes": codes.cpu(), "scales": scales.cpu()}
+                             "codes": codes.cpu(), "scales": scales.cpu(), **(awq or {})}
             if kind == "matrix" and use_lqer:
-                approx = dequantize_codes(codes, scales)
+                approx = entry_weight(entries[name])
                 errors[name] = (hessian_weighted_error(weight, approx, hessian, relative=False)
                                 if hessian is not None and hessian_lqer else (weight - approx).square().sum().item())
     for name in sorted(errors, key=errors.get, reverse=True)[:config.lqer_top_k]:
@@ -2341,7 +2469,7 @@ def add_lqer_correction(entry: dict, tensor: torch.Tensor, hessian: torch.Tensor
     A = U_r S_r, B = V_r^T of the plain SVD; A int2 with one scale per matrix, B signed int4 in groups
     (the hessian scheme: the output-error fit of `lqer_factors`, both factors asymmetric int4)."""
     weight = tensor.detach().float().reshape(entry["shape"][0], -1)
-    error = weight - dequantize_codes(entry["codes"], entry["scales"]).to(weight.device)
+    error = weight - entry_weight(entry).to(weight.device)
     if config.lqer_scheme == "pr1855":
         left, singular, right_t = torch.linalg.svd(error, full_matrices=False)
         factor_a, factor_b = left[:, :config.lqer_rank] * singular[:config.lqer_rank], right_t[:config.lqer_rank]
@@ -2363,7 +2491,7 @@ def _dequantize_entry(entry):
         return entry["tensor"].clone()
     if entry["kind"] == "float":
         return entry["tensor"].to(_DTYPES[entry["dtype"]])
-    weight = dequantize_codes(entry["codes"], entry["scales"])  # (rows, cols) float32
+    weight = entry_weight(entry)  # (rows, cols) float32
     if entry.get("lqer_rank"):
         rank, bits = entry["lqer_rank"], entry["lqer_bits"]
         rows, cols = weight.shape
@@ -2825,6 +2953,14 @@ def _check_entry(name, entry):
     need(is_array(arrays.get("codes"), torch.int8, [rows, cols]), f"needs int8 codes of shape [{rows}, {cols}]")
     need(is_array(arrays.get("scales"), torch.float16, [rows]), f"needs float16 scales of shape [{rows}]")
     expected = {"codes", "scales"}
+    if "awq_groups" in entry:
+        groups, group_size, awq_bits = entry.get("awq_groups"), entry.get("awq_group_size"), entry.get("awq_bits")
+        need(type(group_size) is int and group_size > 0 and type(awq_bits) is int and 2 <= awq_bits <= 8
+             and type(groups) is list and 0 < len(groups) == len(set(groups))
+             and all(type(g) is int and 0 <= g * group_size < cols for g in groups)
+             and is_array(arrays.get("awq_scales"), torch.float16, [rows]),
+             "needs distinct AWQ groups within the columns, a group size, bits in 2..8 and float16 awq_scales")
+        expected.add("awq_scales")
     rank, lqer_bits = entry.get("lqer_rank"), entry.get("lqer_bits")
     if rank:
         need(type(rank) is int and rank > 0 and type(lqer_bits) is int and 1 <= lqer_bits <= 8,
@@ -3913,8 +4049,9 @@ class AdapterSlots:
         config = self.config
         lora = BatchedLoRA(batch_size, self.site_dims, config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha,
                            seed=seed, per_slot_init=per_slot_init).to(self.device)
-        optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr, eps=1e-10,
-                                      betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
+        # the "local" (per-document) lr has its own multiplier; the global SGD keeps PHASED_TTT_GLOBAL_LR (PR 1953)
+        optimizer = torch.optim.AdamW(lora.parameters(), lr=config.phased_ttt_lr * config.phased_ttt_local_lr_mult,
+                                      eps=1e-10, betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
                                       weight_decay=config.phased_ttt_weight_decay)
         return lora, optimizer
 
@@ -4546,6 +4683,8 @@ def run_stages(h: Hyperparameters, context: RunContext) -> dict[str, Any]:
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layer order with recurrence "
         f"{model.layer_order(looping=h.model.recurrence_enabled)}")
     accum, seqs_per_micro = h.data.batch_layout(context.world_size)
+    for length, _ in h.data.seq_schedule():  # every scheduled length must split the step evenly too
+        h.data.batch_layout(context.world_size, length)
     context.make_train_loader = lambda: PrefetchingLoader(TrainLoader(
         train_paths, h.model.vocab_size, h.data.train_seq_len, seqs_per_micro, accum, context.rank,
         context.world_size, h.run.seed), device)

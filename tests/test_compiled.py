@@ -127,10 +127,13 @@ def test_inductor_compiles_the_forward_and_backward_of_a_small_model():
             torch.testing.assert_close(grads[name], param.grad, atol=1e-5, rtol=1e-3, msg=name)
 
 
-def test_compiled_run_trains_quantizes_and_evaluates_every_mode(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("frontier", [{}, dict(EVAL_SEQ_LEN="192", PHASED_TTT_LORA_SITES="k,o,mlp,head",
+                                              PHASED_TTT_LOCAL_LR_MULT="0.75")], ids=["pr1855", "pr1953"])
+def test_compiled_run_trains_quantizes_and_evaluates_every_mode(tiny_dataset, tmp_path, frontier):
     """COMPILE=1 end to end (training with warm-up and the recurrence switch, GPTQ, the artifact, then
     pre-quant, quantized, sliding-window and phased TTT evals through the compiled eval forward after a
-    warm-up on random tokens). The first record attempt crashed here before its first step."""
+    warm-up on random tokens). The first record attempt crashed here before its first step. Also with
+    PR 1953's eval at a context above TRAIN_SEQ_LEN (192 > 128) and its TTT adapters without Q/V."""
     env = dict(PRESET="tiny", VOCAB_SIZE="512", ITERATIONS="4", MAX_WALLCLOCK_SECONDS="0", GPTQ_RESERVE_SECONDS="0",
                TRAIN_BATCH_TOKENS="256", GRAD_ACCUM_STEPS="1", WARMUP_STEPS="2", TRAIN_LOG_EVERY="1", EMA_DECAY="0.9",
                ATTN_BACKEND="varlen", COMPILE="1", COMPILE_BACKEND="aot_eager", DATA_PATH=tiny_dataset.path,
@@ -138,6 +141,7 @@ def test_compiled_run_trains_quantizes_and_evaluates_every_mode(tiny_dataset, tm
                EVAL_SEQ_LEN="128", EVAL_BATCH_TOKENS="512", SLIDING_WINDOW_ENABLED="1", SLIDING_STRIDE="64",
                PHASED_TTT_PREFIX_DOCS="2", PHASED_TTT_DOCS_PER_BATCH="2", QUANT_SMALL_TENSOR_NUMEL="1024",
                EVAL_MAX_SECONDS="3600", **{key: str(value) for key, value in dict(SMALL, **MINIMAL).items()})
+    env.update(frontier)
     summary = train_gpt.main(env)
     for key in ("pre_quant_val_bpb", "quant_val_bpb", "sliding_val_bpb", "ttt_val_bpb"):
         assert summary[key] is not None and 0 < summary[key] < 20, key

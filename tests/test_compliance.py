@@ -12,9 +12,12 @@ The four evaluation rules, checked without the drivers' own `audit` events:
 - training and GPTQ calibration never open a validation file (every `open` of a full run, seen through
   a Python audit hook);
 - under a wallclock cap, GPTQ calibration stops in time and `train_time_ok` counts it (fake clock).
-Each test's docstring names a planted bug it was seen to catch."""
+The causality and score-before-update tests also run at a context above TRAIN_SEQ_LEN (PR 1953's long-context
+eval) and with the TTT adapter masks (no Q/V, K+O only). Each test's docstring names a planted bug it was
+seen to catch."""
 
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -55,6 +58,22 @@ def unique_token_stream(seed: int = 0, num_docs: int = 12) -> np.ndarray:
     return np.array(tokens, dtype=np.int64)
 
 
+def long_token_stream(seed: int = 1) -> np.ndarray:
+    """Like unique_token_stream, with two documents (200 and 150 tokens) longer than TRAIN_SEQ_LEN 128."""
+    rng = np.random.default_rng(seed)
+    lengths = [20, 200, 12, 30, 150, 8, 25, 16]
+    ids = rng.permutation(np.arange(2, VOCAB))[: sum(lengths)]
+    tokens, used = [], 0
+    for length in lengths:
+        tokens += [BOS_ID] + ids[used: used + length].tolist()
+        used += length
+    return np.array(tokens, dtype=np.int64)
+
+
+def stream_for(mode: str) -> np.ndarray:
+    return long_token_stream() if mode.endswith("_long") else unique_token_stream()
+
+
 def val_from(tokens: np.ndarray):
     return make_val_data(tokens, np.where(tokens == BOS_ID, 0, 1), vocab_size=VOCAB)
 
@@ -66,30 +85,43 @@ EVAL = EvalSettings(eval_seq_len=24, eval_batch_tokens=96, sliding_stride=8, ttt
                     ttt_lr=0.05, ttt_batch_seqs=2, phased_ttt_lora_rank=4, phased_ttt_lora_alpha=4.0, phased_ttt_lr=0.01,
                     phased_ttt_chunk_tokens=8, phased_ttt_docs_per_batch=3, phased_ttt_prefix_docs=6,
                     phased_ttt_num_phases=3, phased_ttt_global_lr=0.01, phased_ttt_global_chunk_tokens=64)
+# Long-context eval (PR 1953): a context of 160, above the TRAIN_SEQ_LEN 128 of the tiny preset the model
+# comes from, on a stream with two documents longer than that (phased TTT windows are per document).
+# TTT adapter masks: without Q and V (PR 1953, with its local lr x0.75) and K+O only (PR 2119).
+LONG_EVAL = dataclasses.replace(EVAL, eval_seq_len=160, phased_ttt_chunk_tokens=16)
+NO_QV = dataclasses.replace(EVAL, phased_ttt_lora_sites="k,o,mlp,head", phased_ttt_local_lr_mult=0.75)
+K_O = dataclasses.replace(EVAL, phased_ttt_lora_sites="k,o")
 MODES = {
     "plain": lambda model, val: eval_stream(model, val, EVAL.eval_seq_len, 4, keep_token_scores=True),
     "sliding": lambda model, val: eval_stream(model, val, EVAL.eval_seq_len, 4, EVAL.sliding_stride,
                                               keep_token_scores=True),
     "ttt_chunked": lambda model, val: eval_ttt_chunked(model, val, EVAL, keep_token_scores=True),
     "ttt_phased": lambda model, val: eval_ttt_phased(model, val, EVAL, keep_token_scores=True),
+    "sliding_long": lambda model, val: eval_stream(model, val, LONG_EVAL.eval_seq_len, 2, LONG_EVAL.sliding_stride,
+                                                   keep_token_scores=True),
+    "ttt_chunked_long": lambda model, val: eval_ttt_chunked(model, val, LONG_EVAL, keep_token_scores=True),
+    "ttt_phased_long": lambda model, val: eval_ttt_phased(model, val, LONG_EVAL, keep_token_scores=True),
+    "ttt_phased_no_qv": lambda model, val: eval_ttt_phased(model, val, NO_QV, keep_token_scores=True),
+    "ttt_phased_k_o": lambda model, val: eval_ttt_phased(model, val, K_O, keep_token_scores=True),
 }
-TTT_MODES = ("ttt_chunked", "ttt_phased")
+MODE_CONFIG = {"sliding_long": LONG_EVAL, "ttt_chunked_long": LONG_EVAL, "ttt_phased_long": LONG_EVAL,
+               "ttt_phased_no_qv": NO_QV, "ttt_phased_k_o": K_O}
+TTT_MODES = ("ttt_chunked", "ttt_phased", "ttt_chunked_long", "ttt_phased_long", "ttt_phased_no_qv", "ttt_phased_k_o")
+CUT_MODES = ("plain", "sliding", "ttt_chunked", "ttt_phased", "sliding_long", "ttt_phased_long", "ttt_phased_no_qv")
+PHASED_MODES = ("ttt_phased", "ttt_phased_long", "ttt_phased_no_qv", "ttt_phased_k_o")
 # Stream-order causality (the cut tests) holds for phased TTT only without the LoRA warm start: a warm
 # A factor carries what it learned from the longer documents scored earlier in the batch queue, which
 # may lie later in the stream. That is legal (scored before any update used it, in time order; the
 # score-before-update test runs with the warm start on), but not causal in stream order.
-STREAM_CAUSAL_MODES = dict(MODES, ttt_phased=lambda model, val: eval_ttt_phased(
-    model, val, replace(EVAL, phased_ttt_warm_start_a=False), keep_token_scores=True))
+STREAM_CAUSAL_MODES = dict(MODES, **{
+    mode: (lambda config: lambda model, val: eval_ttt_phased(
+        model, val, replace(config, phased_ttt_warm_start_a=False), keep_token_scores=True))(MODE_CONFIG.get(mode, EVAL))
+    for mode in PHASED_MODES})
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()  # conftest.py runs the tests on one intra-op thread
-
-
-@pytest.fixture(scope="module")
-def tokens():
-    return unique_token_stream()
 
 
 def nll_by_position(result) -> dict:
@@ -223,7 +255,7 @@ class RecordingModel(torch.nn.Module):
 
 
 @pytest.mark.parametrize("mode", TTT_MODES)
-def test_no_weight_update_uses_a_token_whose_score_was_not_yet_computed(mode, model, tokens):
+def test_no_weight_update_uses_a_token_whose_score_was_not_yet_computed(mode, model):
     """Every forward that can feed an update (its output carries a gradient) read only tokens whose
     reported score was computed by a forward BEFORE the first weight change after it. Exempt: a BOS as
     the first input of a row (the stream's first token is never scored, and a document's own LoRA rows
@@ -232,7 +264,8 @@ def test_no_weight_update_uses_a_token_whose_score_was_not_yet_computed(mode, mo
     report is still seen.
     Fails if: phased TTT takes its LoRA step and then re-scores the chunk with the adapted LoRA;
     chunked TTT trains on a chunk before scoring it; the phase-boundary global SGD also trains on the
-    next group's first document."""
+    next group's first document. Also run at a context above TRAIN_SEQ_LEN and with the adapter masks."""
+    tokens = stream_for(mode)
     val = val_from(tokens)
     wrapper = RecordingModel(model, tokens)
     result = MODES[mode](wrapper, val)
@@ -279,6 +312,7 @@ def assert_updates_read_only_scored_tokens(wrapper, result, val, tokens):
     scored_by = {position: scored[0] for position, scored in wrapper.decode(result).items()}
     assert sorted(scored_by) == list(range(1, val.num_tokens))
     assert result["scored_tokens"] == val.num_tokens - 1
+    assert len(result["token_positions"]) == val.num_tokens - 1  # and each exactly once
     updates = np.array(recording.updates)
     trainers = [forward for forward in recording.forwards if forward.can_train]
     assert len(updates) > 5 and any(forward.backward_seen for forward in trainers)  # the test has teeth
@@ -298,17 +332,17 @@ def assert_updates_read_only_scored_tokens(wrapper, result, val, tokens):
 # --- causality at many cut points, every mode ------------------------------------------------------
 
 
-def cut_points(val) -> list[int]:
+def cut_points(val, config: EvalSettings = EVAL) -> list[int]:
     """Where a driver's state changes hands: chunk starts of chunked TTT, the BOS and first target of the
     first document of every phase group (in queue order), each LoRA chunk start of the prefix documents
     and two later ones, starts of plain rows and sliding blocks, and sampled positions."""
-    n, context = val.num_tokens, EVAL.eval_seq_len
-    cuts = set(range(1, n, EVAL.ttt_chunk_tokens))
+    n, context = val.num_tokens, config.eval_seq_len
+    cuts = set(range(1, n, config.ttt_chunk_tokens))
     # phased: documents in queue order (longest first); a phase group starts after each pause
-    batches = _document_batches(np.arange(val.num_docs), val.doc_lengths, EVAL.phased_ttt_docs_per_batch)
+    batches = _document_batches(np.arange(val.num_docs), val.doc_lengths, config.phased_ttt_docs_per_batch)
     queue = np.concatenate(batches)
-    prefix = min(EVAL.phased_ttt_prefix_docs, val.num_docs)
-    pauses = phase_pauses([len(b) for b in batches], prefix, EVAL.phased_ttt_num_phases)
+    prefix = min(config.phased_ttt_prefix_docs, val.num_docs)
+    pauses = phase_pauses([len(b) for b in batches], prefix, config.phased_ttt_num_phases)
     group_firsts = [int(queue[0])] + [int(batches[after + 1][0]) for after, _ in pauses if after + 1 < len(batches)]
     for doc in group_firsts:
         start = int(val.doc_starts[doc])
@@ -316,8 +350,8 @@ def cut_points(val) -> list[int]:
     for doc in queue[:prefix].tolist() + [int(queue[prefix + 1]), int(queue[-2])]:
         start = int(val.doc_starts[doc])
         targets = int(val.target_ends(np.array([doc]))[0]) - start - 1
-        cuts |= {start + 1 + k for k in range(EVAL.phased_ttt_chunk_tokens, targets, EVAL.phased_ttt_chunk_tokens)}
-    cuts |= set(range(1, n, context)) | set(range(context + 1, n, EVAL.sliding_stride * 4))
+        cuts |= {start + 1 + k for k in range(config.phased_ttt_chunk_tokens, targets, config.phased_ttt_chunk_tokens)}
+    cuts |= set(range(1, n, context)) | set(range(context + 1, n, config.sliding_stride * 4))
     cuts |= set(np.random.default_rng(5).integers(2, n - 2, 4).tolist())
     return sorted(cut for cut in cuts if cut < n - 2)
 
@@ -345,13 +379,15 @@ class CutRuns:
     score_forward: dict  # position -> index of the forward that scored it (the order of scoring)
 
 
-@pytest.fixture(scope="module", params=list(MODES))
-def cut_runs(request, model, tokens) -> CutRuns:
+@pytest.fixture(scope="module", params=CUT_MODES)
+def cut_runs(request, model) -> CutRuns:
     """One recorded run of each mode on the stream, and one plain run per cut point on a stream changed
     from that cut on. Phased TTT queues documents by length, longest first (PR 1855), so where a later
     document ENDS may change the order of scoring: its cuts keep every BOS where it is (no merging or
     splitting of documents) and replace only a non-BOS token."""
-    mode, val = request.param, val_from(tokens)
+    mode = request.param
+    tokens = stream_for(mode)
+    val = val_from(tokens)
     run_mode = STREAM_CAUSAL_MODES[mode]
     # float64: a cut changes batch compositions, and Adam's normalized LoRA steps would amplify the
     # float32 rounding of another batch layout to ~1e-5; a leak moves scores by far more
@@ -363,8 +399,13 @@ def cut_runs(request, model, tokens) -> CutRuns:
     assert max(abs(unwrapped[p] - original[p]) for p in original) < TOLERANCE
     distribution = {position: wrapper.log_probs(where) for position, where in scored.items()}
     changed = {}
-    keep_documents = mode == "ttt_phased"
-    cuts = [cut for cut in cut_points(val) if not (keep_documents and tokens[cut] == BOS_ID)]
+    keep_documents = mode in PHASED_MODES
+    cuts = [cut for cut in cut_points(val, MODE_CONFIG.get(mode, EVAL))
+            if not (keep_documents and tokens[cut] == BOS_ID)]
+    if len(cuts) > 36:  # the long stream has ~60: its document starts and a fixed sample of the rest
+        starts = [cut for cut in cuts if tokens[cut] == BOS_ID or tokens[cut - 1] == BOS_ID]
+        others = np.random.default_rng(7).choice(sorted(set(cuts) - set(starts)), 36 - len(starts), replace=False)
+        cuts = sorted(starts + others.tolist())
     for index, cut in enumerate(cuts):
         stream = stream_changed_from(tokens, cut, seed=cut, split=index % 3 == 2 and not keep_documents)
         changed[cut] = (stream, nll_by_position(run_mode(model, val_from(stream))))
@@ -382,7 +423,7 @@ def test_scores_before_a_cut_do_not_depend_on_any_token_from_the_cut_on(cut_runs
     checked = 0
     for cut, (_, changed) in cut_runs.changed.items():
         earlier = range(1, cut)
-        if cut_runs.mode == "ttt_phased":
+        if cut_runs.mode in PHASED_MODES:
             first_seen = min(cut_runs.score_forward[p] for p in range(cut, len(cut_runs.original) + 1))
             earlier = [p for p in earlier if cut_runs.score_forward[p] <= first_seen]
         worst = max((abs(cut_runs.original[p] - changed[p]) for p in earlier), default=0.0)
@@ -390,7 +431,7 @@ def test_scores_before_a_cut_do_not_depend_on_any_token_from_the_cut_on(cut_runs
         later = max(abs(cut_runs.original[p] - changed[p]) for p in range(cut + 1, len(cut_runs.original) + 1))
         assert later > 1e-4  # the change is seen where it may be
         checked += len(earlier)
-    assert len(cut_runs.changed) >= 30 and checked > (300 if cut_runs.mode == "ttt_phased" else 1000)
+    assert len(cut_runs.changed) >= 30 and checked > (300 if cut_runs.mode in PHASED_MODES else 1000)
 
 
 def test_distribution_at_a_cut_does_not_depend_on_the_token_it_predicts(cut_runs):
@@ -403,7 +444,7 @@ def test_distribution_at_a_cut_does_not_depend_on_the_token_it_predicts(cut_runs
     originals = cut_runs.tokens[list(cut_runs.changed)]
     replacements = np.array([stream[cut] for cut, (stream, _) in cut_runs.changed.items()])
     checked = cut_runs.changed
-    if cut_runs.mode == "ttt_phased":  # documents kept (see cut_runs); cuts scored before anything after them
+    if cut_runs.mode in PHASED_MODES:  # documents kept (see cut_runs); cuts scored before anything after them
         last = len(cut_runs.original)
         checked = {cut: runs for cut, runs in checked.items() if cut_runs.score_forward[cut] <= min(
             cut_runs.score_forward[p] for p in range(cut + 1, last + 1))}

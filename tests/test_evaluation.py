@@ -508,6 +508,31 @@ def test_phased_lora_of_another_batch_size_is_fresh(model, val):
     slots.new_phase(1, 0, 1)
     assert slots.warm[0] is not warm
     assert not torch.equal(next(iter(slots.warm[0].down.values())), before[next(iter(before))])
+def test_local_lr_multiplier_scales_only_the_per_document_lora_lr(model, val):
+    """PHASED_TTT_LOCAL_LR_MULT (PR 1953): lr 0.02 x 0.5 runs exactly like lr 0.01 x 1, the global SGD
+    between phases (same PHASED_TTT_GLOBAL_LR in both) included; and it does change the run."""
+    base = dict(phased_ttt_prefix_docs=4, phased_ttt_num_phases=2, phased_ttt_global_lr=0.02)
+    scaled = eval_ttt_phased(model, val, tiny_eval(phased_ttt_lr=0.02, phased_ttt_local_lr_mult=0.5, **base),
+                             keep_token_scores=True)
+    plain = eval_ttt_phased(model, val, tiny_eval(phased_ttt_lr=0.01, **base), keep_token_scores=True)
+    unscaled = eval_ttt_phased(model, val, tiny_eval(phased_ttt_lr=0.02, **base), keep_token_scores=True)
+    scaled, plain, unscaled = (nll_by_position(result) for result in (scaled, plain, unscaled))
+    assert scaled.keys() == plain.keys() and max(abs(scaled[p] - plain[p]) for p in plain) < TOLERANCE
+    assert max(abs(scaled[p] - unscaled[p]) for p in plain) > 1e-4
+
+
+@pytest.mark.parametrize("sites", ["k,o,mlp,head", "k,o"])
+def test_ttt_adapter_masks_put_adapters_only_on_the_chosen_sites(model, val, sites):
+    """PHASED_TTT_LORA_SITES without q/v (PR 1953) or with k,o only (PR 2119): the adapters exist at exactly
+    those sites (every layer pass), and the masked TTT scores differently from the full one."""
+    from train_gpt import lora_site_dims
+
+    chosen = tuple(sites.split(","))
+    assert {site for site, _ in lora_site_dims(model, sites=chosen)} == set(chosen)
+    masked = nll_by_position(eval_ttt_phased(model, val, tiny_eval(phased_ttt_lora_sites=sites,
+                                                                   phased_ttt_prefix_docs=0), keep_token_scores=True))
+    full = nll_by_position(eval_ttt_phased(model, val, tiny_eval(phased_ttt_prefix_docs=0), keep_token_scores=True))
+    assert masked.keys() == full.keys() and max(abs(masked[p] - full[p]) for p in full) > 1e-4
 
 
 @pytest.mark.parametrize("preset, mode, expected", [
@@ -522,7 +547,17 @@ def test_phased_lora_of_another_batch_size_is_fresh(model, val):
                               phased_ttt_global_momentum=0.9, phased_ttt_global_epochs=1,
                               phased_ttt_global_chunk_tokens=32768, phased_ttt_lora_alpha=96.0)),
     ("pr1855", "phased", dict(phased_ttt_lora_rank=80, phased_ttt_lora_alpha=144.0, phased_ttt_prefix_docs=2500,
-                              phased_ttt_beta2=0.99)),
+                              phased_ttt_beta2=0.99, phased_ttt_local_lr_mult=1.0, eval_seq_len=2048,
+                              phased_ttt_lora_sites="q,k,v,o,mlp,head")),
+    ("pr1953", "phased", dict(eval_seq_len=2560, phased_ttt_lora_sites="k,o,mlp,head",
+                              phased_ttt_local_lr_mult=0.75, phased_ttt_lora_rank=80, phased_ttt_prefix_docs=2500,
+                              phased_ttt_num_phases=3)),
+    ("pr1965", "phased", dict(eval_seq_len=2560, phased_ttt_lora_sites="k,o,mlp,head",
+                              phased_ttt_local_lr_mult=0.75, phased_ttt_lora_rank=56, phased_ttt_prefix_docs=3000)),
+    ("pr2119", "phased", dict(eval_seq_len=2688, phased_ttt_lora_sites="k,o", phased_ttt_local_lr_mult=0.75)),
+    ("pr2014", "phased", dict(eval_seq_len=3072, phased_ttt_lora_sites="k,o,mlp,head",
+                              phased_ttt_local_lr_mult=0.75, phased_ttt_num_phases=1, phased_ttt_prefix_docs=2500,
+                              phased_ttt_docs_per_batch=24)),
 ])
 def test_each_published_preset_selects_its_ttt_system(preset, mode, expected):
     from train_gpt import Hyperparameters

@@ -1,6 +1,7 @@
 """Quantization and artifact (SPEC section 7): GPTQ core, Hessians, LQER, container, counted code."""
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from train_gpt import (ArtifactError, QuantSettings, byte_shuffle, byte_unshuffl
                              dequantize_state, deserialize_artifact, gptq_quantize, hessian_weighted_error,
                              load_quantized_into, minify_source, pack_code,
                              quantize_model_state, quantile_int8_quantize, rtn_quantize, sdclip_scales,
-                             serialize_artifact, write_artifact)
+                             serialize_artifact, write_artifact, awq_salient_groups, entry_weight)
 
 
 def correlated_hessian(cols, tokens=4096, seed=0):
@@ -33,12 +34,16 @@ def random_weight(rows, cols, seed=1):
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02
 
 
-def reference_gptq(weight, hessian, bits, clip_sigmas, damp=0.01):
+def reference_gptq(weight, hessian, bits, clip_sigmas, damp=0.01, promoted=None, promoted_bits=8):
     """Textbook per-column GPTQ (no blocks): Cholesky factor U of H^-1 (U^T U = H^-1), column j
-    rounded, e = (w_j - q_j s) / U[j, j], later columns -= e * U[j, j+1:]. Same column order."""
-    clip_range = 2 ** (bits - 1) - 1
+    rounded, e = (w_j - q_j s) / U[j, j], later columns -= e * U[j, j+1:]. Same column order.
+    `promoted` columns (AWQ-lite) are rounded with the scales and clip range of `promoted_bits`."""
     scales = sdclip_scales(weight, bits, clip_sigmas)
-    step = scales.float()
+    high_scales = sdclip_scales(weight, promoted_bits, clip_sigmas)
+    cols = weight.shape[1]
+    promoted = torch.zeros(cols, dtype=torch.bool) if promoted is None else promoted
+    step_of = [high_scales.float() if promoted[c] else scales.float() for c in range(cols)]
+    clip_of = [2 ** ((promoted_bits if promoted[c] else bits) - 1) - 1 for c in range(cols)]
     hessian = hessian.clone().double()
     dead = hessian.diagonal() <= 0
     hessian.diagonal()[dead] = 1.0
@@ -50,6 +55,7 @@ def reference_gptq(weight, hessian, bits, clip_sigmas, damp=0.01):
     w[:, dead[order]] = 0.0
     codes = torch.zeros_like(w)
     for j in range(w.shape[1]):
+        step, clip_range = step_of[int(order[j])], clip_of[int(order[j])]
         codes[:, j] = torch.clamp(torch.round(w[:, j] / step), -clip_range, clip_range)
         error = (w[:, j] - codes[:, j] * step) / u[j, j]
         w[:, j + 1:] -= error[:, None] * u[j, j + 1:][None, :]
@@ -98,6 +104,67 @@ def test_blocked_gptq_matches_per_column_reference(block_size):
     assert mismatched < 2e-3  # only rounding ties decided differently in float32 vs float64
     assert (codes.int() - ref_codes.int()).abs().max().item() <= 1
     assert torch.all(codes[:, 5] == 0)
+
+
+# --- AWQ-lite (PR 1908/1945): salient column groups get more bits inside the same GPTQ solve ---------
+
+
+def test_awq_salient_groups_rank_groups_by_activation_rms_times_mean_weight_magnitude():
+    """Reference: a loop over groups of sum_c sqrt(H[c, c]) * mean_r |W[r, c]| (the last group shorter)."""
+    for seed, (cols, group, top_k) in enumerate([(160, 64, 1), (160, 32, 2), (100, 16, 3)]):
+        weight, hessian = random_weight(24, cols, seed=seed), correlated_hessian(cols, seed=seed)
+        hessian[7, 7] = 0.0  # a dead input: no activation, no saliency
+        scores = []
+        for start in range(0, cols, group):
+            score = sum(math.sqrt(max(float(hessian[c, c]), 0.0)) * float(weight[:, c].abs().mean())
+                        for c in range(start, min(start + group, cols)))
+            scores.append((score, start))
+        chosen = sorted(start for _, start in sorted(scores, reverse=True)[:top_k])
+        expected = torch.zeros(cols, dtype=torch.bool)
+        for start in chosen:
+            expected[start:start + group] = True
+        assert torch.equal(awq_salient_groups(weight, hessian, group, top_k), expected)
+
+
+def test_gptq_with_promoted_columns_matches_the_per_column_reference():
+    weight, hessian = random_weight(48, 160, seed=2), correlated_hessian(160, seed=3)
+    promoted = torch.zeros(160, dtype=torch.bool)
+    promoted[64:128] = True
+    codes, scales, high = gptq_quantize(weight, hessian, bits=6, clip_sigmas=12.85, block_size=32,
+                                        promoted=promoted, promoted_bits=8)
+    ref_codes, ref_scales = reference_gptq(weight, hessian, bits=6, clip_sigmas=12.85, promoted=promoted)
+    assert torch.equal(scales, ref_scales) and torch.equal(high, sdclip_scales(weight, 8, 12.85))
+    assert (codes != ref_codes).float().mean().item() < 2e-3
+    assert codes[:, promoted].abs().max() > 31 and codes[:, ~promoted].abs().max() <= 31  # int8 vs int6 range
+
+
+def test_awq_lite_lowers_the_error_and_round_trips_through_the_artifact():
+    """AWQ_LITE_ENABLED: each matrix's most salient group at 8 bits lowers its Hessian-weighted error; the
+    entry's groups and scales survive serialization and dequantize to entry_weight exactly."""
+    state, hessians = toy_state(), toy_hessians()
+    plain = dequantize_state(quantize_model_state(state, hessians, QuantSettings(lqer_enabled=False)))
+    config = QuantSettings(lqer_rank=2, lqer_top_k=1, awq_lite_enabled=True, awq_lite_group_size=32, awq_lite_top_k=2)
+    container = quantize_model_state(state, hessians, config)
+    promoted = [name for name, entry in container["entries"].items() if "awq_scales" in entry]
+    assert sorted(promoted) == sorted(hessians)
+    without_lqer = quantize_model_state(state, hessians, dataclasses.replace(config, lqer_enabled=False))
+    for name in promoted:
+        entry = without_lqer["entries"][name]
+        assert len(entry["awq_groups"]) == 2 and entry["awq_bits"] == 8
+        after = hessian_weighted_error(state[name], entry_weight(entry), hessians[name])
+        assert after < hessian_weighted_error(state[name], plain[name], hessians[name])
+    expected = dequantize_state(container)
+    for codec in ("rans", "brotli"):
+        restored = dequantize_state(deserialize_artifact(serialize_artifact(container, codec=codec)))
+        assert all(torch.equal(restored[name], expected[name]) for name in expected)
+
+
+def test_an_artifact_with_awq_groups_outside_the_matrix_is_refused():
+    config = QuantSettings(lqer_enabled=False, awq_lite_enabled=True)
+    container = quantize_model_state(toy_state(), toy_hessians(), config)
+    container["entries"]["blocks.0.mlp.fc.weight"]["awq_groups"] = [99]
+    with pytest.raises(ArtifactError, match="AWQ groups"):
+        deserialize_artifact(serialize_artifact(container))
 
 
 # --- Hessian collection ----------------------------------------------------------------------
@@ -154,6 +221,53 @@ def test_hessians_are_all_reduced_under_torch_distributed(tmp_path):
         dist.destroy_process_group()
     for name in expected:
         torch.testing.assert_close(reduced[name], expected[name])
+
+
+def _toy_and_batches():
+    torch.manual_seed(0)
+    model = LoopedToy()
+    generator = torch.Generator().manual_seed(1)
+    # unequal shares: rank 0 gets 3 batches of 2 x 5, rank 1 two of 4 x 3 (a token-weighted mean is needed)
+    batches = [torch.randint(0, 11, (2, 5), generator=generator) for _ in range(3)]
+    batches += [torch.randint(0, 11, (4, 3), generator=generator) for _ in range(2)]
+    return model, batches
+
+
+def _hessian_worker(rank, world_size, port, queue):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        model, batches = _toy_and_batches()
+        hessians = collect_hessians(model, batches[:3] if rank == 0 else batches[3:])
+        queue.put((rank, {name: value.tolist() for name, value in hessians.items()}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_get_the_hessians_of_one_process_over_all_their_batches():
+    """GPTQ Hessians averaged over all ranks (PR 2020): every rank ends with sum(x x^T) / tokens over the
+    batches of BOTH ranks, what one process gets from all of them (not a mean of per-rank means)."""
+    import socket
+
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.SimpleQueue()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.spawn(_hessian_worker, args=(2, port, queue), nprocs=2, join=True)
+    per_rank = dict(queue.get() for _ in range(2))
+    model, batches = _toy_and_batches()
+    expected = collect_hessians(model, batches)
+    for rank in (0, 1):
+        assert per_rank[rank].keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(torch.tensor(per_rank[rank][name]), value, rtol=1e-5, atol=1e-6)
+    mean_of_means = (collect_hessians(model, batches[:3])["shared.weight"]
+                     + collect_hessians(model, batches[3:])["shared.weight"]) / 2
+    assert not torch.allclose(mean_of_means, expected["shared.weight"], rtol=1e-3)
 
 
 # --- Whole-model quantization, LQER, loading -------------------------------------------------
@@ -213,6 +327,9 @@ def test_preset_quant_settings_follow_the_published_systems():
     assert (pr1493.quant_embed_bits, pr1493.quant_embed_clip_sigmas, pr1493.quant_matrix_clip_sigmas) == (8, 20.0, 12.85)
     assert (settings["pr1274"].quant_mlp_bits, settings["pr1274"].quant_matrix_bits) == (5, 6)
     assert settings["baseline"].quant_scheme == "int8"
+    pr1953 = train_gpt.Hyperparameters.from_env({"PRESET": "pr1953"}).quant  # AWQ-lite of its PR 1945 base
+    assert not pr1855.awq_lite_enabled and pr1953.awq_lite_enabled
+    assert (pr1953.awq_lite_bits, pr1953.awq_lite_group_size, pr1953.awq_lite_top_k) == (8, 64, 1)
 
 
 def test_hessian_lqer_reduces_the_hessian_weighted_error_of_the_worst_tensors():

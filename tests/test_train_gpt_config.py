@@ -85,6 +85,11 @@ def test_baseline_preset_is_the_naive_baseline():
     ({"PHASED_TTT_CHUNK_TOKENS": "4096"}, "PHASED_TTT_CHUNK_TOKENS"),
     ({"LQER_SCHEME": "svd"}, "LQER_SCHEME"),
     ({"LQER_BITS": "8"}, "LQER_BITS"),
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,2048"}, "TRAIN_SEQ_SCHEDULE"),
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,4096@1"}, "TRAIN_SEQ_SCHEDULE.*TRAIN_SEQ_LEN=2048"),
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.7,512@0.5,2048@1"}, "TRAIN_SEQ_SCHEDULE"),
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,2048@1", "WARMUP_STEPS": "3"}, "WARMUP_STEPS=3 must cover"),
+    ({"AWQ_LITE_BITS": "9"}, "AWQ_LITE_BITS"), ({"PHASED_TTT_LOCAL_LR_MULT": "-1"}, "PHASED_TTT_LOCAL_LR_MULT"),
 ])
 def test_invalid_settings_fail_naming_the_env_var(env, needle):
     with pytest.raises(ValueError, match=needle):
@@ -236,3 +241,17 @@ def test_knob_names_are_read_from_the_source_of_a_plain_or_packed_script(tmp_pat
     (tmp_path / "other.py").write_text("x = 1\n")
     with pytest.raises(ValueError, match="no settings found"):
         env_table.knob_names(str(tmp_path / "other.py"))
+
+
+def test_seq_len_at_follows_the_schedule_stage_by_stage():
+    """Reference: stage k covers progress in [until_{k-1}, until_k); progress 1 stays in the last stage."""
+    h = train_gpt.Hyperparameters.from_env({"TRAIN_SEQ_LEN": "3072", "TRAIN_SEQ_SCHEDULE": "1024@0.1,2048@0.7,3072@1"})
+    schedule = h.data.seq_schedule()
+    assert schedule == [(1024, 0.1), (2048, 0.7), (3072, 1.0)]
+    for progress in [i / 200 for i in range(201)]:
+        expected = 1024 if progress < 0.1 else 2048 if progress < 0.7 else 3072
+        assert train_gpt.seq_len_at(schedule, progress) == expected, progress
+    assert train_gpt.Hyperparameters.from_env({}).data.seq_schedule() == [(2048, 1.0)]  # off in pr1855
+    pr2014 = train_gpt.Hyperparameters.from_env({"PRESET": "pr2014"}).data
+    assert pr2014.seq_schedule() == schedule and all(pr2014.batch_layout(8, length) == (1, 786432 // 8 // length)
+                                                    for length, _ in schedule)

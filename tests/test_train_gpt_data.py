@@ -141,3 +141,13 @@ def test_prefetching_loader_raises_a_bad_shard_error_in_the_training_thread(tmp_
     with pytest.raises(ValueError, match="fineweb_train_000001.bin: token id 600"):
         for _ in range(50):
             loader.next_step()
+def test_a_shorter_scheduled_length_cuts_the_same_step_tokens_into_more_rows(tiny_dataset):
+    """TRAIN_SEQ_SCHEDULE (PR 2014) keeps tokens per step fixed: a step at seq_len 8 holds exactly the tokens
+    of the same step at 32, in 4x the rows, and the stream position after it is the same."""
+    default = train_gpt.TrainLoader(tiny_dataset.train_paths, 512, 32, 2, 2, 0, 1, seed=0)
+    short = train_gpt.TrainLoader(tiny_dataset.train_paths, 512, 32, 2, 2, 0, 1, seed=0)
+    for _ in range(3):
+        long_step, short_step = default.next_step(), short.next_step(8)
+        assert [x.shape for x, _ in long_step] == [(2, 32)] * 2 and [x.shape for x, _ in short_step] == [(8, 8)] * 2
+        for (x_long, y_long), (x_short, y_short) in zip(long_step, short_step):
+            assert torch.equal(x_long.flatten(), x_short.flatten()) and torch.equal(y_long.flatten(), y_short.flatten())

@@ -42,6 +42,7 @@ def test_interface_shapes_and_dtypes():
     ("PARALLEL_START_LAYER", -1), ("GATED_ATTN", 0), ("SPARSE_ATTN_GATE", 0), ("SMEAR_GATE", 0), ("LN_SCALE", 0),
     ("ROPE_DIMS", 0), ("ROPE_DIMS", 16), ("LOGIT_SOFTCAP", 0), ("MLP_ACT", "relu2"), ("QK_GAIN_INIT", 1.5),
     ("ORTHOGONAL_INIT", 0),
+    ("MLP_LEAKY_SLOPE", 0.3),
 ])
 def test_each_switch_changes_the_function_and_trains(switch, value):
     overrides = {switch: value}
@@ -421,3 +422,48 @@ def test_varlen_layout_marks_every_document_and_row_start():
     dense = train_gpt.DocumentLayout.build(ids, "plain").dense_mask
     assert dense[0, 0, 4, 2].item() is False and dense[0, 0, 4, 3].item() is True
     assert dense[1, 0, 7, 5].item() is False and dense[1, 0, 5, 0].item() is True
+
+
+def test_mlp_leaky_slope_is_the_negative_slope_of_the_squared_activation():
+    """MLP_LEAKY_SLOPE (PR 1945/1967: 0.3): hidden = (x if x > 0 else slope * x)^2, written out by hand."""
+    h = tiny_h(MLP_LEAKY_SLOPE=0.3)
+    mlp = train_gpt.MLP(h.model, 0)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(mlp.proj.weight, std=0.1)
+    x = torch.randn(2, 5, h.model.model_dim)
+    pre = x @ mlp.fc.weight.t()
+    hidden = torch.where(pre > 0, pre, 0.3 * pre) ** 2
+    assert (pre < 0).any() and torch.allclose(mlp(x), hidden @ mlp.proj.weight.t(), atol=1e-6)
+
+
+def test_rotary_angles_past_the_training_length_follow_the_rope_formula():
+    """Long-context eval (PR 1953: EVAL_SEQ_LEN 2560 > TRAIN_SEQ_LEN 2048) extrapolates RoPE: position p
+    rotates the pair (x_i, x_{i+d/2}) of the first ROPE_DIMS dims by p * base^(-2i/d), for p past the
+    training length too, and leaves the other dims alone. Reference: complex multiplication."""
+    train_len, eval_len, rope_dims, base, head_dim = 64, 160, 8, 10000.0, 16
+    rotary = train_gpt.Rotary(rope_dims, base)
+    x = torch.randn(2, eval_len, 3, head_dim, dtype=torch.float64)
+    out = rotary(x.float()).double()
+    half = rope_dims // 2
+    for p in [0, 1, train_len - 1, train_len, train_len + 7, eval_len - 1]:
+        for i in range(half):
+            angle = p * base ** (-2 * i / rope_dims)
+            pair = torch.complex(x[:, p, :, i], x[:, p, :, i + half]) * complex(math.cos(angle), math.sin(angle))
+            assert torch.allclose(out[:, p, :, i], pair.real, atol=1e-5)
+            assert torch.allclose(out[:, p, :, i + half], pair.imag, atol=1e-5)
+    assert torch.equal(out[..., rope_dims:], x.float().double()[..., rope_dims:])
+
+
+def test_a_document_scores_the_same_at_any_row_offset_even_past_the_training_length():
+    """Within a document, attention sees only offsets, so a document placed after a long filler
+    document (its positions run past TRAIN_SEQ_LEN=128) gets the logits it gets at row start."""
+    h = tiny_h()
+    model = build(h)
+    target_doc = _doc(60, seed=1)
+    filler = _doc(h.data.train_seq_len + 20, seed=2)
+    shifted = torch.cat([filler, target_doc])[None]
+    assert shifted.shape[1] > h.data.train_seq_len + 60 - 1
+    with torch.no_grad():
+        late = model.forward_logits(shifted)[0, filler.numel():]
+        alone = model.forward_logits(target_doc[None])[0]
+    assert torch.allclose(late, alone, atol=1e-4)

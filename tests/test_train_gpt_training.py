@@ -64,9 +64,9 @@ class ClockedLoader:
     def __init__(self, loader, clock, seconds_per_step):
         self.loader, self.clock, self.seconds_per_step = loader, clock, seconds_per_step
 
-    def next_step(self):
+    def next_step(self, seq_len=0):
         self.clock.now += self.seconds_per_step
-        return self.loader.next_step()
+        return self.loader.next_step(seq_len)
 
 
 @pytest.mark.parametrize("seconds_per_step, expected_steps", [(1.0, 7), (0.9, 7), (2.5, 2), (7.0, 1)])
@@ -90,9 +90,9 @@ class PassClockedLoader(ClockedLoader):
         super().__init__(loader, clock, 0.0)
         self.seconds_per_pass, self.model = seconds_per_pass, model
 
-    def next_step(self):
+    def next_step(self, seq_len=0):
         self.clock.now += self.seconds_per_pass * sum(map(len, self.model.layer_order()))
-        return self.loader.next_step()
+        return self.loader.next_step(seq_len)
 
 
 def test_wallclock_cap_holds_when_recurrence_slows_steps_near_the_end(tiny_dataset):
@@ -113,6 +113,29 @@ def test_recurrence_switches_on_at_its_training_fraction(tiny_dataset):
     train_gpt.train_model(h, model, optimizer, make_loader, lines.append)
     assert any("recurrence: on at step 10 " in line for line in lines)
     assert model.recurrence_active
+
+
+def test_seq_schedule_trains_each_stage_on_fixed_tokens_and_warm_up_compiles_every_shape(tiny_dataset):
+    """TRAIN_SEQ_SCHEDULE (PR 2014): each timed step runs at seq_len_at(progress) with TRAIN_BATCH_TOKENS
+    tokens, and every (batch shape, recurrence) the timed loop uses was already run in the compile warm-up
+    (a compiled forward sees each shape there first: none compiles inside the timed run)."""
+    h, model, optimizer, make_loader = setup(tiny_dataset, ITERATIONS=20, TRAIN_SEQ_LEN=128, WARMUP_STEPS=6,
+                                             TRAIN_SEQ_SCHEDULE="32@0.25,64@0.5,128@1", ENABLE_LOOPING_AT=0.4)
+    calls = []
+
+    def forward(inputs, targets, layout):
+        calls.append((tuple(inputs.shape), model.recurrence_active))
+        return model(inputs, targets, layout)
+
+    lines = []
+    result = train_gpt.train_model(h, model, optimizer, make_loader, lines.append, forward=forward)
+    warm_up, timed = calls[:h.optim.warmup_steps], calls[h.optim.warmup_steps:]
+    assert result.steps == 20 and len(timed) == 20
+    expected = [(512 // length, length) for length in
+                (train_gpt.seq_len_at(h.data.seq_schedule(), step / 20) for step in range(20))]
+    assert [shape for shape, _ in timed] == expected
+    assert set(timed) <= set(warm_up) and {shape for shape, _ in timed} == {(16, 32), (8, 64), (4, 128)}
+    assert sum("train_seq_len:" in line for line in lines) == 3
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):

@@ -241,7 +241,7 @@ def test_a_reset_adapter_and_optimizer_give_exactly_the_results_of_fresh_ones(mo
     for param in model.parameters():
         param.requires_grad_(False)
     try:
-        dims = lora_site_dims(model, sites=("q", "v", "mlp_out", "head"))
+        dims = lora_site_dims(model, sites=("q", "v", "mlp", "head"))
         docs_a, docs_b = np.array([0, 4, 7]), np.array([2, 3, 9])
 
         def score(slots, doc_ids):
