@@ -1270,7 +1270,8 @@ class Block(nn.Module):
 
 def asymmetric_softcap(logits: torch.Tensor, cap_pos: torch.Tensor, cap_neg: torch.Tensor) -> torch.Tensor:
     """c*tanh(z/c) with its own c for positive and for negative logits (PR 1923, from modded-nanogpt)."""
-    return torch.where(logits > 0, cap_pos * torch.tanh(logits / cap_pos), cap_neg * torch.tanh(logits / cap_neg))
+    cap = torch.where(logits > 0, cap_pos, cap_neg)  # one tanh per logit, not two
+    return cap * torch.tanh(logits / cap)
 
 
 class SmearGate(nn.Module):

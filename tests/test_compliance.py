@@ -290,12 +290,12 @@ class Clocked(torch.nn.Module):
         return self.model.per_token_nll(input_ids, target_ids, lora)
 
 
-def test_phased_ttt_past_its_projected_budget_still_scores_before_every_update(model, tokens):
+def test_phased_ttt_past_its_projected_budget_still_scores_before_every_update(model):
     """The same watch over a phased run whose fake-clock budget runs out halfway: some batches adapt,
     the rest is scored on the fast path (no LoRA, longer chunks), global SGD stops; every target is
     still scored exactly once and no update reads a token scored only after it. (Keeping the budget is
     tested in test_ttt_schedule.py; 4 batches are too coarse for it.)"""
-    val = val_from(tokens)
+    val = val_from(unique_token_stream())
     config = EvalSettings(**{**EVAL.__dict__, "phased_ttt_prefix_docs": 3})
     full = Clocked(model)
     eval_ttt_phased(full, val, config, clock=full.clock)
