@@ -275,6 +275,7 @@ class EvalSettings:
     phased_ttt_beta2: float = 0.99  # phased TTT: LoRA Adam beta2
     phased_ttt_weight_decay: float = 0.5  # phased TTT: LoRA Adam weight decay
     phased_ttt_chunk_tokens: int = 48  # phased TTT: tokens scored per LoRA update
+    phased_ttt_chunk_schedule: str = ""  # phased TTT: "until:chunk,...": a document's first targets in smaller chunks, more updates early (PR 2014: 256:8,2000:24)
     phased_ttt_docs_per_batch: int = 64  # phased TTT: documents per length-sorted batch
     phased_ttt_global_lr: float = 0.001  # phased TTT: global SGD learning rate
     phased_ttt_global_momentum: float = 0.9  # phased TTT: global SGD momentum
@@ -362,6 +363,7 @@ class Hyperparameters:
         require(quant.gptq_generated_seq_len >= 2 and quant.gptq_generated_temperature > 0,
                 f"GPTQ_GENERATED_SEQ_LEN={quant.gptq_generated_seq_len} must be >= 2 and GPTQ_GENERATED_TEMPERATURE="
                 f"{quant.gptq_generated_temperature} > 0")
+        chunk_schedule_rules(eval.phased_ttt_chunk_schedule)  # raises naming the variable
         sites = [site.strip() for site in eval.phased_ttt_lora_sites.split(",") if site.strip()]
         require(bool(sites) and all(site in LORA_SITES for site in sites),
                 f"PHASED_TTT_LORA_SITES={eval.phased_ttt_lora_sites!r}: use a comma-separated subset of "
@@ -506,7 +508,8 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         phased_ttt_lora_rank=56, phased_ttt_prefix_docs=3000)),
     "pr2014": ("pr1953", dict(  # 1.05759: train context 1024 -> 2048 -> 3072 at fixed tokens/step, eval at 3072, 1 phase
         train_seq_len=3072, train_seq_schedule="1024@0.1,2048@0.7,3072@1", eval_seq_len=3072,
-        phased_ttt_num_phases=1, phased_ttt_docs_per_batch=24)),  # not here: its short-document TTT chunks
+        phased_ttt_num_phases=1, phased_ttt_docs_per_batch=24,
+        phased_ttt_chunk_schedule="256:8,2000:24")),  # its short-document steps, read by position in the document
     "pr2119": ("pr1953", dict(  # 1.05858 (non-record): TTT adapters on K and O only, eval at 2688, QK-gain 5.35
         phased_ttt_lora_sites="k,o", eval_seq_len=2688, qk_gain_init=5.35)),
     "tiny": ("pr1855", dict(  # every record feature at CPU scale; about a minute on 2 cores
@@ -3323,11 +3326,36 @@ def _document_batches(doc_ids: np.ndarray, doc_lengths: np.ndarray, docs_per_bat
     return [order[i: i + docs_per_batch] for i in range(0, len(order), docs_per_batch)]
 
 
+def chunk_schedule_rules(text: str) -> list[tuple[int, int]]:
+    """PHASED_TTT_CHUNK_SCHEDULE "until:chunk,..." -> [(until, chunk)] sorted by until."""
+    try:
+        rules = sorted((int(until), int(chunk)) for until, chunk in
+                       (item.split(":") for item in text.split(",") if item.strip()))
+    except ValueError:
+        raise ValueError(f"PHASED_TTT_CHUNK_SCHEDULE={text!r}: use until:chunk,... (e.g. 256:8,2000:24)") from None
+    require(all(until > 0 and chunk > 0 for until, chunk in rules),
+            f"PHASED_TTT_CHUNK_SCHEDULE={text!r}: positions and chunks must be positive")
+    return rules
+
+
+def chunk_ends(total: int, rules: list[tuple[int, int]], default: int) -> list[int]:
+    """Ends of a document's LoRA chunks over its targets 1..total: chunks of `chunk` tokens while below a
+    rule's `until` (a chunk never crosses it), then `default`. They depend on positions only, never on
+    the document's length (a length-dependent chunk size would let where the document ends, a later
+    token, change earlier scores; the compliance tests catch that)."""
+    ends, end = [], 0
+    while end < total:
+        rule = next(((until, chunk) for until, chunk in rules if end < until), None)
+        end = min(end + rule[1], rule[0]) if rule else end + default
+        ends.append(end)
+    return ends
+
+
 def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, config: EvalSettings,
                                site_dims: dict, scores: TokenScores, audit: Callable | None, adapt: bool) -> None:
     """Score a batch of documents chunk by chunk, each with its own fresh LoRA; after scoring a
     chunk, take one Adam step per document on that chunk (documents never share an adapter)."""
-    chunk, context = config.phased_ttt_chunk_tokens, config.eval_seq_len
+    context = config.eval_seq_len
     starts = val.doc_starts[doc_ids]
     target_counts = val.target_ends(doc_ids) - 1 - starts  # [B]: own tokens after BOS + the next BOS
     lora = None
@@ -3340,11 +3368,12 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
                                       eps=1e-10,
                                       betas=(config.phased_ttt_beta1, config.phased_ttt_beta2),
                                       weight_decay=config.phased_ttt_weight_decay)
-    for chunk_index in range(-(-int(target_counts.max()) // chunk)):
-        chunk_end = (chunk_index + 1) * chunk  # targets 1..chunk_end of each document seen
+    ends = chunk_ends(int(target_counts.max()), chunk_schedule_rules(config.phased_ttt_chunk_schedule),
+                      config.phased_ttt_chunk_tokens)
+    for chunk_start, chunk_end in zip([0] + ends[:-1], ends):  # targets chunk_start+1..chunk_end of each document
         window_start = max(0, chunk_end - context)  # document-relative index of the first input
         windows = np.stack([starts + window_start, np.clip(target_counts - window_start, 0, chunk_end - window_start),
-                            np.full_like(starts, chunk_index * chunk - window_start)], axis=1)
+                            np.full_like(starts, chunk_start - window_start)], axis=1)
         inputs, targets, positions, inside, in_chunk = gather_windows(val, windows, width=chunk_end - window_start)
         more_chunks_follow = torch.as_tensor(target_counts > chunk_end, device=inputs.device)  # [B]: train on it
         train_now = adapt and bool(more_chunks_follow.any())
