@@ -286,6 +286,7 @@ class EvalSettings:
     phased_ttt_beta2: float = 0.99  # phased TTT: LoRA Adam beta2
     phased_ttt_weight_decay: float = 0.5  # phased TTT: LoRA Adam weight decay
     phased_ttt_chunk_tokens: int = 48  # phased TTT: tokens scored per LoRA update
+    phased_ttt_chunk_schedule: str = ""  # phased TTT: "until:chunk,...": a document's first targets in smaller chunks, more updates early (PR 2014: 256:8,2000:24)
     phased_ttt_docs_per_batch: int = 64  # phased TTT: documents per length-sorted batch
     phased_ttt_global_lr: float = 0.001  # phased TTT: global SGD learning rate
     phased_ttt_global_momentum: float = 0.9  # phased TTT: global SGD momentum
@@ -379,6 +380,7 @@ class Hyperparameters:
         require(quant.gptq_generated_seq_len >= 2 and quant.gptq_generated_temperature > 0,
                 f"GPTQ_GENERATED_SEQ_LEN={quant.gptq_generated_seq_len} must be >= 2 and GPTQ_GENERATED_TEMPERATURE="
                 f"{quant.gptq_generated_temperature} > 0")
+        chunk_schedule_rules(eval.phased_ttt_chunk_schedule)  # raises naming the variable
         sites = [site.strip() for site in eval.phased_ttt_lora_sites.split(",") if site.strip()]
         require(bool(sites) and all(site in LORA_SITES for site in sites),
                 f"PHASED_TTT_LORA_SITES={eval.phased_ttt_lora_sites!r}: use a comma-separated subset of "
@@ -540,7 +542,8 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         phased_ttt_lora_rank=56, phased_ttt_prefix_docs=3000)),
     "pr2014": ("pr1953", dict(  # 1.05759: train context 1024 -> 2048 -> 3072 at fixed tokens/step, eval at 3072, 1 phase
         train_seq_len=3072, train_seq_schedule="1024@0.1,2048@0.7,3072@1", eval_seq_len=3072,
-        phased_ttt_num_phases=1, phased_ttt_docs_per_batch=24)),  # not here: its short-document TTT chunks
+        phased_ttt_num_phases=1, phased_ttt_docs_per_batch=24,
+        phased_ttt_chunk_schedule="256:8,2000:24")),  # its short-document steps, read by position in the document
     "pr2119": ("pr1953", dict(  # 1.05858 (non-record): TTT adapters on K and O only, eval at 2688, QK-gain 5.35
         phased_ttt_lora_sites="k,o", eval_seq_len=2688, qk_gain_init=5.35)),
     "tiny": ("pr1855", dict(  # every record feature at CPU scale; about a minute on 2 cores
@@ -4174,6 +4177,31 @@ def projected_ttt_seconds(elapsed_s: float, batch_tokens: int, remaining_tokens:
     return elapsed_s + batch_tokens * mine_adapt + remaining_tokens / throughput + batch_tokens * max(fast_costs)
 
 
+def chunk_schedule_rules(text: str) -> list[tuple[int, int]]:
+    """PHASED_TTT_CHUNK_SCHEDULE "until:chunk,..." -> [(until, chunk)] sorted by until."""
+    try:
+        rules = sorted((int(until), int(chunk)) for until, chunk in
+                       (item.split(":") for item in text.split(",") if item.strip()))
+    except ValueError:
+        raise ValueError(f"PHASED_TTT_CHUNK_SCHEDULE={text!r}: use until:chunk,... (e.g. 256:8,2000:24)") from None
+    require(all(until > 0 and chunk > 0 for until, chunk in rules),
+            f"PHASED_TTT_CHUNK_SCHEDULE={text!r}: positions and chunks must be positive")
+    return rules
+
+
+def chunk_ends(total: int, rules: list[tuple[int, int]], default: int) -> list[int]:
+    """Ends of a document's LoRA chunks over its targets 1..total: chunks of `chunk` tokens while below a
+    rule's `until` (a chunk never crosses it), then `default`. They depend on positions only, never on
+    the document's length (a length-dependent chunk size would let where the document ends, a later
+    token, change earlier scores; the compliance tests catch that)."""
+    ends, end = [], 0
+    while end < total:
+        rule = next(((until, chunk) for until, chunk in rules if end < until), None)
+        end = min(end + rule[1], rule[0]) if rule else end + default
+        ends.append(end)
+    return ends
+
+
 def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, config: EvalSettings,
                                scores: TokenScores, audit: Callable | None, adapter: tuple | None,
                                ngram: NgramTilt | None = None) -> None:
@@ -4195,16 +4223,18 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
     if ngram is not None:
         ngram.begin_documents(len(starts), int(target_counts.max()))
     lora, optimizer = adapter if adapter else (None, None)
-    for chunk_index in range(-(-int(target_counts.max()) // chunk)):
-        chunk_end = (chunk_index + 1) * chunk  # targets 1..chunk_end of each document seen
+    # chunk bounds by position in the document (PHASED_TTT_CHUNK_SCHEDULE, PR 2014; adapted batches only)
+    rules = chunk_schedule_rules(config.phased_ttt_chunk_schedule) if adapter else []
+    bounds = chunk_ends(int(target_counts.max()), rules, chunk)
+    for chunk_start, chunk_end in zip([0] + bounds[:-1], bounds):  # targets chunk_start+1..chunk_end of each
         width = chunk_end - max(0, chunk_end - context)  # the same for every document: static shapes
         # per document (PR 1855): the chunk ends at min(chunk_end, its last target), and its window is the
         # `context` inputs before that, so a short last chunk still sees a full context
         ends = np.minimum(chunk_end, target_counts)
         window_starts = np.maximum(0, ends - context)  # document-relative index of the first input
-        active = target_counts > chunk_index * chunk
+        active = target_counts > chunk_start
         windows = np.stack([starts + window_starts, np.where(active, ends - window_starts, 0),
-                            chunk_index * chunk - window_starts], axis=1)
+                            chunk_start - window_starts], axis=1)
         inputs, targets, positions, inside, in_chunk = gather_windows(val, windows, width=width)
         more_chunks_follow = torch.as_tensor(target_counts > chunk_end, device=inputs.device)  # [B]: train on it
         train_now = lora is not None and bool(more_chunks_follow.any())

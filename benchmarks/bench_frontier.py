@@ -40,6 +40,7 @@ MECHANISMS = [
                                         "PHASED_TTT_LOCAL_LR_MULT": "0.75"}),
     ("MLP leaky slope 0.3 (PR 1945/1967)", {"MLP_LEAKY_SLOPE": "0.3"}),
     ("QK-gain init 5.25 (PR 1953)", {"QK_GAIN_INIT": "5.25"}),
+    ("small early TTT chunks 16:8,64:24 (PR 2014 shape)", {"PHASED_TTT_CHUNK_SCHEDULE": "16:8,64:24"}),
     ("train context 32->64->128 (PR 2014 shape)", {"TRAIN_SEQ_SCHEDULE": "32@0.1,64@0.7,128@1", "WARMUP_STEPS": "6"}),
     # tiny matrices have 64-256 input columns: groups of 16 keep the promoted share near PR 1945's 1 of 8-32
     ("AWQ-lite int8 salient group (PR 1908/1945)", {"AWQ_LITE_ENABLED": "1", "AWQ_LITE_GROUP_SIZE": "16"}),

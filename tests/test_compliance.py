@@ -13,7 +13,8 @@ The four evaluation rules, checked without the drivers' own `audit` events:
   a Python audit hook);
 - under a wallclock cap, GPTQ calibration stops in time and `train_time_ok` counts it (fake clock).
 The causality and score-before-update tests also run at a context above TRAIN_SEQ_LEN (PR 1953's long-context
-eval) and with the TTT adapter masks (no Q/V, K+O only). Each test's docstring names a planted bug it was
+eval), with the TTT adapter masks (no Q/V, K+O only) and with a LoRA chunk schedule (PR 2014; its form
+keyed to the document's length failed the cut test: where a document ends is a later token). Each test's docstring names a planted bug it was
 seen to catch."""
 
 import copy
@@ -91,6 +92,8 @@ EVAL = EvalSettings(eval_seq_len=24, eval_batch_tokens=96, sliding_stride=8, ttt
 LONG_EVAL = dataclasses.replace(EVAL, eval_seq_len=160, phased_ttt_chunk_tokens=16)
 NO_QV = dataclasses.replace(EVAL, phased_ttt_lora_sites="k,o,mlp,head", phased_ttt_local_lr_mult=0.75)
 K_O = dataclasses.replace(EVAL, phased_ttt_lora_sites="k,o")
+# PR 2014's small early chunks, by position in the document (its length-dependent form failed the cut test)
+CHUNK_SCHEDULE = dataclasses.replace(EVAL, phased_ttt_chunk_schedule="6:2,16:4")
 MODES = {
     "plain": lambda model, val: eval_stream(model, val, EVAL.eval_seq_len, 4, keep_token_scores=True),
     "sliding": lambda model, val: eval_stream(model, val, EVAL.eval_seq_len, 4, EVAL.sliding_stride,
@@ -103,12 +106,15 @@ MODES = {
     "ttt_phased_long": lambda model, val: eval_ttt_phased(model, val, LONG_EVAL, keep_token_scores=True),
     "ttt_phased_no_qv": lambda model, val: eval_ttt_phased(model, val, NO_QV, keep_token_scores=True),
     "ttt_phased_k_o": lambda model, val: eval_ttt_phased(model, val, K_O, keep_token_scores=True),
+    "ttt_phased_chunk_schedule": lambda model, val: eval_ttt_phased(model, val, CHUNK_SCHEDULE, keep_token_scores=True),
 }
 MODE_CONFIG = {"sliding_long": LONG_EVAL, "ttt_chunked_long": LONG_EVAL, "ttt_phased_long": LONG_EVAL,
-               "ttt_phased_no_qv": NO_QV, "ttt_phased_k_o": K_O}
-TTT_MODES = ("ttt_chunked", "ttt_phased", "ttt_chunked_long", "ttt_phased_long", "ttt_phased_no_qv", "ttt_phased_k_o")
-CUT_MODES = ("plain", "sliding", "ttt_chunked", "ttt_phased", "sliding_long", "ttt_phased_long", "ttt_phased_no_qv")
-PHASED_MODES = ("ttt_phased", "ttt_phased_long", "ttt_phased_no_qv", "ttt_phased_k_o")
+               "ttt_phased_no_qv": NO_QV, "ttt_phased_k_o": K_O, "ttt_phased_chunk_schedule": CHUNK_SCHEDULE}
+TTT_MODES = ("ttt_chunked", "ttt_phased", "ttt_chunked_long", "ttt_phased_long", "ttt_phased_no_qv", "ttt_phased_k_o",
+             "ttt_phased_chunk_schedule")
+CUT_MODES = ("plain", "sliding", "ttt_chunked", "ttt_phased", "sliding_long", "ttt_phased_long", "ttt_phased_no_qv",
+             "ttt_phased_chunk_schedule")
+PHASED_MODES = ("ttt_phased", "ttt_phased_long", "ttt_phased_no_qv", "ttt_phased_k_o", "ttt_phased_chunk_schedule")
 # Stream-order causality (the cut tests) holds for phased TTT only without the LoRA warm start: a warm
 # A factor carries what it learned from the longer documents scored earlier in the batch queue, which
 # may lie later in the stream. That is legal (scored before any update used it, in time order; the

@@ -521,6 +521,42 @@ def test_local_lr_multiplier_scales_only_the_per_document_lora_lr(model, val):
     assert max(abs(scaled[p] - unscaled[p]) for p in plain) > 1e-4
 
 
+def test_chunk_ends_follow_the_schedule_by_position():
+    """Reference: walk the targets one by one; a chunk closes after `chunk` targets of the rule in force at
+    its start, or at the rule's `until`, whichever comes first; past every rule, after the default."""
+    from train_gpt import chunk_ends, chunk_schedule_rules
+
+    for text, total, default in (("256:8,2000:24", 2100, 48), ("6:2,16:4", 30, 8), ("", 20, 8), ("5:3", 9, 4)):
+        rules, expected, start = chunk_schedule_rules(text), [], 0
+        for position in range(1, total + 200):
+            size, until = next(((c, u) for u, c in rules if start < u), (default, math.inf))
+            if position - start == size or position == until:
+                expected.append(position)
+                start = position
+                if position >= total:
+                    break
+        assert chunk_ends(total, rules, default) == expected, text
+    with pytest.raises(ValueError, match="PHASED_TTT_CHUNK_SCHEDULE"):
+        chunk_schedule_rules("256-8")
+
+
+def test_a_chunk_schedule_scores_as_the_runs_whose_chunks_it_shares(model, val):
+    """PHASED_TTT_CHUNK_SCHEDULE (PR 2014's small early chunks): "1000:4" is exactly PHASED_TTT_CHUNK_TOKENS=4,
+    and "16:4" scores each document's first 20 targets as that run (same chunks, same updates before
+    them), then differs (chunks of 8 after target 16)."""
+    runs = {name: nll_by_position(eval_ttt_phased(model, val, tiny_eval(phased_ttt_prefix_docs=0, **settings),
+                                                  keep_token_scores=True))
+            for name, settings in (("early4", dict(phased_ttt_chunk_schedule="16:4")),
+                                   ("all4_by_schedule", dict(phased_ttt_chunk_schedule="1000:4")),
+                                   ("all4", dict(phased_ttt_chunk_tokens=4)))}
+    assert max(abs(runs["all4_by_schedule"][p] - runs["all4"][p]) for p in runs["all4"]) < TOLERANCE
+    early = [p for doc in range(val.num_docs)
+             for p in range(int(val.doc_starts[doc]) + 1, min(int(val.doc_starts[doc]) + 21,
+                                                              int(val.target_ends(np.array([doc]))[0])))]
+    assert max(abs(runs["early4"][p] - runs["all4"][p]) for p in early) < TOLERANCE
+    assert max(abs(runs["early4"][p] - runs["all4"][p]) for p in runs["all4"]) > 1e-4
+
+
 @pytest.mark.parametrize("sites", ["k,o,mlp,head", "k,o"])
 def test_ttt_adapter_masks_put_adapters_only_on_the_chosen_sites(model, val, sites):
     """PHASED_TTT_LORA_SITES without q/v (PR 1953) or with k,o only (PR 2119): the adapters exist at exactly
@@ -548,6 +584,7 @@ def test_ttt_adapter_masks_put_adapters_only_on_the_chosen_sites(model, val, sit
                               phased_ttt_global_chunk_tokens=32768, phased_ttt_lora_alpha=96.0)),
     ("pr1855", "phased", dict(phased_ttt_lora_rank=80, phased_ttt_lora_alpha=144.0, phased_ttt_prefix_docs=2500,
                               phased_ttt_beta2=0.99, phased_ttt_local_lr_mult=1.0, eval_seq_len=2048,
+                              phased_ttt_chunk_schedule="",
                               phased_ttt_lora_sites="q,k,v,o,mlp,head")),
     ("pr1953", "phased", dict(eval_seq_len=2560, phased_ttt_lora_sites="k,o,mlp,head",
                               phased_ttt_local_lr_mult=0.75, phased_ttt_lora_rank=80, phased_ttt_prefix_docs=2500,
@@ -557,7 +594,7 @@ def test_ttt_adapter_masks_put_adapters_only_on_the_chosen_sites(model, val, sit
     ("pr2119", "phased", dict(eval_seq_len=2688, phased_ttt_lora_sites="k,o", phased_ttt_local_lr_mult=0.75)),
     ("pr2014", "phased", dict(eval_seq_len=3072, phased_ttt_lora_sites="k,o,mlp,head",
                               phased_ttt_local_lr_mult=0.75, phased_ttt_num_phases=1, phased_ttt_prefix_docs=2500,
-                              phased_ttt_docs_per_batch=24)),
+                              phased_ttt_docs_per_batch=24, phased_ttt_chunk_schedule="256:8,2000:24")),
 ])
 def test_each_published_preset_selects_its_ttt_system(preset, mode, expected):
     from train_gpt import Hyperparameters
