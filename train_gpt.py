@@ -179,7 +179,8 @@ class OptimSettings:
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.99  # AdamW beta2 (0.95 before PR 1855)
     adam_eps: float = 1e-8  # AdamW epsilon
-    grad_clip_norm: float = 0.3  # global gradient-norm clip; 0 = off
+    grad_clip_norm: float = 0.3  # gradient-norm clip; 0 = off
+    grad_clip_scope: str = "local"  # local: each rank clips its own gradient before averaging (PR 1736/1855) | global
     ema_decay: float = 0.9965  # EMA of weights (the EMA is what gets quantized); 0 = off
     train_log_every: int = 50  # log a step line every N steps
     checkpoint_every: int = 0  # write ARTIFACT_DIR/checkpoint.pt every N steps (0: never); final_model.pt: at the end
@@ -297,6 +298,7 @@ class Hyperparameters:
                    (model, "mlp_act", "leaky_relu2 relu2"), (quant, "quant_scheme", "gptq int8"),
                    (quant, "gptq_calibration_source", "train generated"),
                    (quant, "quant_compressor", "rans brotli lzma zlib"), (quant, "lqer_scheme", "pr1855 hessian"),
+                   (optim, "grad_clip_scope", "local global"),
                    (eval, "ttt_mode", "phased chunked")]
         for section, name, allowed in choices:
             allowed = allowed.split()
@@ -442,7 +444,8 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         data_path="./data/datasets/fineweb10B_sp8192", parallel_start_layer=7, qk_gain_init=5.25,
         gated_attn=False, matrix_lr=0.022, warmdown_frac=0.72, quant_mlp_clip_sigmas=12.85,
         quant_attn_clip_sigmas=12.85, quant_embed_bits=8, quant_embed_clip_sigmas=20.0, ttt_mode="chunked",
-        ttt_epochs=3, ttt_chunk_tokens=32768, sliding_window_enabled=True)),
+        ttt_epochs=3, ttt_chunk_tokens=32768, sliding_window_enabled=True,
+        grad_clip_scope="global")),  # DDP averages during backward: its clip sees the averaged gradient
     "pr1812": ("pr1493", dict(  # 4 TTT epochs on 64K chunks, split MLP weight decay, Adam wd 0.005
         ttt_epochs=4, ttt_chunk_tokens=65536, muon_weight_decay_mlp=0.115, embed_weight_decay=0.005,
         scalar_weight_decay=0.005, muon_momentum_warmup_steps=1000)),  # 22% of ~4,550 steps
@@ -1206,8 +1209,15 @@ class TrainingOptimizer:
             group["lr"] = group["base_lr"] * lr_scale
 
     def step(self) -> float:
-        """Average gradients across ranks, clip by the global norm, update. Returns the pre-clip norm."""
+        """Clip (GRAD_CLIP_SCOPE=local: this rank's own gradient, before averaging), average gradients
+        across ranks, clip (global: by the norm of the averaged gradient), update. Returns the norm of
+        the averaged gradient before a global clip."""
         _, world = distributed_info()
+        clip = self.config.grad_clip_norm
+        if clip > 0 and self.config.grad_clip_scope == "local":  # PR 1736/1855 clip before their all-reduce
+            params = [p for group in self.muon.param_groups for p in group["params"]] + self.adam_params
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
+            clip = 0.0
         shards = self.muon.reduce_gradients()
         adam_grads = [p.grad for p in self.adam_params if p.grad is not None]
         all_reduce_flat_(adam_grads, average=True)
@@ -1220,8 +1230,8 @@ class TrainingOptimizer:
         adam_sq = sum(g.float().square().sum() for g in adam_grads) if adam_grads else 0.0
         norm = float(torch.sqrt(muon_sq + adam_sq))
         scale = 1.0
-        if self.config.grad_clip_norm > 0 and norm > self.config.grad_clip_norm:
-            scale = self.config.grad_clip_norm / (norm + 1e-6)
+        if clip > 0 and norm > clip:
+            scale = clip / (norm + 1e-6)
             for grad in adam_grads:
                 grad.mul_(scale)
         self.muon.apply_updates(shards, grad_scale=scale)
