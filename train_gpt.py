@@ -3295,15 +3295,12 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
                                       weight_decay=config.phased_ttt_weight_decay)
     for chunk_index in range(-(-int(target_counts.max()) // chunk)):
         chunk_end = (chunk_index + 1) * chunk  # targets 1..chunk_end of each document seen
-        width = chunk_end - max(0, chunk_end - context)  # the same for every document: static shapes
-        # per document (PR 1855): the chunk ends at min(chunk_end, its last target), and its window is the
-        # `context` inputs before that, so a short last chunk still sees a full context
-        ends = np.minimum(chunk_end, target_counts)
-        window_starts = np.maximum(0, ends - context)  # document-relative index of the first input
-        active = target_counts > chunk_index * chunk
-        windows = np.stack([starts + window_starts, np.where(active, ends - window_starts, 0),
-                            chunk_index * chunk - window_starts], axis=1)
-        inputs, targets, positions, inside, in_chunk = gather_windows(val, windows, width=width)
+        # the window ends at the chunk's end even when the document ends sooner: PR 1855 ends a short last
+        # chunk's window at the document's end, so its context length would reveal where the document ends
+        window_start = max(0, chunk_end - context)  # document-relative index of the first input
+        windows = np.stack([starts + window_start, np.clip(target_counts - window_start, 0, chunk_end - window_start),
+                            np.full_like(starts, chunk_index * chunk - window_start)], axis=1)
+        inputs, targets, positions, inside, in_chunk = gather_windows(val, windows, width=chunk_end - window_start)
         more_chunks_follow = torch.as_tensor(target_counts > chunk_end, device=inputs.device)  # [B]: train on it
         train_now = adapt and bool(more_chunks_follow.any())
         with torch.set_grad_enabled(train_now):
