@@ -216,7 +216,8 @@ class OptimSettings:
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.99  # AdamW beta2 (0.95 before PR 1855)
     adam_eps: float = 1e-8  # AdamW epsilon
-    grad_clip_norm: float = 0.3  # global gradient-norm clip; 0 = off
+    grad_clip_norm: float = 0.3  # gradient-norm clip; 0 = off
+    grad_clip_scope: str = "local"  # local: each rank clips its own gradient before averaging (PR 1736/1855) | global
     ema_decay: float = 0.9965  # EMA of weights (the EMA is what gets quantized); 0 = off
     ema_horizon_frac: float = 0.0  # >0: EMA horizon 1/(1-decay) = this fraction of expected steps (not EMA_DECAY)
     train_log_every: int = 50  # log a step line every N steps
@@ -346,6 +347,7 @@ class Hyperparameters:
                    (model, "mlp_act", "leaky_relu2 relu2"), (quant, "quant_scheme", "gptq int8"),
                    (quant, "gptq_calibration_source", "train generated"),
                    (quant, "quant_compressor", "rans brotli lzma zlib"), (quant, "lqer_scheme", "pr1855 hessian"),
+                   (optim, "grad_clip_scope", "local global"),
                    (eval, "ttt_mode", "phased chunked")]
         for section, name, allowed in choices:
             allowed = allowed.split()
@@ -506,7 +508,8 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         data_path="./data/datasets/fineweb10B_sp8192", parallel_start_layer=7, qk_gain_init=5.25,
         gated_attn=False, matrix_lr=0.022, warmdown_frac=0.72, quant_mlp_clip_sigmas=12.85,
         quant_attn_clip_sigmas=12.85, quant_embed_bits=8, quant_embed_clip_sigmas=20.0, ttt_mode="chunked",
-        ttt_epochs=3, ttt_chunk_tokens=32768, sliding_window_enabled=True)),
+        ttt_epochs=3, ttt_chunk_tokens=32768, sliding_window_enabled=True,
+        grad_clip_scope="global")),  # DDP averages during backward: its clip sees the averaged gradient
     "pr1812": ("pr1493", dict(  # 4 TTT epochs on 64K chunks, split MLP weight decay, Adam wd 0.005
         ttt_epochs=4, ttt_chunk_tokens=65536, muon_weight_decay_mlp=0.115, embed_weight_decay=0.005,
         scalar_weight_decay=0.005, muon_momentum_warmup_steps=1000)),  # 22% of ~4,550 steps
@@ -1657,9 +1660,16 @@ class TrainingOptimizer:
             group["lr"] = group["base_lr"] * lr_scale
 
     def step(self) -> torch.Tensor:
-        """Average gradients across ranks, clip by the global norm, update. Returns the pre-clip norm as
-        a 0-dim tensor: the clip runs on the device, with no host sync."""
+        """Clip (GRAD_CLIP_SCOPE=local: this rank's own gradient, before averaging), average gradients
+        across ranks, clip (global: by the norm of the averaged gradient), update. Returns the norm of
+        the averaged gradient before a global clip as a 0-dim tensor: clipping runs on the device, with no
+        host sync."""
         _, world = distributed_info()
+        clip = self.config.grad_clip_norm
+        if clip > 0 and self.config.grad_clip_scope == "local":  # PR 1736/1855 clip before their all-reduce
+            params = [p for group in self.muon.param_groups for p in group["params"]] + self.adam_params
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
+            clip = 0.0
         shards = self.muon.reduce_gradients()
         adam_grads = [p.grad for p in self.adam_params if p.grad is not None]
         all_reduce_flat_(adam_grads, average=True)
@@ -1672,8 +1682,7 @@ class TrainingOptimizer:
         adam_sq = sum(g.float().square().sum() for g in adam_grads) if adam_grads else 0.0
         norm = torch.sqrt(muon_sq + adam_sq)
         scale = 1.0
-        if self.config.grad_clip_norm > 0:
-            clip = self.config.grad_clip_norm
+        if clip > 0:
             scale = torch.where(norm > clip, clip / (norm + 1e-6), torch.ones_like(norm))
             if adam_grads:
                 torch._foreach_mul_(adam_grads, scale)
@@ -4227,15 +4236,12 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
     rules = chunk_schedule_rules(config.phased_ttt_chunk_schedule) if adapter else []
     bounds = chunk_ends(int(target_counts.max()), rules, chunk)
     for chunk_start, chunk_end in zip([0] + bounds[:-1], bounds):  # targets chunk_start+1..chunk_end of each
-        width = chunk_end - max(0, chunk_end - context)  # the same for every document: static shapes
-        # per document (PR 1855): the chunk ends at min(chunk_end, its last target), and its window is the
-        # `context` inputs before that, so a short last chunk still sees a full context
-        ends = np.minimum(chunk_end, target_counts)
-        window_starts = np.maximum(0, ends - context)  # document-relative index of the first input
-        active = target_counts > chunk_start
-        windows = np.stack([starts + window_starts, np.where(active, ends - window_starts, 0),
-                            chunk_start - window_starts], axis=1)
-        inputs, targets, positions, inside, in_chunk = gather_windows(val, windows, width=width)
+        # the window ends at the chunk's end even when the document ends sooner: PR 1855 ends a short last
+        # chunk's window at the document's end, so its context length would reveal where the document ends
+        window_start = max(0, chunk_end - context)  # document-relative index of the first input
+        windows = np.stack([starts + window_start, np.clip(target_counts - window_start, 0, chunk_end - window_start),
+                            np.full_like(starts, chunk_start - window_start)], axis=1)
+        inputs, targets, positions, inside, in_chunk = gather_windows(val, windows, width=chunk_end - window_start)
         more_chunks_follow = torch.as_tensor(target_counts > chunk_end, device=inputs.device)  # [B]: train on it
         train_now = lora is not None and bool(more_chunks_follow.any())
         with torch.set_grad_enabled(train_now):

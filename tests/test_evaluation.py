@@ -404,9 +404,9 @@ def _pr1855_lora_ttt_reference(model, val, batches, config, site_dims, down_init
     batch (warm start; `down_init` for the first), a fresh AdamW, and scores each chunk of
     `phased_ttt_chunk_tokens` targets before one step on that chunk's mean NLL when a chunk follows.
     The batch's optimizer steps while any of its documents trains; a document that has stopped gets
-    zero gradients, so only weight decay moves its factors. Chunk c's window: the `eval_seq_len` inputs
-    before min((c + 1) * chunk, the document's last target) (PR 1855's _compute_chunk_window). Returns
-    {stream position: nll}."""
+    zero gradients, so only weight decay moves its factors. Chunk c's window: the inputs from
+    max(0, (c + 1) * chunk - eval_seq_len) on (deliberately not PR 1855's last-chunk window, which ends
+    at the document's end and so depends on where the document ends). Returns {stream position: nll}."""
     scale = config.phased_ttt_lora_alpha / config.phased_ttt_lora_rank
     down = {key: value.clone() for key, value in down_init.items()}  # key (site, layer, slot) -> [in, r]
     nll_at = {}
@@ -436,7 +436,7 @@ def _pr1855_lora_ttt_reference(model, val, batches, config, site_dims, down_init
             steps = 0
             for first in range(0, count, chunk):
                 last = min(first + chunk, count)
-                window = max(0, last - config.eval_seq_len)
+                window = max(0, first + chunk - config.eval_seq_len)
                 nll = model.per_token_nll(tokens[None, window:last], tokens[None, window + 1:last + 1], lora=adapter)[0]
                 for j in range(first, last):
                     nll_at[start + 1 + j] = float(nll[j - window].detach())

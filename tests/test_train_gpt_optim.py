@@ -156,8 +156,11 @@ def test_muon_group_update_is_one_batched_newton_schulz_equal_to_per_matrix_step
         torch.testing.assert_close(weights[index].detach(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_clipping_scales_by_the_global_norm():
-    h = tiny_h(GRAD_CLIP_NORM=1e-3)
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_gradient_clipping_scales_by_the_global_norm(scope):
+    """On one rank both scopes scale every gradient by clip / (norm + 1e-6); the returned norm is that of
+    the gradient the global clip sees (after the local clip, under local)."""
+    h = tiny_h(GRAD_CLIP_NORM=1e-3, GRAD_CLIP_SCOPE=scope)
     torch.manual_seed(0)
     model = train_gpt.GPT(h.model)
     optimizer = train_gpt.TrainingOptimizer(model, h.optim)
@@ -166,9 +169,63 @@ def test_gradient_clipping_scales_by_the_global_norm():
     expected_norm = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters())).item()
     embed_grad = model.tok_emb.weight.grad.clone()
     norm = optimizer.step()
-    assert norm.item() == pytest.approx(expected_norm, rel=1e-4)
+    assert norm.item() == pytest.approx(expected_norm if scope == "global" else 1e-3, rel=1e-4)
     # Adam grads were scaled in place before the update
     assert torch.allclose(model.tok_emb.weight.grad, embed_grad * (1e-3 / (expected_norm + 1e-6)), rtol=1e-4)
+
+
+def _clip_worker(rank, world_size, port, scope, queue):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        h = tiny_h(GRAD_CLIP_NORM=0.05, GRAD_CLIP_SCOPE=scope)
+        torch.manual_seed(0)
+        model = train_gpt.GPT(h.model)
+        optimizer = train_gpt.TrainingOptimizer(model, h.optim)
+        ids = random_tokens(2, 64, seed=rank)  # each rank its own batch: different gradients
+        model(ids, ids).backward()
+        local = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        grads = [None] * world_size
+        dist.all_gather_object(grads, local)
+        optimizer.step()
+        used = model.tok_emb.weight.grad  # what AdamW received on this rank
+        clip, embed = 0.05, "tok_emb.weight"
+
+        def factor(tensors):
+            norm = torch.sqrt(sum(t.square().sum() for t in tensors.values()))
+            return min(1.0, clip / (float(norm) + 1e-6))
+
+        if scope == "local":
+            expected = sum(g[embed] * factor(g) for g in grads) / world_size
+        else:
+            mean = {name: sum(g[name] for g in grads) / world_size for name in grads[0]}
+            expected = mean[embed] * factor(mean)
+        if rank == 0:  # plain floats through the queue
+            queue.put((float((used - expected).abs().max()), float(expected.abs().max()),
+                       [factor(g) for g in grads]))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_gradient_clip_scope_across_two_ranks(scope):
+    """PR 1855 clips each rank's own gradient (its all-reduce comes later): the averaged gradient is
+    mean_r(g_r * min(1, c / (|g_r| + 1e-6))). Global: mean_r(g_r) * min(1, c / (|mean_r g_r| + 1e-6)).
+    Checked on the embedding gradient that AdamW receives on rank 0."""
+    import socket
+
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.SimpleQueue()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.spawn(_clip_worker, args=(2, port, scope, queue), nprocs=2, join=True)
+    difference, magnitude, factors = queue.get()
+    assert max(factors) < 1  # both ranks clip, so the two scopes give different gradients
+    assert difference <= 1e-4 * magnitude
 
 
 def test_optimizer_state_round_trips_exactly():
