@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from audit_tokens import audit_token_nll
-from tg_helpers import random_eval_model
+from tg_helpers import random_documents, random_eval_model
 from train_gpt import (
     BOS_ID, EvalSettings, RunContext, eval_stream, eval_summary, eval_ttt_chunked, eval_ttt_phased, evaluate_after_training,
     find_documents, format_eval_line, load_val_data, make_val_data, piece_byte_counts, piece_byte_tables,
@@ -29,14 +29,7 @@ def tiny_model(seed: int = 0):
 
 
 def tiny_stream(seed: int = 0, num_docs: int = 12):
-    """Documents of 3..60 tokens, each BOS-first; byte counts 1..3 per token (BOS 0)."""
-    rng = np.random.default_rng(seed)
-    tokens, byte_counts = [], []
-    for _ in range(num_docs):
-        length = int(rng.integers(3, 61))
-        tokens += [BOS_ID] + rng.integers(2, VOCAB, length).tolist()
-        byte_counts += [0] + rng.integers(1, 4, length).tolist()
-    return np.array(tokens), np.array(byte_counts)
+    return random_documents(VOCAB, seed, num_docs)
 
 
 def tiny_val(seed: int = 0, num_docs: int = 12):

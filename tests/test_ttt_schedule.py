@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt
-from tg_helpers import random_eval_model
+from tg_helpers import random_documents, random_eval_model
 from train_gpt import (
     BOS_ID, AdapterSlots, EvalSettings, TokenScores, TTTWorkQueue, _document_batches,
     _score_and_adapt_documents, eval_ttt_phased, lora_site_dims, make_val_data, phase_pauses,
@@ -26,14 +26,7 @@ EVAL = EvalSettings(eval_seq_len=24, eval_batch_tokens=96, phased_ttt_lora_rank=
 
 
 def stream(seed: int = 0, num_docs: int = 14):
-    """BOS-first documents of 3..60 tokens; 1..3 bytes per token (BOS 0)."""
-    rng = np.random.default_rng(seed)
-    tokens, byte_counts = [], []
-    for _ in range(num_docs):
-        length = int(rng.integers(3, 61))
-        tokens += [BOS_ID] + rng.integers(2, VOCAB, length).tolist()
-        byte_counts += [0] + rng.integers(1, 4, length).tolist()
-    return make_val_data(np.array(tokens), np.array(byte_counts), vocab_size=VOCAB)
+    return make_val_data(*random_documents(VOCAB, seed, num_docs), vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")

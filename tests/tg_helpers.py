@@ -1,5 +1,6 @@
 """Small helpers shared by the train_gpt tests (tiny configurations, parameter perturbation)."""
 
+import numpy as np
 import torch
 
 import train_gpt
@@ -51,3 +52,14 @@ def random_eval_model(vocab_size: int, seed: int = 0) -> "train_gpt.GPT":
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.2)
     return model.eval()
+
+
+def random_documents(vocab_size: int, seed: int = 0, num_docs: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, byte_counts) of BOS-first documents of 3..60 random tokens; 1..3 bytes per token (BOS 0)."""
+    rng = np.random.default_rng(seed)
+    tokens, byte_counts = [], []
+    for _ in range(num_docs):
+        length = int(rng.integers(3, 61))
+        tokens += [train_gpt.BOS_ID] + rng.integers(2, vocab_size, length).tolist()
+        byte_counts += [0] + rng.integers(1, 4, length).tolist()
+    return np.array(tokens), np.array(byte_counts)
