@@ -37,7 +37,7 @@ only when packing. The one command (the run tool's `command`, from the repositor
 
 with timeout_s=600 (the check stops starting work after --budget-s; a compile already running can overrun
 it). Then copy the returned gpu_check.json to records/gpu_checks/<gpu-name>_<date>.json and commit it.
-Inductor compiles dominate the time (two training graphs, four eval warm-up graphs and any recompiles);
+Inductor compiles dominate the time (two training graphs, seven eval warm-up graphs for phased TTT and any recompiles);
 if the JSON shows eval skipped and device time is left, a second call runs only that part:
 `... benchmarks/gpu_check.py --sections eval --budget-s 300 --out $OUT/gpu_check_eval.json`. To use
 the real brotli there instead of the stub, carry its wheel: here run `echo /.whl/ >> .git/info/exclude;
@@ -486,7 +486,7 @@ def check_eval(h, shape: CheckShape, device: torch.device, backend: str, deadlin
                         max=int(split_lengths.max()),
                         shape=f"log-normal, sigma 1.1, clipped to [2, {shape.doc_max}] tokens (BOS included)")
     result = dict(status="ok", val_distribution=distribution)
-    if deadline.left() < (20 if shape.device == "cpu" else 90):  # the warm-up alone compiles four graphs
+    if deadline.left() < (20 if shape.device == "cpu" else 90):  # the warm-up alone compiles seven graphs
         return dict(status="skipped: time budget spent", val_distribution=distribution)
     model = build_model(h, backend, device)
     model.set_recurrence(True)
