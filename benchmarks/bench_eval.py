@@ -3,6 +3,7 @@
     python benchmarks/bench_eval.py                                   # random weights, synthetic docs
     python benchmarks/bench_eval.py --data DIR --train-steps 300      # a small model trained on DIR
                                                                       # (e.g. prepare_caseops_data.py --demo)
+    python benchmarks/bench_eval.py --compile inductor --sizes 16     # + every mode compiled vs eager
 
 Every mode scores the same tokens (every token after each document's BOS); tokens/s counts scored
 tokens. With --train-steps the model is first trained on DIR's train shard (AdamW, plain loop), so
@@ -12,6 +13,8 @@ the deltas are over quantized plain eval; the float model's plain eval is printe
 """
 
 import argparse
+import copy
+import dataclasses
 import glob
 import os
 import sys
@@ -25,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from train_gpt import (  # noqa: E402
     BOS_ID, EvalSettings, eval_stream, eval_ttt_chunked, eval_ttt_phased, load_val_data, make_val_data, read_shard,
 )
-from train_gpt import GPT, Hyperparameters  # noqa: E402
+from train_gpt import GPT, Hyperparameters, RunContext, compile_and_warm_up_eval, configure_compile  # noqa: E402
 
 
 def small_model(vocab_size, args):
@@ -36,7 +39,7 @@ def small_model(vocab_size, args):
     torch.manual_seed(0)
     model = GPT(h.model, attn_backend="sdpa")
     model.set_recurrence(True)
-    return model
+    return h, model
 
 
 def synthetic_val(num_docs, vocab_size, seed=0):
@@ -77,13 +80,17 @@ def train(model, data_dir, steps, seq_len, batch_rows):
     model.eval()
 
 
-def modes(args):
-    config = EvalSettings(eval_seq_len=args.seq_len, eval_batch_tokens=args.batch * args.seq_len,
+def eval_config(args):
+    return EvalSettings(eval_seq_len=args.seq_len, eval_batch_tokens=args.batch * args.seq_len,
                           sliding_stride=args.stride, ttt_chunk_tokens=args.ttt_chunk, ttt_epochs=args.ttt_epochs,
                           ttt_lr=args.ttt_lr, ttt_batch_seqs=16, phased_ttt_lora_rank=8, phased_ttt_lr=args.lora_lr,
                           phased_ttt_chunk_tokens=48, phased_ttt_docs_per_batch=args.docs_per_batch,
                           phased_ttt_prefix_docs=args.prefix_docs, phased_ttt_num_phases=3,
                           phased_ttt_global_lr=args.global_lr, phased_ttt_global_chunk_tokens=args.ttt_chunk)
+
+
+def modes(args):
+    config = eval_config(args)
     return {
         "plain": lambda model, val: eval_stream(model, val, args.seq_len, args.batch),
         "sliding": lambda model, val: eval_stream(model, val, args.seq_len, args.batch, args.stride),
@@ -113,6 +120,8 @@ def main():
     parser.add_argument("--prefix-docs", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize", action="store_true", help="evaluate an RTN int6 copy (see docstring)")
+    parser.add_argument("--compile", default="", help="also run every mode compiled with this torch.compile "
+                        "backend (inductor | aot_eager | eager) after the run's eval warm-up, vs eager")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -120,7 +129,7 @@ def main():
         full_val = load_val_data(os.path.join(args.data, "fineweb_val_[0-9]*.bin"), args.vocab_size)
     else:
         full_val = synthetic_val(max(args.docs, *map(int, args.sizes.split(","))), args.vocab_size)
-    model = small_model(args.vocab_size, args)
+    h, model = small_model(args.vocab_size, args)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {args.layers} layers x {args.dim}, "
           f"seq_len {args.seq_len}, torch threads {args.threads}")
     if args.train_steps:
@@ -139,12 +148,14 @@ def main():
         print(f"{'pre_quant':<12} {pre_quant['val_bpb']:9.4f} {'':>8} {pre_quant['eval_time_s']:8.2f}")
         settings = QuantSettings(quant_small_tensor_numel=1024, lqer_enabled=False)  # no Hessians: round-to-nearest
         model = load_quantized_into(copy.deepcopy(model), quantize_model_state(model.state_dict(), {}, settings))
-    baseline = None
+    baseline, eager_results = None, {}
     for name, run in modes(args).items():
-        result = run(model, val)
+        result = eager_results[name] = run(model, val)
         baseline = baseline if baseline is not None else result["val_bpb"]
         print(f"{name:<12} {result['val_bpb']:9.4f} {result['val_bpb'] - baseline:+8.4f} "
               f"{result['eval_time_s']:8.2f} {result['scored_tokens'] / result['eval_time_s']:9.0f}", flush=True)
+    if args.compile:
+        compare_compiled(args, h, model, val, eager_results)
 
     print("\nTTT time vs validation size")
     print(f"{'docs':>5} {'tokens':>7} {'chunked_s':>10} {'phased_s':>9} {'sliding_s':>10}")
@@ -153,6 +164,28 @@ def main():
         runs = modes(args)
         times = [runs[name](model, subset)["eval_time_s"] for name in ("ttt_chunked", "ttt_phased", "sliding")]
         print(f"{subset.num_docs:5d} {subset.num_tokens:7d} {times[0]:10.2f} {times[1]:9.2f} {times[2]:10.2f}",
+              flush=True)
+
+
+def compare_compiled(args, h, model, val, eager_results):
+    """Every mode again on a copy compiled as a run compiles it (compile_eval_forward + the warm-up on
+    random tokens), with the graphs each mode still compiled inside its timed eval (should be 0)."""
+    from torch._dynamo.utils import counters
+
+    configure_compile(args.compile)
+    h = dataclasses.replace(h, eval=eval_config(args))
+    compiled, spare = copy.deepcopy(model), copy.deepcopy(model)
+    context = RunContext("", lambda line: None, torch.device("cpu"), compile_backend=args.compile)
+    warm_up_s = compile_and_warm_up_eval(h, spare, compiled, context)
+    print(f"\ncompiled ({args.compile}): warm-up {warm_up_s:.1f}s, {counters['stats']['unique_graphs']} graphs, "
+          f"{sum(counters['graph_break'].values())} graph breaks")
+    print(f"{'mode':<12} {'eager tok/s':>11} {'compiled':>9} {'speedup':>8} {'bpb diff':>9} {'graphs in eval':>15}")
+    for name, run in modes(args).items():
+        before = counters["stats"]["unique_graphs"]
+        result, eager = run(compiled, val), eager_results[name]
+        eager_rate, rate = (r["scored_tokens"] / r["eval_time_s"] for r in (eager, result))
+        print(f"{name:<12} {eager_rate:11.0f} {rate:9.0f} {rate / eager_rate:7.2f}x "
+              f"{result['val_bpb'] - eager['val_bpb']:+9.1e} {counters['stats']['unique_graphs'] - before:15d}",
               flush=True)
 
 

@@ -9,6 +9,8 @@ model FLOP/s / measured peak. bf16 autocast is measured only where the bf16 peak
 
     python benchmarks/bench_train.py            # about 2-3 minutes on 2 idle cores
     python benchmarks/bench_train.py --quick    # record shape at seq 512, one timed step
+    python benchmarks/bench_train.py --compile inductor   # only: compiled vs eager at a small shape,
+                                                          # with compile counts and compile time
 """
 
 import argparse
@@ -89,11 +91,49 @@ def bench_shape(name: str, env: dict, batch: int, steps: int, recurrence: bool, 
                 tokens_per_s=tokens / seconds, optimizer_s=optimizer_seconds)
 
 
+def compiled_vs_eager(backend: str, steps: int = 4) -> None:
+    """Training forward + backward as train_model runs it (layout built outside, `forward_backward`),
+    eager and torch.compile(fullgraph=True, dynamic=False) at the tiny preset's shape, recurrence off
+    and on; with the graphs compiled, graph breaks and compile seconds (first call of each state)."""
+    from torch._dynamo.utils import counters
+
+    h = train_gpt.Hyperparameters.from_env(dict(PRESET="tiny", VOCAB_SIZE="1024"))
+    train_gpt.configure_compile(backend)
+    accum, rows = h.data.batch_layout(1)
+    ids = torch.randint(8, h.model.vocab_size, (rows, h.data.train_seq_len), generator=torch.Generator().manual_seed(0))
+    ids[:, ::37] = train_gpt.BOS_ID  # a few documents per row
+    batches = [(ids, ids.roll(-1, 1))]
+    tokens = ids.numel()
+    print(f"tiny preset: {rows} x {h.data.train_seq_len} tokens per micro-step, {torch.get_num_threads()} threads")
+    for label in ("eager", backend):
+        torch.manual_seed(0)
+        model = train_gpt.GPT(h.model, "sdpa")
+        optimizer = train_gpt.TrainingOptimizer(model, h.optim)
+        forward = model if label == "eager" else torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
+        for recurrence in (False, True):
+            model.set_recurrence(recurrence)
+            graphs = counters["stats"]["unique_graphs"]
+            start = time.perf_counter()
+            train_gpt.forward_backward(forward, batches, optimizer, "sdpa", "fp32").item()
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(steps):
+                train_gpt.forward_backward(forward, batches, optimizer, "sdpa", "fp32").item()
+            rate = tokens * steps / (time.perf_counter() - start)
+            print(f"  {label:9s} recurrence {'on ' if recurrence else 'off'}: {rate:8.0f} tok/s fwd+bwd, first call "
+                  f"{first:6.1f}s, graphs compiled {counters['stats']['unique_graphs'] - graphs}, graph breaks "
+                  f"{sum(counters['graph_break'].values())}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller record batch and fewer steps")
+    parser.add_argument("--compile", default="", help="only compare compiled (this backend) vs eager training")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
+    if args.compile:
+        compiled_vs_eager(args.compile)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s")

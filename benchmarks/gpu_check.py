@@ -18,7 +18,9 @@ What it measures, section by section, each written to the JSON as soon as it fin
                 inside the scored eval (the warm-up should have made them), the second is the steady state,
                 projected to the 50,000-document split on 8 GPUs; peak memory of one full-size TTT batch
                 (64 documents, LoRA rank 80, context 2048)
-  triton_kernels  placeholder: train_gpt.py has no Triton kernels of its own yet
+  triton_kernels  FUSED_MLP and FUSED_CE vs their PyTorch references in bf16 at the record width (16,384
+                tokens, width 512, MLP 2048, vocab 8192): max difference of the output and of every input
+                gradient, and forward+backward milliseconds of kernel and reference (CUDA + triton only)
 
 A hard time budget (--budget-s, 450 s on GPU) is checked before every section and between the steps of
 a section; a section that does not fit is recorded as skipped, and the JSON is rewritten (atomically)
@@ -37,7 +39,7 @@ only when packing. The one command (the run tool's `command`, from the repositor
 
 with timeout_s=600 (the check stops starting work after --budget-s; a compile already running can overrun
 it). Then copy the returned gpu_check.json to records/gpu_checks/<gpu-name>_<date>.json and commit it.
-Inductor compiles dominate the time (two training graphs, four eval warm-up graphs and any recompiles);
+Inductor compiles dominate the time (two training graphs, seven eval warm-up graphs for phased TTT and any recompiles);
 if the JSON shows eval skipped and device time is left, a second call runs only that part:
 `... benchmarks/gpu_check.py --sections eval --budget-s 300 --out $OUT/gpu_check_eval.json`. To use
 the real brotli there instead of the stub, carry its wheel: here run `echo /.whl/ >> .git/info/exclude;
@@ -128,7 +130,7 @@ SMOKE_SHAPE = CheckShape(env=dict(PRESET="tiny", VOCAB_SIZE="512", NUM_LAYERS="1
                                   PHASED_TTT_LORA_RANK="4"),
                          device="cpu", compile_backend="eager", autocast="fp32", micro_rows=4, accum=2,
                          timed_steps=1, doc_mean=24.0, doc_max=200, plain_docs=48, ttt_docs=12, agreement_rows=2,
-                         budget_s=120.0)
+                         budget_s=160.0)  # the eval warm-up traces 7 graphs (one-row batches too)
 
 
 # --- helpers: clock, memory, counters, synthetic data ---------------------------------------------
@@ -285,6 +287,49 @@ def build_model(h, backend: str, device: torch.device, seed: int = 0) -> "train_
 
 
 # --- sections ----------------------------------------------------------------------------------------
+
+
+def check_triton_kernels(device: torch.device, tokens: int = 16384) -> dict:
+    """Each Triton kernel of train_gpt.py against its PyTorch reference, forward and backward, in bf16."""
+    if device.type != "cuda" or not train_gpt.triton_available():
+        return dict(status="skipped: needs CUDA and triton")
+    try:
+        return compare_triton_kernels(device, tokens)
+    except Exception as error:  # a kernel that fails here must not cost the rest of the check
+        return dict(status=f"error: {type(error).__name__}: {error}")
+
+
+def compare_triton_kernels(device: torch.device, tokens: int) -> dict:
+    train_gpt.fused_ops()
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def leaves(*shapes_and_scales):
+        return [(torch.randn(shape, generator=generator) * scale).to(device, torch.bfloat16).requires_grad_(True)
+                for shape, scale in shapes_and_scales]
+
+    def compare(fused, reference, inputs, extra=()):
+        results, times = [], []
+        for function in (fused, reference):
+            copies = [tensor.detach().clone().requires_grad_(True) for tensor in inputs]
+            out = function(*copies, *extra)
+            out.float().square().mean().backward()
+            results.append([out.detach().float()] + [copy.grad.float() for copy in copies])
+            def step():
+                out = function(*copies, *extra)
+                out.float().square().mean().backward()
+            step()
+            times.append(min(timed(device, step)[0] for _ in range(5)) * 1e3)
+        differences = [float((a - b).abs().max()) for a, b in zip(*results)]
+        return dict(max_abs_difference=dict(zip(["output"] + [f"grad_{i}" for i in range(len(inputs))], differences)),
+                    fused_ms=times[0], reference_ms=times[1], speedup=times[1] / times[0])
+
+    x, up, down = leaves(((tokens, 512), 1.0), ((2048, 512), 0.04), ((512, 2048), 0.02))
+    mlp = compare(train_gpt.FusedLeakyReLU2MLP.apply,
+                  lambda x, up, down: train_gpt.leaky_relu2(x @ up.T) @ down.T, [x, up, down])
+    logits, = leaves(((tokens, 8192), 5.0))
+    targets = torch.randint(0, 8192, (tokens,), generator=generator).to(device)
+    ce = compare(train_gpt.fused_softcapped_nll, train_gpt.softcapped_nll_reference, [logits], (targets, 30.0))
+    return dict(status="ok", fused_mlp=mlp, fused_ce=ce)
 
 
 def check_environment(shape: CheckShape, device: torch.device, backend: str) -> dict:
@@ -488,7 +533,7 @@ def check_eval(h, shape: CheckShape, device: torch.device, backend: str, deadlin
                         max=int(split_lengths.max()),
                         shape=f"log-normal, sigma 1.1, clipped to [2, {shape.doc_max}] tokens (BOS included)")
     result = dict(status="ok", val_distribution=distribution)
-    if deadline.left() < (20 if shape.device == "cpu" else 90):  # the warm-up alone compiles four graphs
+    if deadline.left() < (20 if shape.device == "cpu" else 90):  # the warm-up alone compiles seven graphs
         return dict(status="skipped: time budget spent", val_distribution=distribution)
     model = build_model(h, backend, device)
     model.set_recurrence(True)
@@ -628,7 +673,7 @@ def run_sections(shape: CheckShape, mode: str, out: str, backend_request: str, s
         timespec="seconds"), budget_s=shape.budget_s, preset=h.run.preset,
         model=dict(num_layers=h.model.num_layers, model_dim=h.model.model_dim, vocab_size=h.model.vocab_size,
                    train_seq_len=h.data.train_seq_len, eval_seq_len=h.eval.eval_seq_len),
-        sections={}, triton_kernels="none in train_gpt.py yet", complete=False)
+        sections={}, triton_kernels=check_triton_kernels(device), complete=False)
     sections = {"environment": lambda: dict(environment=dict(status="ok", **check_environment(shape, device, backend))),
                 "agreement": lambda: dict(agreement=dict(status="ok", **check_agreement(h, shape, device, deadline))),
                 "training": lambda: check_training(h, shape, device, backend, deadline),
@@ -718,7 +763,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="every section at a tiny shape on CPU")
     parser.add_argument("--out", help="JSON path (default records/gpu_checks/<gpu-name>_<date>.json)")
-    parser.add_argument("--budget-s", type=float, help="hard time budget in seconds (GPU 450, smoke 120)")
+    parser.add_argument("--budget-s", type=float, help="hard time budget in seconds (GPU 450, smoke 160)")
     parser.add_argument("--attn-backend", default=None, help="training/eval attention backend (GPU default auto, "
                                                                   "smoke default varlen)")
     parser.add_argument("--compile-backend", default=None, help="inductor | aot_eager | eager")
