@@ -4502,9 +4502,11 @@ def compile_and_warm_up_eval(h: Hyperparameters, model: GPT, quantized: GPT, con
         # ... also for one row: dynamic shapes still specialize a size of 1 (a last eval batch or a last
         # SGD step of a single row would otherwise compile inside the timed eval) ...
         warm_up_on_random_tokens(quantized, vocab, seq_len, batch_size=1)
-        if config.ngram_tilt:  # ... tilted scoring: target and hint from one forward, [B, T, 2] targets ...
+        candidates = 2 if config.ngram_tilt else 1  # tilted scoring: target and hint from one forward
+        if candidates > 1:  # ... [B, T, 2] targets ...
             for rows in (2, 1):
-                warm_up_on_random_tokens(quantized, vocab, seq_len, batch_size=rows, backward=False, candidates=2)
+                warm_up_on_random_tokens(quantized, vocab, seq_len, batch_size=rows, backward=False,
+                                         candidates=candidates)
         if config.ttt_enabled and config.ttt_mode == "phased":
             # ... and frozen weights: scoring with and without a LoRA, LoRA steps (its batch dim is static)
             for param in quantized.parameters():
