@@ -516,9 +516,9 @@ def test_local_lr_multiplier_scales_only_the_per_document_lora_lr(model, val):
 
 def test_phased_global_sgd_matches_pr1855_schedule_and_skips_the_last_chunk(model, val, monkeypatch):
     """PR 1855's global SGD (train_val_ttt_global_sgd_distributed) written out from its description: the
-    documents concatenated, C = ceil(targets / chunk) chunks; chunk c (c < C - 1) is one SGD step
-    (momentum 0.9, gradient clipped to norm 1) on the mean loss of its rows of EVAL_SEQ_LEN from the
-    chunk start, lr = base * 0.5 * (1 + cos(pi c / (C - 1))); the last chunk is never trained. Checks the
+    documents concatenated (without PR's doubled BOS at joins, PARITY row 115), C = ceil(targets / chunk)
+    chunks; chunk c (c < C - 1) is one SGD step (momentum 0.9, gradient clipped to norm 1) on the mean
+    loss of its rows of EVAL_SEQ_LEN from the chunk start, lr = base * 0.5 * (1 + cos(pi c / (C - 1))); the last chunk is never trained. Checks the
     lr of every step, the stream positions it read, and the weights after. Fails with the old schedule
     (every chunk trained, lr over cos(pi c / C))."""
     from train_gpt import _global_sgd
