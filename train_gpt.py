@@ -4268,7 +4268,8 @@ def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, co
 def _global_sgd(model: GPT, val: ValData, doc_ids: np.ndarray, config: EvalSettings, audit: Callable | None) -> None:
     """All weights, SGD with momentum, over the given (already scored) documents concatenated in that
     order, each with its targets (its own tokens, then the next document's BOS), in chunks of
-    PHASED_TTT_GLOBAL_CHUNK_TOKENS, one step per chunk, cosine learning rate."""
+    PHASED_TTT_GLOBAL_CHUNK_TOKENS, one step per chunk; the learning rate follows a cosine from
+    PHASED_TTT_GLOBAL_LR at the first chunk to 0 at the last, which is therefore skipped (PR 1855)."""
     spans = [np.arange(start, end) for start, end in zip(val.doc_starts[doc_ids], val.target_ends(doc_ids) - 1)]
     source = np.concatenate(spans)  # stream position of each token of the concatenation
     last = int(doc_ids[-1])
@@ -4283,9 +4284,9 @@ def _global_sgd(model: GPT, val: ValData, doc_ids: np.ndarray, config: EvalSetti
         param.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=config.phased_ttt_global_lr, momentum=config.phased_ttt_global_momentum)
     chunk_starts = list(range(1, docs.num_tokens, config.phased_ttt_global_chunk_tokens))
-    for chunk_index, first_target in enumerate(chunk_starts):
+    for chunk_index, first_target in enumerate(chunk_starts[:-1]):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine(config.phased_ttt_global_lr, chunk_index, len(chunk_starts))
+            group["lr"] = _cosine(config.phased_ttt_global_lr, chunk_index, len(chunk_starts) - 1)
         chunk_end = min(first_target + config.phased_ttt_global_chunk_tokens, docs.num_tokens)
         _train_on_targets(model, docs, first_target, chunk_end, config.eval_seq_len, rows_per_step=10**9,
                           params=params, optimizer=optimizer, epochs=config.phased_ttt_global_epochs,

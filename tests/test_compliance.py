@@ -81,11 +81,12 @@ def val_from(tokens: np.ndarray):
 
 # context 24, forward batches of 4 rows; chunked TTT in chunks of 48 targets; phased TTT: 6 prefix
 # documents (the first 6 of the longest-first queue) in 3 phases (then the rest), LoRA chunks of 8 tokens, 3 documents per batch,
-# LoRA scale 1 (alpha = rank) so float noise is not amplified past the tolerance
+# LoRA scale 1 (alpha = rank) so float noise is not amplified past the tolerance; global SGD in chunks of 16 so that
+# every phase takes steps and its last chunk (never trained) is short: a document leaked into a phase gets trained on
 EVAL = EvalSettings(eval_seq_len=24, eval_batch_tokens=96, sliding_stride=8, ttt_chunk_tokens=48, ttt_epochs=2,
                     ttt_lr=0.05, ttt_batch_seqs=2, phased_ttt_lora_rank=4, phased_ttt_lora_alpha=4.0, phased_ttt_lr=0.01,
                     phased_ttt_chunk_tokens=8, phased_ttt_docs_per_batch=3, phased_ttt_prefix_docs=6,
-                    phased_ttt_num_phases=3, phased_ttt_global_lr=0.01, phased_ttt_global_chunk_tokens=64)
+                    phased_ttt_num_phases=3, phased_ttt_global_lr=0.01, phased_ttt_global_chunk_tokens=16)
 # Long-context eval (PR 1953): a context of 160, above the TRAIN_SEQ_LEN 128 of the tiny preset the model
 # comes from, on a stream with two documents longer than that (phased TTT windows are per document).
 # TTT adapter masks: without Q and V (PR 1953, with its local lr x0.75) and K+O only (PR 2119).
@@ -301,7 +302,8 @@ def test_phased_ttt_past_its_projected_budget_still_scores_before_every_update(m
     the rest is scored on the fast path (no LoRA, longer chunks), global SGD stops; every target is
     still scored exactly once and no update reads a token scored only after it. (Keeping the budget is
     tested in test_ttt_schedule.py; 4 batches are too coarse for it.)"""
-    val = val_from(unique_token_stream())
+    tokens = unique_token_stream()
+    val = val_from(tokens)
     config = EvalSettings(**{**EVAL.__dict__, "phased_ttt_prefix_docs": 3})
     full = Clocked(model)
     eval_ttt_phased(full, val, config, clock=full.clock)

@@ -514,6 +514,67 @@ def test_local_lr_multiplier_scales_only_the_per_document_lora_lr(model, val):
     assert max(abs(scaled[p] - unscaled[p]) for p in plain) > 1e-4
 
 
+def test_phased_global_sgd_matches_pr1855_schedule_and_skips_the_last_chunk(model, val, monkeypatch):
+    """PR 1855's global SGD (train_val_ttt_global_sgd_distributed) written out from its description: the
+    documents concatenated (without PR's doubled BOS at joins, PARITY row 115), C = ceil(targets / chunk)
+    chunks; chunk c (c < C - 1) is one SGD step (momentum 0.9, gradient clipped to norm 1) on the mean
+    loss of its rows of EVAL_SEQ_LEN from the chunk start, lr = base * 0.5 * (1 + cos(pi c / (C - 1))); the last chunk is never trained. Checks the
+    lr of every step, the stream positions it read, and the weights after. Fails with the old schedule
+    (every chunk trained, lr over cos(pi c / C))."""
+    from train_gpt import _global_sgd
+
+    seq_len, chunk, base_lr, momentum = 8, 24, 0.05, 0.9
+    config = tiny_eval(eval_seq_len=seq_len, phased_ttt_global_chunk_tokens=chunk, phased_ttt_global_lr=base_lr,
+                       phased_ttt_global_momentum=momentum, phased_ttt_global_grad_clip=1.0)
+    doc_ids = np.array([4, 1, 7, 2])  # an order that is not the stream's
+    starts, lengths = val.doc_starts[doc_ids], val.doc_lengths[doc_ids]
+    # each document's tokens (BOS first), then the BOS of the document after the last one
+    concat = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)] + [[starts[-1] + lengths[-1]]])
+    num_chunks = -(-(concat.size - 1) // chunk)
+    assert num_chunks >= 4
+    expected_lrs, expected_reads = [], []
+    for c in range(num_chunks - 1):
+        rows = (min((c + 1) * chunk, concat.size - 1) - c * chunk) // seq_len
+        expected_lrs.append(base_lr * 0.5 * (1 + math.cos(math.pi * c / (num_chunks - 1))))
+        expected_reads.append(concat[c * chunk: c * chunk + rows * seq_len + 1])  # inputs and targets
+
+    reference = copy.deepcopy(model)
+    params = list(reference.parameters())
+    buffers = [None] * len(params)
+    for lr, read in zip(expected_lrs, expected_reads):
+        tokens = val.tokens[torch.as_tensor(read)]
+        inputs, targets = tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
+        for param in params:
+            param.requires_grad_(True)
+            param.grad = None
+        reference.per_token_nll(inputs, targets).mean().backward()
+        norm = torch.sqrt(sum((param.grad.double() ** 2).sum() for param in params))
+        scale = min(1.0, 1.0 / (float(norm) + 1e-6))
+        with torch.no_grad():
+            for i, param in enumerate(params):
+                grad = param.grad * scale
+                buffers[i] = grad.clone() if buffers[i] is None else momentum * buffers[i] + grad
+                param -= lr * buffers[i]
+
+    lrs, recorder = [], Recorder()
+    original_step = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    ours = copy.deepcopy(model)
+    _global_sgd(ours, val, doc_ids, config, recorder)
+    assert lrs == pytest.approx(expected_lrs, rel=1e-12, abs=1e-15) and lrs[-1] > 0
+    reads = [positions for event, positions in recorder.events if event == "update"]
+    assert len(reads) == len(expected_reads)
+    assert all(np.array_equal(np.unique(got), np.unique(want)) for got, want in zip(reads, expected_reads))
+    for (name, got), want in zip(ours.named_parameters(), reference.parameters()):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), name
+    assert max(float((a - b).detach().abs().max()) for a, b in zip(ours.parameters(), model.parameters())) > 1e-4
+
+
 def test_chunk_ends_follow_the_schedule_by_position():
     """Reference: walk the targets one by one; a chunk closes after `chunk` targets of the rule in force at
     its start, or at the rule's `until`, whichever comes first; past every rule, after the default."""
