@@ -33,6 +33,9 @@ def test_top_training_rung_is_the_small_preset_training_at_the_ladder_shape():
     top_env = bench_ladder.rung_envs("/nonexistent", steps=40, val_docs=8)[-1]
     shape = {k: v for k, v in top_env.items() if k in bench_ladder.LADDER_SHAPE or k in ("ITERATIONS",)}
     shape.update(TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", ROPE_DIMS="8", PRESET="small")
+    assert shape.pop("ORTHOGONAL_INIT") == "0"  # off on every rung until the ladder is rerun with it
+    assert train_gpt.Hyperparameters.from_env(shape).model.orthogonal_init
+    shape["ORTHOGONAL_INIT"] = "0"
     top, small = train_gpt.Hyperparameters.from_env(top_env), train_gpt.Hyperparameters.from_env(shape)
     assert top.model == small.model
     ignored = {"muon_momentum_warmup_steps"}  # unused once MUON_MOMENTUM_WARMUP_FRAC > 0
