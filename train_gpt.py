@@ -3060,9 +3060,9 @@ def minify_source(source):
         # fields, looked up by string from env names) are never renamed
         rename_locals=True,
         # module-level names too: the packed script is only ever executed, never imported (tests and
-        # tools import this file). SECTIONS keeps its name: docs/env_table.knob_names finds the
-        # settings of a packed script through it.
-        rename_globals=True, preserve_globals=["SECTIONS"],
+        # tools import this file). Kept: SECTIONS (docs/env_table.knob_names finds the settings of a
+        # packed script through it) and triton_kernels (a test runs the packed script's kernels)
+        rename_globals=True, preserve_globals=["SECTIONS", "triton_kernels"],
         # off: asserts and `if __debug__` checks are behaviour
         remove_asserts=False,
         remove_debug=False,
