@@ -13,7 +13,9 @@ longer eval context helps only a model that can use it), and differences of a fe
 Adding a mechanism is one line in MECHANISMS: (name, env overrides).
 
     python benchmarks/bench_frontier.py            # 2 seeds, 150 steps (the tiny preset), 64 val documents
-    python benchmarks/bench_frontier.py --quick    # 1 seed, 40 steps, 24 val documents: ~15 minutes on 2 busy cores
+    python benchmarks/bench_frontier.py --quick    # 1 seed, 40 steps, 24 val documents: ~12 minutes on 2 busy cores
+
+README.md ("Presets of the open record candidates") quotes one --quick table.
 """
 
 import argparse
