@@ -209,6 +209,7 @@ class OptimSettings:
     muon_row_normalize: bool = True  # MuonEq-R: normalize update rows before Newton-Schulz
     muon_weight_decay: float = 0.095  # decoupled weight decay of Muon matrices
     muon_weight_decay_mlp: float = -1.0  # weight decay of MLP matrices; <0 = MUON_WEIGHT_DECAY (PR 1812: 0.115)
+    weight_decay_schedule: str = ""  # "hold,ramp,low,high": all WD x1 until progress hold, linear to x low at ramp, to x high at the end (PR 2020: 0.4,0.85,0.5,1.75); empty = constant
     embed_lr: float = 0.03  # AdamW learning rate of the tied embedding
     embed_weight_decay: float = 0.085  # AdamW weight decay of the tied embedding
     scalar_lr: float = 0.02  # AdamW learning rate of gains, gates, mixes and skip weights
@@ -222,6 +223,20 @@ class OptimSettings:
     ema_horizon_frac: float = 0.0  # >0: EMA horizon 1/(1-decay) = this fraction of expected steps (not EMA_DECAY)
     train_log_every: int = 50  # log a step line every N steps
     checkpoint_every: int = 0  # write ARTIFACT_DIR/checkpoint.pt every N steps (0: never); final_model.pt: at the end
+
+    def weight_decay_points(self) -> tuple[float, float, float, float] | None:
+        """WEIGHT_DECAY_SCHEDULE as (hold, ramp, low, high), or None when empty (constant decay)."""
+        if not self.weight_decay_schedule.strip():
+            return None
+        try:
+            hold, ramp, low, high = (float(item) for item in self.weight_decay_schedule.split(","))
+        except ValueError:
+            raise ValueError(f"WEIGHT_DECAY_SCHEDULE={self.weight_decay_schedule!r}: use hold,ramp,low,high "
+                             f"(e.g. 0.4,0.85,0.5,1.75)") from None
+        require(0 <= hold < ramp <= 1 and low >= 0 and high >= 0,
+                f"WEIGHT_DECAY_SCHEDULE={self.weight_decay_schedule!r}: needs 0 <= hold < ramp <= 1, low and "
+                f"high >= 0")
+        return hold, ramp, low, high
 
 
 @dataclass
@@ -383,6 +398,7 @@ class Hyperparameters:
                 f"GPTQ_GENERATED_SEQ_LEN={quant.gptq_generated_seq_len} must be >= 2 and GPTQ_GENERATED_TEMPERATURE="
                 f"{quant.gptq_generated_temperature} > 0")
         chunk_schedule_rules(eval.phased_ttt_chunk_schedule)  # raises naming the variable
+        optim.weight_decay_points()  # raises naming the variable
         sites = [site.strip() for site in eval.phased_ttt_lora_sites.split(",") if site.strip()]
         require(bool(sites) and all(site in LORA_SITES for site in sites),
                 f"PHASED_TTT_LORA_SITES={eval.phased_ttt_lora_sites!r}: use a comma-separated subset of "
@@ -536,6 +552,10 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
     # PR 2135 (1.05651): PR 2130 with 32 GPTQ calibration batches
     "pr2135": ("pr2130", dict(
         gptq_calibration_batches=32)),
+    # PR 2020 (1.05957, one seed): PR 1855's settings on PR 1851's graph with its "wd_strong" weight-decay
+    # schedule and an 8 s GPTQ reserve; its all-rank Hessian average is what collect_hessians always does
+    "pr2020": ("pr1855", dict(
+        weight_decay_schedule="0.4,0.85,0.5,1.75", gptq_reserve_seconds=8.0)),
     # Open record candidates after PR 1855 (3-seed means on 8xH100), with the asymmetric logit rescale of
     # their PR 1945 base
     "pr1953": ("pr1855", dict(  # 1.05855: eval at 2560 (trained at 2048), TTT LoRA without Q/V, local lr x0.75
@@ -1483,6 +1503,20 @@ def muon_momentum_at(step: int, progress: float, config: OptimSettings) -> float
     return (1 - frac) * config.muon_momentum_warmup_start + frac * config.muon_momentum
 
 
+def weight_decay_multiplier(progress: float, points: tuple[float, float, float, float] | None) -> float:
+    """Factor on every group's weight decay (WEIGHT_DECAY_SCHEDULE, PR 2020): 1 until `hold`, linear to
+    `low` at `ramp`, linear to `high` at the end of training; 1 throughout without a schedule."""
+    if points is None:
+        return 1.0
+    hold, ramp, low, high = points
+    progress = min(max(progress, 0.0), 1.0)
+    if progress <= hold:
+        return 1.0
+    if progress <= ramp:
+        return 1.0 + (low - 1.0) * (progress - hold) / (ramp - hold)
+    return low + (high - low) * (progress - ramp) / (1.0 - ramp)
+
+
 def relative_ema_decay(horizon_frac: float, step: int, progress: float, iterations: int) -> float:
     """EMA decay whose horizon 1/(1-decay) is `horizon_frac` of the run's expected steps: ITERATIONS, or
     under a wallclock cap step/progress (the pace so far), whichever is smaller. A fixed decay (0.9965 =
@@ -1635,15 +1669,15 @@ class TrainingOptimizer:
         for name, param in matrices:
             decay = mlp_wd if ".mlp." in name else config.muon_weight_decay
             muon_groups.setdefault((tuple(param.shape), decay), []).append(param)
-        self.muon = Muon([dict(params=params, weight_decay=decay, base_lr=config.matrix_lr)
+        self.muon = Muon([dict(params=params, weight_decay=decay, base_lr=config.matrix_lr, base_weight_decay=decay)
                           for (_, decay), params in muon_groups.items()],
                          lr=config.matrix_lr, momentum=config.muon_momentum, nesterov=config.muon_nesterov,
                          backend_steps=config.muon_backend_steps, polar_express=config.muon_polar_express,
                          row_normalize=config.muon_row_normalize)
         adam_groups = [dict(params=[model.tok_emb.weight], lr=config.embed_lr, base_lr=config.embed_lr,
-                            weight_decay=config.embed_weight_decay),
+                            weight_decay=config.embed_weight_decay, base_weight_decay=config.embed_weight_decay),
                        dict(params=[param for _, param in scalars], lr=config.scalar_lr, base_lr=config.scalar_lr,
-                            weight_decay=config.scalar_weight_decay)]
+                            weight_decay=config.scalar_weight_decay, base_weight_decay=config.scalar_weight_decay)]
         fused = model.tok_emb.weight.is_cuda
         self.adam = torch.optim.AdamW(adam_groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                                       fused=fused)
@@ -1653,9 +1687,11 @@ class TrainingOptimizer:
         self.muon.zero_grad(set_to_none=True)
         self.adam.zero_grad(set_to_none=True)
 
-    def set_schedule(self, lr_scale: float, momentum: float) -> None:
+    def set_schedule(self, lr_scale: float, momentum: float, weight_decay_scale: float = 1.0) -> None:
         for group in self.muon.param_groups:
             group["lr"], group["momentum"] = group["base_lr"] * lr_scale, momentum
+        for group in self.muon.param_groups + self.adam.param_groups:
+            group["weight_decay"] = group["base_weight_decay"] * weight_decay_scale  # PR 2020 scales every group
         for group in self.adam.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
 
@@ -1976,6 +2012,7 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     start, first_step = clock() - elapsed_before, step
     previous_top = clock()
     schedule, previous_seq_len = h.data.seq_schedule(), h.data.train_seq_len
+    weight_decay_points = h.optim.weight_decay_points()
     while step < h.optim.iterations:
         # A step starts only if the slowest recent iteration (measured top to top: step, EMA, logging,
         # checkpoint) still fits in the budget. Rank 0 decides for everyone so all ranks stop together.
@@ -1997,7 +2034,8 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
             stop_reason = "wallclock"
             break
         optimizer.set_schedule(lr_multiplier(progress, h.optim.warmdown_frac, h.optim.min_lr),
-                               muon_momentum_at(step, progress, h.optim))
+                               muon_momentum_at(step, progress, h.optim),
+                               weight_decay_multiplier(progress, weight_decay_points))
         if ema is not None and h.optim.ema_horizon_frac > 0:
             ema.decay = relative_ema_decay(h.optim.ema_horizon_frac, step, progress, h.optim.iterations)
         seq_len = seq_len_at(schedule, progress)

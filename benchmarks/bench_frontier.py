@@ -13,7 +13,9 @@ longer eval context helps only a model that can use it), and differences of a fe
 Adding a mechanism is one line in MECHANISMS: (name, env overrides).
 
     python benchmarks/bench_frontier.py            # 2 seeds, 150 steps (the tiny preset), 64 val documents
-    python benchmarks/bench_frontier.py --quick    # 1 seed, 40 steps, 24 val documents: ~15 minutes on 2 busy cores
+    python benchmarks/bench_frontier.py --quick    # 1 seed, 40 steps, 24 val documents: ~12 minutes on 2 busy cores
+
+README.md ("Presets of the open record candidates") quotes one --quick table.
 """
 
 import argparse
@@ -44,6 +46,11 @@ MECHANISMS = [
     ("train context 32->64->128 (PR 2014 shape)", {"TRAIN_SEQ_SCHEDULE": "32@0.1,64@0.7,128@1", "WARMUP_STEPS": "6"}),
     # tiny matrices have 64-256 input columns: groups of 16 keep the promoted share near PR 1945's 1 of 8-32
     ("AWQ-lite int8 salient group (PR 1908/1945)", {"AWQ_LITE_ENABLED": "1", "AWQ_LITE_GROUP_SIZE": "16"}),
+    # orders 6, 4, 2 instead of 16..8: 24-64 demo documents hold few repeated 8-token contexts to hint from
+    ("n-gram tilt, orders 6..2 (PR 2130 shape)", {"NGRAM_TILT": "1", "NGRAM_TILT_MAX_ORDER": "6",
+                                                  "NGRAM_TILT_MIN_ORDER": "2"}),
+    ("asymmetric logit rescale (PR 1945/2130)", {"ASYM_LOGIT_RESCALE": "1"}),
+    ("weight-decay schedule wd_strong (PR 2020)", {"WEIGHT_DECAY_SCHEDULE": "0.4,0.85,0.5,1.75"}),
 ]
 POST_TRAINING_SECTIONS = {"quant", "eval"}
 

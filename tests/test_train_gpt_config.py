@@ -89,6 +89,9 @@ def test_baseline_preset_is_the_naive_baseline():
     ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,4096@1"}, "TRAIN_SEQ_SCHEDULE.*TRAIN_SEQ_LEN=2048"),
     ({"TRAIN_SEQ_SCHEDULE": "1024@0.7,512@0.5,2048@1"}, "TRAIN_SEQ_SCHEDULE"),
     ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,2048@1", "WARMUP_STEPS": "3"}, "WARMUP_STEPS=3 must cover"),
+    ({"WEIGHT_DECAY_SCHEDULE": "0.4,0.85,0.5"}, "WEIGHT_DECAY_SCHEDULE"),
+    ({"WEIGHT_DECAY_SCHEDULE": "0.9,0.5,0.5,1.75"}, "WEIGHT_DECAY_SCHEDULE"),
+    ({"WEIGHT_DECAY_SCHEDULE": "0.4,0.85,-0.5,1.75"}, "WEIGHT_DECAY_SCHEDULE"),
     ({"AWQ_LITE_BITS": "9"}, "AWQ_LITE_BITS"), ({"PHASED_TTT_LOCAL_LR_MULT": "-1"}, "PHASED_TTT_LOCAL_LR_MULT"),
 ])
 def test_invalid_settings_fail_naming_the_env_var(env, needle):

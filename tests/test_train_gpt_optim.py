@@ -1,5 +1,6 @@
 """Muon's Newton-Schulz, the schedules and the optimizer step."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,56 @@ def test_lr_schedule_is_flat_then_linear_to_the_floor():
     # PR 1855's shape: linear (1 - f) / 0.85 until it meets the 0.1 floor at f = 0.915, then flat
     assert f(0.9, 0.85, 0.1) == pytest.approx(0.1 / 0.85) and f(0.915, 0.85, 0.1) == pytest.approx(0.1)
     assert f(0.95, 0.85, 0.1) == 0.1 and f(0.5, 0.85, 0.1) == pytest.approx(0.5 / 0.85)
+
+
+@pytest.mark.parametrize("points", [(0.4, 0.85, 0.5, 1.75), (0.4, 0.85, 0.65, 1.5), (0.0, 0.9, 0.2, 3.0),
+                                    (0.3, 0.31, 1.0, 0.0)])
+def test_weight_decay_schedule_is_the_piecewise_linear_curve_through_its_four_points(points):
+    """WEIGHT_DECAY_SCHEDULE (PR 2020): the factor equals numpy's interpolation through (0, 1), (hold, 1),
+    (ramp, low), (1, high) at the knots and at random progress values, and is clamped outside [0, 1]."""
+    hold, ramp, low, high = points
+    xs, ys = [0.0, hold, ramp, 1.0], [1.0, 1.0, low, high]
+    progress = np.concatenate([xs, np.random.default_rng(0).uniform(0, 1, 200)])
+    for value in progress:
+        expected = float(np.interp(value, xs, ys))
+        assert train_gpt.weight_decay_multiplier(float(value), points) == pytest.approx(expected, abs=1e-12)
+    assert train_gpt.weight_decay_multiplier(-0.5, points) == 1.0
+    assert train_gpt.weight_decay_multiplier(1.5, points) == pytest.approx(high)
+    assert all(train_gpt.weight_decay_multiplier(float(value), None) == 1.0 for value in progress)
+    # ramp = 1: no rising part, the factor ends at `low`
+    assert train_gpt.weight_decay_multiplier(1.0, (hold, 1.0, low, high)) == pytest.approx(low)
+
+
+def test_pr2020_weight_decay_schedule_by_hand():
+    """PR 2020's wd_strong at hand-computed points: x1 to 40%, x0.75 halfway down, x0.5 at 85%, x1.75 at the end."""
+    points = tiny_h(PRESET="pr2020").optim.weight_decay_points()
+    assert points == (0.4, 0.85, 0.5, 1.75)
+    f = train_gpt.weight_decay_multiplier
+    assert f(0.2, points) == 1.0 and f(0.4, points) == 1.0
+    assert f(0.625, points) == pytest.approx(0.75) and f(0.85, points) == pytest.approx(0.5)
+    assert f(0.925, points) == pytest.approx(1.125) and f(1.0, points) == pytest.approx(1.75)
+    assert train_gpt.Hyperparameters.from_env({}).optim.weight_decay_points() is None  # pr1855: constant
+
+
+def test_set_schedule_scales_the_weight_decay_of_every_group_from_its_base():
+    h = tiny_h(MUON_WEIGHT_DECAY=0.1, MUON_WEIGHT_DECAY_MLP=0.2, EMBED_WEIGHT_DECAY=0.05, SCALAR_WEIGHT_DECAY=0.02)
+    model = train_gpt.GPT(h.model, "sdpa")
+    optimizer = train_gpt.TrainingOptimizer(model, h.optim)
+    groups = optimizer.muon.param_groups + optimizer.adam.param_groups
+    bases = [group["weight_decay"] for group in groups]
+    assert sorted(set(bases)) == [0.02, 0.05, 0.1, 0.2]
+    for scale in (0.5, 1.75, 0.5, 1.0):  # repeated calls scale the base, never compound
+        optimizer.set_schedule(0.3, 0.9, scale)
+        assert [group["weight_decay"] for group in groups] == pytest.approx([base * scale for base in bases])
+    # the decayed step uses it: with a zero gradient, Muon's update is wd only, 1 - lr * wd per step
+    optimizer.set_schedule(1.0, 0.9, 1.75)
+    matrix = optimizer.muon.param_groups[0]["params"][0]
+    before = matrix.detach().clone()
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    group = optimizer.muon.param_groups[0]
+    assert torch.allclose(matrix.detach(), before * (1 - group["lr"] * group["base_weight_decay"] * 1.75), atol=1e-6)
 
 
 def test_momentum_warmup():

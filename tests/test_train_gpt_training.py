@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +50,27 @@ def test_short_training_run_lowers_the_loss(tiny_dataset):
     assert sum(losses[-5:]) / 5 < losses[0] - 2.0, losses
     assert any(line.startswith("step:40/40 train_loss:") and "step_avg:" in line and "tok/s:" in line for line in lines)
 
+
+
+def test_weight_decay_schedule_sets_every_step_s_decay_from_its_progress(tiny_dataset):
+    """WEIGHT_DECAY_SCHEDULE in the loop: the decay each optimizer step uses is the base times the
+    schedule's factor at that step's progress (step / ITERATIONS without a wallclock cap)."""
+    h, model, optimizer, make_loader = setup(tiny_dataset, ITERATIONS=10, WEIGHT_DECAY_SCHEDULE="0.2,0.6,0.5,1.75")
+    groups = optimizer.muon.param_groups + optimizer.adam.param_groups
+    bases = [group["base_weight_decay"] for group in groups]
+    seen, original_step = [], optimizer.step
+
+    def recording_step():
+        seen.append([group["weight_decay"] for group in groups])
+        return original_step()
+
+    optimizer.step = recording_step
+    train_gpt.train_model(h, model, optimizer, make_loader, [].append)
+    assert len(seen) == 10
+    for step, decays in enumerate(seen):  # independent: numpy's interpolation through the four points
+        factor = float(np.interp(step / 10, [0, 0.2, 0.6, 1], [1, 1, 0.5, 1.75]))
+        assert decays == pytest.approx([base * factor for base in bases]), step
+    assert len({tuple(decays) for decays in seen}) > 5  # it changed from step to step
 
 class FakeClock:
     def __init__(self):
