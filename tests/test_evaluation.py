@@ -597,8 +597,10 @@ def test_chunk_ends_follow_the_schedule_by_position():
 def test_a_chunk_schedule_scores_as_the_runs_whose_chunks_it_shares(model, val):
     """PHASED_TTT_CHUNK_SCHEDULE (PR 2014's small early chunks): "1000:4" is exactly PHASED_TTT_CHUNK_TOKENS=4,
     and "16:4" scores each document's first 20 targets as that run (same chunks, same updates before
-    them), then differs (chunks of 8 after target 16)."""
-    runs = {name: nll_by_position(eval_ttt_phased(model, val, tiny_eval(phased_ttt_prefix_docs=0, **settings),
+    them), then differs (chunks of 8 after target 16). Without the warm start of A, which would carry a
+    batch's later (different) chunks into the next batch."""
+    runs = {name: nll_by_position(eval_ttt_phased(model, val, tiny_eval(phased_ttt_prefix_docs=0,
+                                                                        phased_ttt_warm_start_a=False, **settings),
                                                   keep_token_scores=True))
             for name, settings in (("early4", dict(phased_ttt_chunk_schedule="16:4")),
                                    ("all4_by_schedule", dict(phased_ttt_chunk_schedule="1000:4")),
