@@ -3,14 +3,13 @@ checked on CPU with a tiny real GPT for every eval mode."""
 
 import copy
 import math
-import socket
 
 import numpy as np
 import pytest
 import torch
 
 from audit_tokens import audit_token_nll
-from tg_helpers import random_documents, random_eval_model
+from tg_helpers import random_documents, random_eval_model, spawn_gloo_ranks
 from train_gpt import (
     BOS_ID, EvalSettings, RunContext, eval_stream, eval_summary, eval_ttt_chunked, eval_ttt_phased, evaluate_after_training,
     find_documents, format_eval_line, load_val_data, make_val_data, piece_byte_counts, piece_byte_tables,
@@ -747,12 +746,7 @@ def _distributed_worker(rank, world_size, port, queue):
 
 
 def test_two_gloo_processes_give_the_single_process_val_bpb(model, val):
-    context = torch.multiprocessing.get_context("spawn")
-    queue = context.SimpleQueue()
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    torch.multiprocessing.spawn(_distributed_worker, args=(2, port, queue), nprocs=2, join=True)
+    queue = spawn_gloo_ranks(_distributed_worker, 2)
     distributed = queue.get()
     for mode, driver in RANK_INDEPENDENT_MODES.items():
         single = driver(model, val, keep_token_scores=True)

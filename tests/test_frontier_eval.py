@@ -13,7 +13,6 @@ the causal token n-gram tilt (NGRAM_TILT) and the asymmetric logit rescale (ASYM
 - with two Gloo ranks every rank ends with the counts of exactly the scored targets."""
 
 import dataclasses
-import socket
 from collections import Counter
 
 import numpy as np
@@ -23,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import train_gpt
-from tg_helpers import tiny_h
+from tg_helpers import spawn_gloo_ranks, tiny_h
 from train_gpt import (
     BOS_ID, GPT, EvalSettings, Hyperparameters, NgramTilt, eval_stream, eval_ttt_chunked, eval_ttt_phased,
     make_val_data, ngram_tilt, tilted_nll,
@@ -427,12 +426,7 @@ def test_two_gloo_ranks_each_count_exactly_the_scored_targets():
     before the last barrier exactly once (its own after scoring, the other rank's at the barrier), so
     both ranks tilt with the same state; both report the same val_bpb. Plain eval: every target (a
     barrier ends each round); phased TTT: the documents queued before the last phase pause."""
-    context = torch.multiprocessing.get_context("spawn")
-    queue = context.SimpleQueue()
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    torch.multiprocessing.spawn(_distributed_worker, args=(2, port, queue), nprocs=2, join=True)
+    queue = spawn_gloo_ranks(_distributed_worker, 2)
     by_rank = dict(queue.get() for _ in range(2))
     val = val_from(repetitive_stream())
     num_tokens = val.num_tokens

@@ -14,6 +14,7 @@ import torch.nn as nn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from tg_helpers import spawn_gloo_ranks  # noqa: E402
 from train_gpt import (ArtifactError, QuantSettings, byte_shuffle, byte_unshuffle,  # noqa: E402
                              classify_tensor, collect_hessians, counted_code_bytes, dequantize_codes,
                              dequantize_state, deserialize_artifact, gptq_quantize, hessian_weighted_error,
@@ -250,14 +251,7 @@ def _hessian_worker(rank, world_size, port, queue):
 def test_two_gloo_ranks_get_the_hessians_of_one_process_over_all_their_batches():
     """GPTQ Hessians averaged over all ranks (PR 2020): every rank ends with sum(x x^T) / tokens over the
     batches of BOTH ranks, what one process gets from all of them (not a mean of per-rank means)."""
-    import socket
-
-    context = torch.multiprocessing.get_context("spawn")
-    queue = context.SimpleQueue()
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    torch.multiprocessing.spawn(_hessian_worker, args=(2, port, queue), nprocs=2, join=True)
+    queue = spawn_gloo_ranks(_hessian_worker, 2)
     per_rank = dict(queue.get() for _ in range(2))
     model, batches = _toy_and_batches()
     expected = collect_hessians(model, batches)

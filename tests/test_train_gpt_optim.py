@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_gpt
-from tg_helpers import random_tokens, tiny_h
+from tg_helpers import random_tokens, spawn_gloo_ranks, tiny_h
 
 
 @pytest.mark.parametrize("shape", [(32, 64), (64, 32), (48, 48)])
@@ -266,14 +266,7 @@ def test_gradient_clip_scope_across_two_ranks(scope):
     """PR 1855 clips each rank's own gradient (its all-reduce comes later): the averaged gradient is
     mean_r(g_r * min(1, c / (|g_r| + 1e-6))). Global: mean_r(g_r) * min(1, c / (|mean_r g_r| + 1e-6)).
     Checked on the embedding gradient that AdamW receives on rank 0."""
-    import socket
-
-    context = torch.multiprocessing.get_context("spawn")
-    queue = context.SimpleQueue()
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    torch.multiprocessing.spawn(_clip_worker, args=(2, port, scope, queue), nprocs=2, join=True)
+    queue = spawn_gloo_ranks(_clip_worker, 2, scope)
     difference, magnitude, factors = queue.get()
     assert max(factors) < 1  # both ranks clip, so the two scopes give different gradients
     assert difference <= 1e-4 * magnitude

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt
-from tg_helpers import random_documents, random_eval_model
+from tg_helpers import random_documents, random_eval_model, spawn_gloo_ranks
 from train_gpt import (
     BOS_ID, AdapterSlots, EvalSettings, TokenScores, TTTWorkQueue, _document_batches,
     _score_and_adapt_documents, eval_ttt_phased, lora_site_dims, make_val_data, phase_pauses,
@@ -288,14 +288,7 @@ def _queue_worker(rank, world_size, port, results):
 
 
 def test_ranks_of_a_process_group_share_one_queue_and_a_slow_rank_takes_fewer_batches():
-    import socket
-
-    context = torch.multiprocessing.get_context("spawn")
-    results = context.SimpleQueue()
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    torch.multiprocessing.spawn(_queue_worker, args=(2, port, results), nprocs=2, join=True)
+    results = spawn_gloo_ranks(_queue_worker, 2)
     by_rank = dict((rank, rest) for rank, *rest in (results.get(), results.get()))
     slow, fast = by_rank[0][0], by_rank[1][0]
     assert sorted(slow + fast) == list(range(40))  # every batch exactly once

@@ -1,5 +1,7 @@
 """Small helpers shared by the train_gpt tests (tiny configurations, parameter perturbation)."""
 
+import socket
+
 import numpy as np
 import torch
 
@@ -63,3 +65,15 @@ def random_documents(vocab_size: int, seed: int = 0, num_docs: int = 12) -> tupl
         tokens += [train_gpt.BOS_ID] + rng.integers(2, vocab_size, length).tolist()
         byte_counts += [0] + rng.integers(1, 4, length).tolist()
     return np.array(tokens), np.array(byte_counts)
+
+
+def spawn_gloo_ranks(worker, world_size: int, *extra):
+    """Run worker(rank, world_size, port, *extra, queue) in world_size spawned processes, with a free local
+    TCP port for the Gloo rendezvous; returns the queue the workers put their results on."""
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.SimpleQueue()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.spawn(worker, args=(world_size, port, *extra, queue), nprocs=world_size, join=True)
+    return queue
