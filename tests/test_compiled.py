@@ -128,12 +128,15 @@ def test_inductor_compiles_the_forward_and_backward_of_a_small_model():
 
 
 @pytest.mark.parametrize("frontier", [{}, dict(EVAL_SEQ_LEN="192", PHASED_TTT_LORA_SITES="k,o,mlp,head",
-                                              PHASED_TTT_LOCAL_LR_MULT="0.75")], ids=["pr1855", "pr1953"])
+                                              PHASED_TTT_LOCAL_LR_MULT="0.75", ASYM_LOGIT_RESCALE="1",
+                                              NGRAM_TILT="1", NGRAM_TILT_MAX_ORDER="4", NGRAM_TILT_MIN_ORDER="2")],
+                         ids=["pr1855", "pr1953_tilt"])
 def test_compiled_run_trains_quantizes_and_evaluates_every_mode(tiny_dataset, tmp_path, frontier):
     """COMPILE=1 end to end (training with warm-up and the recurrence switch, GPTQ, the artifact, then
     pre-quant, quantized, sliding-window and phased TTT evals through the compiled eval forward after a
     warm-up on random tokens). The first record attempt crashed here before its first step. Also with
-    PR 1953's eval at a context above TRAIN_SEQ_LEN (192 > 128) and its TTT adapters without Q/V."""
+    PR 1953's eval at a context above TRAIN_SEQ_LEN (192 > 128) and its TTT adapters without Q/V, with
+    PR 2130's n-gram tilt (its [B, T, 2] scoring forward) and asymmetric logit rescale."""
     env = dict(PRESET="tiny", VOCAB_SIZE="512", ITERATIONS="4", MAX_WALLCLOCK_SECONDS="0", GPTQ_RESERVE_SECONDS="0",
                TRAIN_BATCH_TOKENS="256", GRAD_ACCUM_STEPS="1", WARMUP_STEPS="2", TRAIN_LOG_EVERY="1", EMA_DECAY="0.9",
                ATTN_BACKEND="varlen", COMPILE="1", COMPILE_BACKEND="aot_eager", DATA_PATH=tiny_dataset.path,
