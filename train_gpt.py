@@ -3822,6 +3822,21 @@ def _rank_slice(items, rank: int, world: int):
     return items[count * rank // world: count * (rank + 1) // world]
 
 
+def padded_batch(windows: np.ndarray, rows: int) -> np.ndarray:
+    """`windows` with empty windows (length 0: all BOS, nothing scored or trained) appended up to `rows`:
+    with batches padded to a fixed [rows, width], a compiled eval sees one shape per mode, the one its
+    warm-up compiled (a short last batch would otherwise compile inside the timed eval)."""
+    padding = np.zeros((max(rows - len(windows), 0), windows.shape[1]), dtype=windows.dtype)
+    padding[:, 0] = 1  # any valid start; the length of 0 keeps every position outside the window
+    return np.concatenate([windows, padding])
+
+
+def ttt_step_rows(chunk_tokens: int, seq_len: int, rows_per_step: int, world_size: int) -> int:
+    """Rows of one rank's forward in a weight-training step on chunks of chunk_tokens targets (chunked
+    TTT, global SGD): every trained chunk is full-size (the last chunk is never trained)."""
+    return -(-min(rows_per_step, -(-chunk_tokens // seq_len)) // world_size)
+
+
 def gather_windows(val: ValData, windows: np.ndarray, width: int | None = None):
     """Windows [B, 3] -> (inputs, targets, target positions, inside, scored), each [B, W], padded with
     BOS past each window's length; W = `width` or the longest window."""
@@ -3838,15 +3853,16 @@ def gather_windows(val: ValData, windows: np.ndarray, width: int | None = None):
 
 
 @torch.no_grad()
-def _score_windows(model: GPT, val: ValData, windows: np.ndarray, batch_size: int, scores: TokenScores,
-                   audit: Callable | None = None, ngram: NgramTilt | None = None) -> None:
+def _score_windows(model: GPT, val: ValData, windows: np.ndarray, batch_size: int, width: int,
+                   scores: TokenScores, audit: Callable | None = None, ngram: NgramTilt | None = None) -> None:
     """Score all `windows` (in stream order) in rounds of batch_size windows per rank: a round is a
-    stream-contiguous block, rank r taking its r-th batch; the n-gram counts grow between rounds."""
+    stream-contiguous block, rank r taking its r-th batch, padded to [batch_size, width]; the n-gram
+    counts grow between rounds."""
     rank, world = distributed_info()
     for round_start in range(0, len(windows), batch_size * world):
         batch = windows[round_start + rank * batch_size: round_start + (rank + 1) * batch_size]
         if len(batch):
-            inputs, targets, positions, _, scored = gather_windows(val, batch)
+            inputs, targets, positions, _, scored = gather_windows(val, padded_batch(batch, batch_size), width)
             _, nll = _model_and_scored_nll(model, inputs, targets, positions, scored, ngram=ngram)  # [B, W] nats
             scores.add(positions[scored], nll[scored])
             if audit is not None:
@@ -3875,7 +3891,7 @@ def eval_stream(model: GPT, val: ValData, seq_len: int, batch_size: int, stride:
     else:
         windows, mode, extra = plain_windows(val.num_tokens, seq_len), "plain", {}
     ngram = NgramTilt.from_config(config, val, audit) if config is not None else None
-    _score_windows(model, val, windows, batch_size, scores, audit, ngram)
+    _score_windows(model, val, windows, batch_size, seq_len, scores, audit, ngram)
     return scores.summarize(mode, started_at, keep_token_scores, context=seq_len, **extra, **_tilt_extra(ngram))
 
 
@@ -3903,10 +3919,12 @@ def _train_on_targets(model: GPT, val: ValData, first_target: int, end_target: i
                       grad_clip: float = 0.0, audit: Callable | None = None) -> None:
     """SGD steps on the targets [first_target, end_target), rows of seq_len. A step's loss is the
     mean over the global batch of rows (each rank's share summed, gradients all-reduced), so any
-    number of ranks takes the same steps as one process."""
+    number of ranks takes the same steps as one process. A rank's rows are padded to
+    [ttt_step_rows, seq_len], the same shape for every step of a full-size chunk."""
     rank, world = distributed_info()
     windows = plain_windows(end_target - first_target + 1, seq_len)
     windows[:, 0] += first_target - 1
+    rank_rows = ttt_step_rows(end_target - first_target, seq_len, rows_per_step, world)
     for _ in range(epochs):
         for begin in range(0, len(windows), rows_per_step):
             step_windows = windows[begin: begin + rows_per_step]
@@ -3914,7 +3932,7 @@ def _train_on_targets(model: GPT, val: ValData, first_target: int, end_target: i
             my_windows = _rank_slice(step_windows, rank, world)
             optimizer.zero_grad(set_to_none=True)
             if len(my_windows):
-                inputs, targets, _, _, used = gather_windows(val, my_windows)
+                inputs, targets, _, _, used = gather_windows(val, padded_batch(my_windows, rank_rows), seq_len)
                 with torch.enable_grad():
                     nll = model.per_token_nll(inputs, targets)
                     (nll[used].sum() / token_count).backward()
@@ -3973,7 +3991,7 @@ def eval_ttt_chunked(model: GPT, val: ValData, config: EvalSettings, audit: Call
             end_target = min(first_target + config.ttt_chunk_tokens, val.num_tokens)
             # 1) score every target of the chunk with the weights trained on earlier chunks only
             windows = sliding_windows(first_target, end_target, config.eval_seq_len, config.sliding_stride)
-            _score_windows(model, val, windows, score_rows, scores, audit, ngram)
+            _score_windows(model, val, windows, score_rows, config.eval_seq_len, scores, audit, ngram)
             # 2) then adapt on the chunk just scored (not the last one, and not past the budget)
             if chunk_index == len(chunk_starts) - 1 or config.ttt_epochs <= 0:
                 continue
@@ -4249,6 +4267,15 @@ def chunk_ends(total: int, rules: list[tuple[int, int]], default: int) -> list[i
     return ends
 
 
+def phased_ttt_widths(config: EvalSettings) -> tuple[list[int], list[int]]:
+    """Row widths of phased TTT's forwards (a chunk's window: its end, capped at the context): of the
+    adapted batches (with a LoRA) and of the fast path (scoring only, chunks of half the context)."""
+    context = config.eval_seq_len
+    adapted = chunk_ends(context, chunk_schedule_rules(config.phased_ttt_chunk_schedule), config.phased_ttt_chunk_tokens)
+    scoring = chunk_ends(context, [], max(config.phased_ttt_chunk_tokens, context // 2))
+    return sorted({min(end, context) for end in adapted}), sorted({min(end, context) for end in scoring})
+
+
 def _score_and_adapt_documents(model: GPT, val: ValData, doc_ids: np.ndarray, config: EvalSettings,
                                scores: TokenScores, audit: Callable | None, adapter: tuple | None,
                                ngram: NgramTilt | None = None) -> None:
@@ -4408,9 +4435,10 @@ def eval_ttt(config: EvalSettings, model: GPT, val: ValData, time_budget_s: floa
 
 def warm_up_on_random_tokens(model: GPT, vocab_size: int, seq_len: int, batch_size: int = 2,
                              lora: nn.Module | None = None, seed: int = 0, backward: bool = True,
-                             candidates: int = 1) -> None:
-    """Run the eval forward (and a backward, for TTT kernels) on random tokens, never val data;
-    gradients are discarded and no weight changes. candidates 2: the n-gram tilt's [B, T, 2] targets."""
+                             candidates: int = 1, score: bool = True) -> None:
+    """Run the eval forward without gradients (`score`) and/or with a backward (for TTT steps) on
+    random tokens, never val data; gradients are discarded and no weight changes. candidates 2: the
+    n-gram tilt's [B, T, 2] targets."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     # two fresh row-major tensors, like the evals' gathered batches: strides are part of a graph's guards
@@ -4420,8 +4448,9 @@ def warm_up_on_random_tokens(model: GPT, vocab_size: int, seq_len: int, batch_si
     inputs[:, 0] = BOS_ID
     if candidates > 1:  # [B, T, K]: a fresh row-major tensor as well
         targets = torch.stack([targets] * candidates, dim=-1)
-    with torch.no_grad():
-        model.per_token_nll(inputs, targets, lora=lora)
+    if score:
+        with torch.no_grad():
+            model.per_token_nll(inputs, targets, lora=lora)
     if backward:
         with torch.enable_grad():
             model.per_token_nll(inputs, targets, lora=lora).mean().backward()
@@ -4526,37 +4555,46 @@ def evaluate_after_training(h: Hyperparameters, model: GPT, quantized: GPT, cont
 
 def compile_and_warm_up_eval(h: Hyperparameters, model: GPT, quantized: GPT, context: RunContext) -> float:
     """Compile both eval forwards and run the timed one on random tokens (never val data) in every way
-    the evals will: no-grad scoring, and the TTT backward with base weights frozen (phased: through a
-    LoRA; chunked: into the weights). Returns its seconds, reported apart from the scored eval time."""
+    and at every shape the evals will: no-grad scoring, TTT steps into the weights (chunked; global
+    SGD) and through a LoRA with the base weights frozen (phased). Returns its seconds, reported apart
+    from the scored eval time."""
     started = time.perf_counter()
     config = h.eval
     for m in (model, quantized):
         compile_eval_forward(m, context.compile_backend)
-    vocab, seq_len = h.model.vocab_size, config.eval_seq_len
+    vocab, seq_len, world = h.model.vocab_size, config.eval_seq_len, distributed_info()[1]
+    # graphs differ by grad mode, by requires_grad of the weights, by the LoRA being there, and by shape
+    # (inductor adds guards on sizes): the evals pad every batch to the fixed shapes warmed up here
+    candidates = 2 if config.ngram_tilt else 1  # tilted scoring: [B, T, 2] targets (target and hint)
+    score_rows = config.batch_rows(world)
     quantized.eval()  # the mode every eval driver runs in (a module's mode is part of a graph's guards)
     with _WeightsRestored(quantized):
-        # graphs differ by grad mode, by requires_grad of the weights and by the LoRA being there:
-        # trainable weights (plain and sliding scoring; chunked TTT and global SGD steps) ...
-        warm_up_on_random_tokens(quantized, vocab, seq_len)
-        # ... also for one row: dynamic shapes still specialize a size of 1 (a last eval batch or a last
-        # SGD step of a single row would otherwise compile inside the timed eval) ...
-        warm_up_on_random_tokens(quantized, vocab, seq_len, batch_size=1)
-        candidates = 2 if config.ngram_tilt else 1  # tilted scoring: target and hint from one forward
-        if candidates > 1:  # ... [B, T, 2] targets ...
-            for rows in (2, 1):
-                warm_up_on_random_tokens(quantized, vocab, seq_len, batch_size=rows, backward=False,
-                                         candidates=candidates)
+        # plain and sliding scoring, weights trainable as the model comes
+        warm_up_on_random_tokens(quantized, vocab, seq_len, score_rows, backward=False, candidates=candidates)
+        if config.ttt_enabled and config.ttt_mode == "chunked":  # scoring and SGD steps, TTT_PARAMS trainable
+            trained = set(select_parameters(quantized, config.ttt_params))
+            for param in quantized.parameters():
+                param.requires_grad_(param in trained)
+            warm_up_on_random_tokens(quantized, vocab, seq_len, score_rows, backward=False, candidates=candidates)
+            warm_up_on_random_tokens(quantized, vocab, seq_len, score=False, batch_size=ttt_step_rows(
+                config.ttt_chunk_tokens, seq_len, config.ttt_batch_seqs, world))
         if config.ttt_enabled and config.ttt_mode == "phased":
-            # ... and frozen weights: scoring with and without a LoRA, LoRA steps (its batch dim is static)
+            for param in quantized.parameters():  # global SGD steps: all weights
+                param.requires_grad_(True)
+            warm_up_on_random_tokens(quantized, vocab, seq_len, score=False, batch_size=ttt_step_rows(
+                config.phased_ttt_global_chunk_tokens, seq_len, 10**9, world))
+            # frozen weights: scoring with and without a LoRA, LoRA steps (its batch dim is static)
             for param in quantized.parameters():
                 param.requires_grad_(False)
-            warm_up_on_random_tokens(quantized, vocab, seq_len, config.phased_ttt_docs_per_batch, backward=False,
-                                     candidates=candidates)
+            # at every chunk width: shapes are dynamic, but inductor guards on sizes it made choices for
+            rows, (adapted_widths, scoring_widths) = config.phased_ttt_docs_per_batch, phased_ttt_widths(config)
+            for width in scoring_widths:
+                warm_up_on_random_tokens(quantized, vocab, width, rows, backward=False, candidates=candidates)
             sites = tuple(site.strip() for site in config.phased_ttt_lora_sites.split(",") if site.strip())
-            lora = BatchedLoRA(config.phased_ttt_docs_per_batch, lora_site_dims(quantized, sites),
-                               config.phased_ttt_lora_rank, config.phased_ttt_lora_alpha).to(context.device)
-            warm_up_on_random_tokens(quantized, vocab, seq_len, config.phased_ttt_docs_per_batch, lora=lora,
-                                     candidates=candidates)
+            lora = BatchedLoRA(rows, lora_site_dims(quantized, sites), config.phased_ttt_lora_rank,
+                               config.phased_ttt_lora_alpha).to(context.device)
+            for width in adapted_widths:
+                warm_up_on_random_tokens(quantized, vocab, width, rows, lora=lora, candidates=candidates)
     seconds = time.perf_counter() - started
     context.log(f"eval compile warm-up: {seconds:.1f}s on random tokens ({context.compile_backend}; not scored, "
                 f"not in eval_time)")

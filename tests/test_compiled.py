@@ -156,15 +156,18 @@ def test_compiled_run_trains_quantizes_and_evaluates_every_mode(tiny_dataset, tm
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["ttt_mode"] == "phased"
 
 
-def test_eval_warm_up_compiles_every_graph_the_timed_evals_use(monkeypatch):
-    """After `compile_and_warm_up_eval` (random tokens), plain eval and phased TTT compile nothing more:
-    a compile inside them would be charged to the timed eval. The data is built to hit the shapes that
-    used to recompile: a last plain batch of one row, global-SGD steps of one row, and document batches
-    shorter than PHASED_TTT_DOCS_PER_BATCH (padded to it now). Dynamo only (backend eager): the graphs
-    and guards are dynamo's; inductor would only add code generation time."""
+@pytest.mark.parametrize("mode,backend", [("phased", "eager"), ("chunked", "eager"), ("chunked", "inductor")])
+def test_eval_warm_up_compiles_every_graph_the_timed_evals_use(mode, backend):
+    """After `compile_and_warm_up_eval` (random tokens), the timed evals compile nothing more: a compile
+    inside them would be charged to the eval time. The data is built to hit what used to recompile: a
+    last plain batch of one row, short SGD steps (global SGD; the last rows of a chunked-TTT chunk),
+    document batches shorter than PHASED_TTT_DOCS_PER_BATCH, chunked TTT training only some weights
+    (their requires_grad is guarded). Backend eager: dynamo's graphs and guards; inductor adds its own
+    guards on sizes it made choices for (a chunk's short last row used to recompile chunked TTT there)."""
     h = tiny_h(VOCAB_SIZE=512, EVAL_SEQ_LEN=96, EVAL_BATCH_TOKENS=2 * 96, PHASED_TTT_CHUNK_TOKENS=24,
                PHASED_TTT_DOCS_PER_BATCH=2, PHASED_TTT_PREFIX_DOCS=3, PHASED_TTT_LORA_RANK=4,
-               PHASED_TTT_GLOBAL_CHUNK_TOKENS=96, **MINIMAL, **{k: v for k, v in SMALL.items() if k not in MINIMAL})
+               PHASED_TTT_GLOBAL_CHUNK_TOKENS=96, TTT_MODE=mode, TTT_CHUNK_TOKENS=100, TTT_BATCH_SEQS=1,
+               TTT_PARAMS="blocks.1,lm_head", **MINIMAL, **{k: v for k, v in SMALL.items() if k not in MINIMAL})
     torch.manual_seed(0)
     model, spare = train_gpt.GPT(h.model, "sdpa"), train_gpt.GPT(h.model, "sdpa")
     model.set_recurrence(True)
@@ -174,13 +177,66 @@ def test_eval_warm_up_compiles_every_graph_the_timed_evals_use(monkeypatch):
     tokens[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = train_gpt.BOS_ID
     val = train_gpt.make_val_data(tokens, np.ones_like(tokens), vocab_size=512)
     assert len(train_gpt.plain_windows(val.num_tokens, 96)) % h.eval.batch_rows(1) == 1  # a one-row last batch
-    context = train_gpt.RunContext("", lambda line: None, torch.device("cpu"), compile_backend="eager")
-    train_gpt.configure_compile("eager")
+    context = train_gpt.RunContext("", lambda line: None, torch.device("cpu"), compile_backend=backend)
+    train_gpt.configure_compile(backend)
     train_gpt.compile_and_warm_up_eval(h, spare, model, context)
     warm = counters["stats"]["unique_graphs"]
-    assert warm >= 4
+    assert warm >= 3
     train_gpt.eval_stream(model, val, 96, h.eval.batch_rows(1))
-    result = train_gpt.eval_ttt_phased(model, val, h.eval)
-    assert result["ttt_phases_trained"] == 3 and result["scored_tokens"] == val.num_tokens - 1
+    if mode == "phased":
+        result = train_gpt.eval_ttt_phased(model, val, h.eval)
+        assert result["ttt_phases_trained"] == 3
+    else:  # chunks of 100 targets: rows of 96 and 4, one per step
+        result = train_gpt.eval_ttt_chunked(model, val, h.eval)
+        assert result["ttt_chunks_trained"] == 2
+    assert result["scored_tokens"] == val.num_tokens - 1
     assert counters["stats"]["unique_graphs"] == warm, "graphs compiled inside the timed evals"
     assert not counters["graph_break"]
+
+
+def test_padded_batches_score_and_train_as_the_unpadded_ones():
+    """The evals pad batches to fixed shapes with empty windows (so a compiled eval sees only the warmed-up
+    shapes). Padding must change nothing: the same scores, and chunked TTT's SGD steps land on the same
+    weights, as scoring and training the real rows alone (checked against gather_windows' own output)."""
+    h, model = small_model("sdpa")
+    model.set_recurrence(True)
+    tokens = random_tokens(1, 300, vocab=512, seed=4, bos_every=37).flatten().numpy()
+    val = train_gpt.make_val_data(tokens, np.ones_like(tokens), vocab_size=512)
+    windows = train_gpt.plain_windows(val.num_tokens, 64)[-2:]  # the last window is short
+    padded = train_gpt.padded_batch(windows, 5)
+    assert padded.shape == (5, 3) and (padded[2:, 1] == 0).all() and (padded[:2] == windows).all()
+    assert (train_gpt.padded_batch(windows, 1) == windows).all()  # never truncates
+    with torch.no_grad():
+        inputs, targets, positions, _, scored = train_gpt.gather_windows(val, windows)
+        p_inputs, p_targets, p_positions, _, p_scored = train_gpt.gather_windows(val, padded, 64)
+        assert not p_scored[2:].any() and p_scored[:2, : scored.shape[1]].equal(scored)
+        expected = model.per_token_nll(inputs, targets)[scored]
+        got = model.per_token_nll(p_inputs, p_targets)[p_scored]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # rows per rank of a training step: ceil(min(rows per step, rows of a full chunk) / ranks)
+    assert train_gpt.ttt_step_rows(1000, 64, 32, 1) == 16 and train_gpt.ttt_step_rows(1000, 64, 32, 8) == 2
+    assert train_gpt.ttt_step_rows(1000, 64, 4, 8) == 1 and train_gpt.ttt_step_rows(64, 64, 10**9, 3) == 1
+    h = tiny_h(**dict(SMALL, TTT_MODE="chunked", TTT_CHUNK_TOKENS=150, TTT_BATCH_SEQS=2, EVAL_SEQ_LEN=64,
+                      EVAL_BATCH_TOKENS=4 * 64, TTT_PARAMS="all", TTT_LR=0.05))
+    torch.manual_seed(0)
+    adapted = train_gpt.GPT(h.model, "sdpa")
+    adapted.load_state_dict(model.state_dict())
+    adapted.set_recurrence(True)
+    # the same SGD steps by hand, each on its real rows only (no padding), into a copy of the weights
+    by_hand = train_gpt.GPT(h.model, "sdpa")
+    by_hand.load_state_dict(model.state_dict())
+    by_hand.set_recurrence(True)
+    params = list(by_hand.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=h.eval.ttt_momentum)
+    window_rows = train_gpt.plain_windows(151, 64)  # targets 1..150: rows of 64, 64, 22
+    for begin in range(0, 3, 2):
+        step = window_rows[begin: begin + 2]
+        inputs, targets, _, _, used = train_gpt.gather_windows(val, step)
+        optimizer.zero_grad(set_to_none=True)
+        (by_hand.per_token_nll(inputs, targets)[used].sum() / step[:, 1].sum()).backward()
+        optimizer.step()
+    adapted.train()
+    train_gpt._train_on_targets(adapted, val, 1, 151, 64, 2, list(adapted.parameters()),
+                                torch.optim.SGD(adapted.parameters(), lr=0.05, momentum=h.eval.ttt_momentum))
+    for (name, got), expected in zip(adapted.state_dict().items(), by_hand.state_dict().values()):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=name)
