@@ -1042,7 +1042,9 @@ def fused_ops() -> Any:
 
 
 def triton_kernels() -> tuple:
-    """Define the Triton kernels: (softcapped CE forward, its backward, matmul + LeakyReLU(0.5)^2)."""
+    """Define the Triton kernels: (softcapped CE forward, its backward, matmul + LeakyReLU(0.5)^2).
+    Longer than 60 lines: three kernels, defined together inside one function so that triton is
+    imported only when a kernel is wanted (runs without it never import it)."""
     # module globals, imported only now: Triton (and its interpreter) resolve `tl` in a kernel's globals
     global triton, tl
     import triton
@@ -1131,6 +1133,9 @@ def triton_kernels() -> tuple:
 
 
 def register_fused_ops() -> None:
+    """Register the kernels as torch custom ops (forward, autograd, fake tensors for compile), so a
+    compiled graph keeps them whole. Longer than 60 lines: two ops, each with its autograd and fake
+    implementations, which torch.library wants registered together."""
     softcapped_ce_forward_kernel, softcapped_ce_backward_kernel, linear_leaky_relu2_kernel = triton_kernels()
 
     @torch.library.custom_op("pgolf::softcapped_ce", mutates_args=())

@@ -11,6 +11,7 @@ model FLOP/s / measured peak. bf16 autocast is measured only where the bf16 peak
     python benchmarks/bench_train.py --quick    # record shape at seq 512, one timed step
     python benchmarks/bench_train.py --compile inductor   # only: compiled vs eager at a small shape,
                                                           # with compile counts and compile time
+    python benchmarks/bench_train.py --compile inductor --compile-shape record   # the same, record model
 """
 
 import argparse
@@ -91,20 +92,26 @@ def bench_shape(name: str, env: dict, batch: int, steps: int, recurrence: bool, 
                 tokens_per_s=tokens / seconds, optimizer_s=optimizer_seconds)
 
 
-def compiled_vs_eager(backend: str, steps: int = 4) -> None:
+def compiled_vs_eager(backend: str, shape: str = "tiny", steps: int = 4) -> None:
     """Training forward + backward as train_model runs it (layout built outside, `forward_backward`),
-    eager and torch.compile(fullgraph=True, dynamic=False) at the tiny preset's shape, recurrence off
-    and on; with the graphs compiled, graph breaks and compile seconds (first call of each state)."""
+    eager and torch.compile(fullgraph=True, dynamic=False), recurrence off and on; with the graphs
+    compiled, graph breaks and compile seconds (first call of each state). `shape`: the tiny preset's
+    micro-step, or the record model (PRESET=pr1855) on 2 rows of 512 tokens (its 48 x 2048 would take
+    minutes per step on a CPU)."""
     from torch._dynamo.utils import counters
 
-    h = train_gpt.Hyperparameters.from_env(dict(PRESET="tiny", VOCAB_SIZE="1024"))
+    if shape == "record":
+        h = train_gpt.Hyperparameters.from_env(dict(PRESET="pr1855", TRAIN_SEQ_LEN="512"))
+        rows = 2
+    else:
+        h = train_gpt.Hyperparameters.from_env(dict(PRESET="tiny", VOCAB_SIZE="1024"))
+        rows = h.data.batch_layout(1)[1]
     train_gpt.configure_compile(backend)
-    accum, rows = h.data.batch_layout(1)
     ids = torch.randint(8, h.model.vocab_size, (rows, h.data.train_seq_len), generator=torch.Generator().manual_seed(0))
     ids[:, ::37] = train_gpt.BOS_ID  # a few documents per row
     batches = [(ids, ids.roll(-1, 1))]
     tokens = ids.numel()
-    print(f"tiny preset: {rows} x {h.data.train_seq_len} tokens per micro-step, {torch.get_num_threads()} threads")
+    print(f"{shape} shape: {rows} x {h.data.train_seq_len} tokens per micro-step, {torch.get_num_threads()} threads")
     for label in ("eager", backend):
         torch.manual_seed(0)
         model = train_gpt.GPT(h.model, "sdpa")
@@ -129,10 +136,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller record batch and fewer steps")
     parser.add_argument("--compile", default="", help="only compare compiled (this backend) vs eager training")
+    parser.add_argument("--compile-shape", default="tiny", choices=["tiny", "record"],
+                        help="with --compile: the tiny preset's micro-step or the record model")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     if args.compile:
-        compiled_vs_eager(args.compile)
+        compiled_vs_eager(args.compile, args.compile_shape)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
