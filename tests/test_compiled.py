@@ -1,7 +1,7 @@
 """The compiled path (COMPILE=1), proven on CPU: the record run on GPUs is compiled, so a crash, a graph
 break or a recompile storm there would cost the run. torch.compile's graph capture (dynamo + AOT
 autograd) is the same on CPU; `aot_eager` checks it without inductor's C++ code generation, which is
-slow on a 2-core machine, and one small test runs inductor itself. FA3 cannot run here, but its layout
+slow on a 2-core machine, and two small tests run inductor itself (training; chunked-TTT eval). FA3 cannot run here, but its layout
 (bucketed cu_seqlens) runs through the `varlen` reference backend, which consumes exactly FA3's inputs."""
 
 import json
