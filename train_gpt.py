@@ -243,7 +243,7 @@ class OptimSettings:
 class QuantSettings:
     quant_scheme: str = "gptq"  # gptq (SDClip GPTQ) | int8 (per-row int8, baseline)
     gptq_calibration_batches: int = 16  # training batches used for GPTQ Hessians
-    gptq_calibration_source: str = "train"  # train | generated (model-sampled sequences, PR 1274)
+    gptq_calibration_source: str = "windows"  # windows: random TRAIN_SEQ_LEN windows of this rank's train shards (PR 1736/1855) | train: the first training batches | generated (model-sampled, PR 1274)
     gptq_reserve_seconds: float = 4.0  # part of MAX_WALLCLOCK_SECONDS kept for GPTQ calibration
     gptq_generated_seq_len: int = 512  # length of each model-sampled calibration sequence
     gptq_generated_temperature: float = 0.8  # sampling temperature of generated calibration
@@ -360,7 +360,7 @@ class Hyperparameters:
                    (run, "attn_backend", "auto fa3 flex sdpa plain varlen"), (run, "autocast", "auto bf16 fp32"),
                    (run, "fused_mlp", "auto 0 1"), (run, "fused_ce", "auto 0 1"),
                    (model, "mlp_act", "leaky_relu2 relu2"), (quant, "quant_scheme", "gptq int8"),
-                   (quant, "gptq_calibration_source", "train generated"),
+                   (quant, "gptq_calibration_source", "windows train generated"),
                    (quant, "quant_compressor", "rans brotli lzma zlib"), (quant, "lqer_scheme", "pr1855 hessian"),
                    (optim, "grad_clip_scope", "local global"),
                    (eval, "ttt_mode", "phased chunked")]
@@ -524,7 +524,7 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         data_path="./data/datasets/fineweb10B_sp8192", parallel_start_layer=7, qk_gain_init=5.25,
         gated_attn=False, matrix_lr=0.022, warmdown_frac=0.72, quant_mlp_clip_sigmas=12.85,
         quant_attn_clip_sigmas=12.85, quant_embed_bits=8, quant_embed_clip_sigmas=20.0, ttt_mode="chunked",
-        ttt_epochs=3, ttt_chunk_tokens=32768, sliding_window_enabled=True,
+        ttt_epochs=3, ttt_chunk_tokens=32768, sliding_window_enabled=True, gptq_calibration_source="train",
         grad_clip_scope="global")),  # DDP averages during backward: its clip sees the averaged gradient
     "pr1812": ("pr1493", dict(  # 4 TTT epochs on 64K chunks, split MLP weight decay, Adam wd 0.005
         ttt_epochs=4, ttt_chunk_tokens=65536, muon_weight_decay_mlp=0.115, embed_weight_decay=0.005,
@@ -3200,11 +3200,56 @@ def sample_sequences(model: GPT, rows: int, length: int, temperature: float,
     return tokens
 
 
+class CalibrationWindows:
+    """GPTQ calibration rows as PR 1736/1855 draw them (GPTQ_CALIBRATION_SOURCE=windows): windows of
+    seq_len + 1 tokens from this rank's share of the training shards (paths[rank::world]; a rank left
+    without one takes paths[rank % len]). Each shard is cut into windows at a random phase, in random
+    order; a row comes from a shard drawn with probability proportional to the windows it has left, and
+    when all are used every shard is cut again. numpy PCG64 seeded with the rank, as PR 1855."""
+
+    def __init__(self, paths: list[str], vocab_size: int, seq_len: int, rank: int, world_size: int):
+        self.paths = paths[rank::world_size] or [paths[rank % len(paths)]]
+        self.vocab_size, self.seq_len = vocab_size, seq_len
+        self.rng = np.random.Generator(np.random.PCG64(rank))
+        self.token_counts = [shard_token_count(path) for path in self.paths]
+        self.shards: dict[int, np.ndarray] = {}  # memory maps, opened on first use
+        self.starts = [self._cut(count) for count in self.token_counts]
+        if not any(self.starts):
+            raise ValueError(f"TRAIN_FILES: no shard of rank {rank} holds a calibration window of "
+                             f"TRAIN_SEQ_LEN={seq_len} + 1 tokens")
+
+    def _cut(self, token_count: int) -> list[int]:
+        """Window starts of one shard, in the order they are popped (from the end)."""
+        max_phase = min(self.seq_len - 1, max(0, token_count - self.seq_len - 1))
+        phase = int(self.rng.integers(max_phase + 1)) if max_phase > 0 else 0
+        windows = max((token_count - 1 - phase) // self.seq_len, 0)
+        return (phase + self.rng.permutation(windows) * self.seq_len).tolist()
+
+    def batch(self, rows: int) -> torch.Tensor:
+        """[rows, seq_len] input ids (the window's last token is only a target, unused by calibration)."""
+        left = np.array([len(starts) for starts in self.starts], dtype=np.float64)
+        out = np.empty((rows, self.seq_len), dtype=np.int64)
+        for row in range(rows):
+            if left.sum() <= 0:
+                self.starts = [self._cut(count) for count in self.token_counts]
+                left = np.array([len(starts) for starts in self.starts], dtype=np.float64)
+            shard = int(self.rng.choice(len(self.paths), p=left / left.sum()))
+            start = self.starts[shard].pop()
+            left[shard] -= 1
+            if shard not in self.shards:
+                self.shards[shard] = np.memmap(self.paths[shard], dtype="<u2", mode="r",
+                                               offset=SHARD_HEADER_INTS * 4, shape=(self.token_counts[shard],))
+            window = np.asarray(self.shards[shard][start: start + self.seq_len], dtype=np.int64)
+            check_token_ids(window, self.vocab_size, self.paths[shard])
+            out[row] = window
+        return torch.from_numpy(out)
+
+
 def calibration_batches(h: Hyperparameters, model: GPT, context: RunContext,
                         time_left: Callable[[], float]) -> Iterator[torch.Tensor]:
-    """Yield GPTQ calibration inputs: this rank's TRAINING micro-batches (a fresh stream from the start
-    of the training data; validation data is never read here), or model-sampled sequences with
-    GPTQ_CALIBRATION_SOURCE=generated. Stops early, before a batch that would not fit `time_left()`, so
+    """Yield GPTQ calibration inputs of a micro-batch's rows each: random windows of this rank's training
+    shards (GPTQ_CALIBRATION_SOURCE=windows), the first TRAINING micro-batches (train), or
+    model-sampled sequences (generated); validation data is never read here. Stops early, before a batch that would not fit `time_left()`, so
     training plus calibration never exceeds MAX_WALLCLOCK_SECONDS (the challenge counts calibration as
     training). Every rank yields the same number of batches, because collect_hessians all-reduces."""
     rank, world = distributed_info()
@@ -3216,6 +3261,13 @@ def calibration_batches(h: Hyperparameters, model: GPT, context: RunContext,
         def produce() -> torch.Tensor:
             return sample_sequences(model, rows, config.gptq_generated_seq_len, config.gptq_generated_temperature,
                                     generator)
+    elif config.gptq_calibration_source == "windows":
+        windows = CalibrationWindows(shard_paths(h.data.train_glob, "TRAIN_FILES"), h.model.vocab_size,
+                                     h.data.train_seq_len, rank, world)
+        rows = h.data.batch_layout(world)[1]
+
+        def produce() -> torch.Tensor:
+            return windows.batch(rows).to(context.device)
     else:
         loader = context.make_train_loader()
         pending = []

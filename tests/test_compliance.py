@@ -563,7 +563,8 @@ def capped_run(clock: FakeClock, loader: TimedTrainLoader, train_time_s: float, 
     """A run that trained for `train_time_s` of a 100 s cap and now calibrates on `loader`."""
     settings = dict(MAX_WALLCLOCK_SECONDS=100, GPTQ_RESERVE_SECONDS=10, GPTQ_CALIBRATION_BATCHES=8,
                     NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, LOOP_START=0, LOOP_END=0, NUM_LOOPS=1,
-                    PARALLEL_START_LAYER=1, QUANT_SMALL_TENSOR_NUMEL=1024)
+                    PARALLEL_START_LAYER=1, QUANT_SMALL_TENSOR_NUMEL=1024,
+                    GPTQ_CALIBRATION_SOURCE="train")  # batches from `loader`, whose clock ticks per batch
     settings.update(overrides)
     h = tiny_h(**settings)
     torch.manual_seed(0)

@@ -135,6 +135,9 @@ CHANGED_SINCE_SNAPSHOT = {
     ("pr1855", "QUANT_COMPRESSOR"): "rans", ("tiny", "QUANT_COMPRESSOR"): "rans",
     # LoRA sites as PR 1855 places them: O from the normed attention input, one MLP bypass (PR 1736 too)
     **{(preset, "PHASED_TTT_LORA_SITES"): "q,k,v,o,mlp,head" for preset in SNAPSHOT},
+    # GPTQ calibration on random windows of the rank's train shards, as PR 1736/1855 (the PR 1493 line
+    # calibrates on its training batches; PR 1274 samples from the model)
+    **{(preset, "GPTQ_CALIBRATION_SOURCE"): "windows" for preset in ("pr1855", "pr1736", "tiny") if preset in SNAPSHOT},
 }
 for (preset_name, env_name), new_value in CHANGED_SINCE_SNAPSHOT.items():
     SNAPSHOT[preset_name][env_name] = new_value

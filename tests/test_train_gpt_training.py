@@ -389,7 +389,7 @@ def test_gptq_calibration_stops_at_the_wallclock_cap(time_left, estimate, expect
     before the first batch is timed, the training micro-step time (`estimate`) stands in for it."""
     clock = FakeClock()
     loader = SteppingLoader(clock, 1.0)
-    h = tiny_h(GPTQ_CALIBRATION_BATCHES=6)
+    h = tiny_h(GPTQ_CALIBRATION_BATCHES=6, GPTQ_CALIBRATION_SOURCE="train")
     context = train_gpt.RunContext("", lambda line: None, torch.device("cpu"), make_train_loader=lambda: loader,
                                    clock=clock, training_start=0.0, micro_step_seconds=estimate)
     deadline = clock() + time_left
@@ -418,6 +418,59 @@ def test_generated_calibration_samples_from_the_model_without_data():
     assert len({tuple(row.tolist()) for batch in first for row in batch}) > 1
     hessians = train_gpt.collect_hessians(model, first)
     assert "tok_emb.weight" in hessians and len(hessians) > 3
+
+
+def test_calibration_windows_use_every_window_of_this_ranks_shards_once_per_pass(tmp_path):
+    """GPTQ_CALIBRATION_SOURCE=windows (PR 1736/1855): every row is a window of one of this rank's shards
+    (paths[rank::world]) starting at that shard's phase + a multiple of TRAIN_SEQ_LEN; one pass uses
+    every such window exactly once (a pass: as many rows as the shards hold windows), then the shards
+    are cut again; the draw is seeded by the rank alone; no shard of another rank is read."""
+    from conftest import write_shard
+    rng = np.random.default_rng(0)
+    seq_len, world = 16, 3
+    shards = [rng.integers(0, 60000, size) for size in (100, 250, 17, 190, 64, 333, 40)]
+    paths = [write_shard(str(tmp_path / f"fineweb_train_{i:06d}.bin"), tokens) for i, tokens in enumerate(shards)]
+    for rank in range(world):
+        mine = list(range(rank, len(paths), world))
+        windows = train_gpt.CalibrationWindows(paths, 65536, seq_len, rank, world)
+        total = sum(len(starts) for starts in windows.starts)  # one pass
+        rows = windows.batch(total).numpy()
+        found = {}
+        for row in rows:  # locate every row in this rank's shards (random 16-token rows are unique)
+            hits = [(i, start) for i in mine for start in range(len(shards[i]) - seq_len)
+                    if np.array_equal(shards[i][start: start + seq_len], row)]
+            assert len(hits) == 1, "a row that is not a window of exactly one of this rank's shards"
+            found.setdefault(hits[0][0], []).append(hits[0][1])
+        # every shard long enough for a window (+1 target) is used, each of its windows once: its
+        # phase (< seq_len) is where its first window starts
+        assert set(found) == {i for i in mine if len(shards[i]) >= seq_len + 1}
+        for index, starts in found.items():
+            phase = min(starts)
+            assert phase < seq_len and sorted(starts) == list(range(phase, len(shards[index]) - seq_len, seq_len))
+        again = train_gpt.CalibrationWindows(paths, 65536, seq_len, rank, world).batch(total + 5)
+        assert np.array_equal(again[:total].numpy(), rows)  # seeded by the rank alone
+        assert windows.batch(5).shape == (5, seq_len)  # a new pass after the first is used up
+    with pytest.raises(ValueError, match="TRAIN_SEQ_LEN"):
+        train_gpt.CalibrationWindows(paths, 65536, 400, 0, 1)
+    with pytest.raises(ValueError, match="VOCAB_SIZE"):
+        train_gpt.CalibrationWindows(paths, 1000, seq_len, 0, 1).batch(3)
+
+
+def test_windows_calibration_reads_only_train_shards(tiny_dataset):
+    """The default calibration source draws its rows from TRAIN_FILES only: the batches hold only
+    training tokens, and the run's own loader is never asked for data."""
+    h = tiny_h(DATA_PATH=tiny_dataset.path, GPTQ_CALIBRATION_BATCHES=2, TRAIN_BATCH_TOKENS=256, GRAD_ACCUM_STEPS=1)
+    assert h.quant.gptq_calibration_source == "windows"
+    context = train_gpt.RunContext("", lambda line: None, torch.device("cpu"),
+                                   make_train_loader=lambda: pytest.fail("windows calibration reads shards itself"),
+                                   clock=FakeClock())
+    batches = list(train_gpt.calibration_batches(h, None, context, lambda: math.inf))
+    assert len(batches) == 2 and all(batch.shape == (h.data.batch_layout(1)[1], h.data.train_seq_len)
+                                     for batch in batches)
+    train = np.concatenate([train_gpt.read_shard(path) for path in train_gpt.shard_paths(h.data.train_glob, "x")])
+    windows = np.lib.stride_tricks.sliding_window_view(train, h.data.train_seq_len)
+    for row in torch.cat(batches).numpy():
+        assert (windows == row).all(axis=1).any()
 
 
 def run_script(launcher, env, cwd):
