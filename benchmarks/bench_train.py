@@ -127,20 +127,21 @@ def compiled_vs_eager(backend: str, steps: int = 4) -> None:
                   f"{sum(counters['graph_break'].values())}", flush=True)
 
 
-def segment_lengths(ids: torch.Tensor, flat: bool, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(segment id of every token of the micro-batch's span, lengths of its attention segments) as
-    forward_backward lays it out under TRAIN_PACKING=rows or flat."""
+def segment_lengths(ids: torch.Tensor, flat: bool, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(segment id of every token of the micro-batch's span, lengths of its attention segments, its
+    cu_seqlens bucket) as forward_backward lays it out under TRAIN_PACKING=rows or flat."""
     ids = ids.reshape(1, -1) if flat else ids
     layout = train_gpt.DocumentLayout.build(ids, "varlen", max_seqlen=seq_len)
     starts = layout.cu_seqlens.long()
     segment = torch.searchsorted(starts, torch.arange(ids.numel()), right=True)
-    return segment, torch.bincount(segment)[1:]
+    return segment, torch.bincount(segment)[1:], starts.numel()
 
 
 def packing_rows_vs_flat(data_dir: str, seq_len: int, rows: int, steps: int, timed_steps: int) -> None:
     """Over the first `steps` micro-batches of the training stream: how many documents lying wholly inside
     a micro-batch are attended as one segment (rows: those not crossing a row boundary; flat: those of
-    at most seq_len tokens), the sum of squared segment lengths (FA3's attention work), and the tiny
+    at most seq_len tokens), the sum of squared segment lengths (FA3's attention work), how many
+    micro-batches fall in each cu_seqlens bucket (one compiled graph each), and the tiny
     model's forward+backward time per micro-batch with ATTN_BACKEND=varlen under each packing."""
     paths = train_gpt.shard_paths(os.path.join(data_dir, "fineweb_train_*.bin"), "DATA_PATH")
     h = train_gpt.Hyperparameters.from_env(dict(PRESET="tiny", TRAIN_SEQ_LEN=str(seq_len)))
@@ -149,10 +150,12 @@ def packing_rows_vs_flat(data_dir: str, seq_len: int, rows: int, steps: int, tim
     for flat in (False, True):
         loader = train_gpt.TrainLoader(paths, h.model.vocab_size, seq_len, rows, 1, 0, 1, seed=0)
         inside = whole = short = work = 0
+        buckets: dict[int, int] = {}
         for _ in range(steps):
             inputs, _ = loader.next_step()[0]
             stream = inputs.reshape(-1)
-            segment, lengths = segment_lengths(inputs, flat, seq_len)
+            segment, lengths, bucket = segment_lengths(inputs, flat, seq_len)
+            buckets[bucket] = buckets.get(bucket, 0) + 1
             bos = torch.nonzero(stream == train_gpt.BOS_ID).flatten().tolist()
             for begin, end in zip(bos, bos[1:]):  # documents that start and end inside the span
                 inside += 1
@@ -161,7 +164,8 @@ def packing_rows_vs_flat(data_dir: str, seq_len: int, rows: int, steps: int, tim
             work += int((lengths.double() ** 2).sum())
         print(f"  {'flat' if flat else 'rows'}: {whole}/{inside} documents inside a micro-batch seen whole "
               f"({100 * whole / inside:.1f}%; {short} of them have <= {seq_len} tokens), "
-              f"sum of squared segment lengths {work / steps:.3g} per micro-batch", flush=True)
+              f"sum of squared segment lengths {work / steps:.3g} per micro-batch, cu_seqlens buckets "
+              f"{dict(sorted(buckets.items()))}", flush=True)
     if not timed_steps:  # the varlen reference builds a dense [N, N] mask: time small shapes only
         return
     torch.manual_seed(0)
