@@ -1973,6 +1973,35 @@ def forward_backward(forward: Callable, batches: list[tuple[torch.Tensor, torch.
     return total
 
 
+CU_SEQLENS_WARMUP_BUCKETS = (64, 128, 192, 256)  # compiled before the timed run for every batch shape (PR 1855)
+
+
+def with_documents_for_bucket(batches: list[tuple[torch.Tensor, torch.Tensor]], bucket: int,
+                              flat: bool) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Warm-up only: the micro-batches with BOS ids spread evenly so that each one's cu_seqlens has
+    `bucket` entries, or None where no batch of this shape can (rows or TRAIN_SEQ_LEN cuts force more
+    segments). Each bucket is its own compiled graph; a bucket first met in the timed run would compile
+    there."""
+    bucketed = []
+    for inputs, targets in batches:
+        rows, seq_len = inputs.shape
+        # (BOS count, first BOS): aimed at the middle of the bucket with the BOS ids between row starts,
+        # else the fewest segments this shape allows (flat: one document per TRAIN_SEQ_LEN)
+        target = bucket - CU_SEQLENS_BUCKET // 2 - (0 if flat else rows)
+        for count, first in ((target, inputs.numel() // (2 * max(target, 1))), (rows if flat else 1, 0)):
+            if not 0 < count <= inputs.numel():
+                continue
+            ids = inputs.clone().view(-1)
+            ids[torch.arange(count, device=ids.device) * ids.numel() // count + first] = BOS_ID
+            ids = ids.view(rows, seq_len)
+            if DocumentLayout.build(ids.view(1, -1) if flat else ids, "varlen", seq_len).cu_seqlens.numel() == bucket:
+                bucketed.append((ids, targets))
+                break
+        else:
+            return None
+    return bucketed
+
+
 def compile_warm_up(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, make_loader: Callable[[], Any],
                     train_step: Callable[[list], float], log: Callable[[str], None]) -> None:
     """Run a few real steps so every kernel (recurrence off and on) is compiled, then put weights and
@@ -1991,6 +2020,16 @@ def compile_warm_up(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer
         phase_step = warmup_step - half if warmup_step >= half else warmup_step
         train_step(warmup_loader.next_step(lengths[phase_step % len(lengths)]))
         optimizer.step()
+    if model.attn_backend in ("fa3", "varlen"):  # one graph per cu_seqlens bucket too: compile the usual ones
+        flat = packs_flat(h.data.train_packing, model.attn_backend)
+        for recurrence in sorted({False, h.model.recurrence_enabled}):
+            model.set_recurrence(recurrence)
+            for length in lengths:
+                batches = warmup_loader.next_step(length)
+                for bucket in CU_SEQLENS_WARMUP_BUCKETS:
+                    bucketed = with_documents_for_bucket(batches, bucket, flat)
+                    if bucketed:
+                        train_step(bucketed)
     model.load_state_dict(initial_model)
     optimizer.load_state_dict(initial_optimizer)
     optimizer.zero_grad()

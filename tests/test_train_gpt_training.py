@@ -542,3 +542,47 @@ def test_flat_training_loss_is_the_mean_over_segments_scored_on_their_own(tiny_d
     with torch.no_grad():
         total = sum(model.per_token_nll(inputs[a:b][None], targets[a:b][None]).sum() for a, b in zip(bounds, bounds[1:]))
     assert float(loss) == pytest.approx(float(total) / inputs.numel(), rel=1e-5)
+
+
+@pytest.mark.parametrize("packing", ["rows", "flat"])
+def test_warm_up_compiles_cu_seqlens_buckets_64_to_256_in_both_recurrence_states(tiny_dataset, packing):
+    """A compiled varlen step is one graph per (cu_seqlens bucket, recurrence state); the warm-up runs
+    buckets 64..256 (PR 1855's) in both states, with BOS ids spread over a real batch, so a batch with
+    more or fewer documents than the warm-up's real steps does not compile inside the timed run. Every
+    (bucket, shape, state) of the timed steps was run in the warm-up."""
+    h = tiny_h(GRAD_ACCUM_STEPS=1, TRAIN_BATCH_TOKENS=512, ITERATIONS=6, DATA_PATH=tiny_dataset.path,
+               WARMUP_STEPS=2, ENABLE_LOOPING_AT=0.5, TRAIN_PACKING=packing)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h.model, "varlen")
+    calls = []
+
+    def forward(inputs, targets, layout):
+        calls.append((layout.cu_seqlens.numel(), tuple(inputs.shape), model.recurrence_active))
+        return model(inputs, targets, layout)
+
+    def make_loader():
+        return train_gpt.TrainLoader(tiny_dataset.train_paths, 512, 128, 4, 1, 0, 1, h.run.seed)
+
+    result = train_gpt.train_model(h, model, train_gpt.TrainingOptimizer(model, h.optim), make_loader, [].append,
+                                   forward=forward)
+    timed, warm_up = calls[-result.steps:], calls[:-result.steps]
+    shape = (1, 512) if packing == "flat" else (4, 128)
+    assert {(bucket, shape, state) for bucket in (64, 128, 192, 256) for state in (False, True)} <= set(warm_up)
+    assert set(timed) <= set(warm_up) and {state for _, _, state in timed} == {False, True}
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["rows", "flat"])
+def test_warm_up_batches_reach_every_bucket_a_record_step_can_have(flat):
+    """At PR 1855's per-rank shape (48 rows of 2048) each of the buckets 64..256 gets a warm-up batch whose
+    layout, counted independently (every BOS, every row start or every 2048 tokens into a document),
+    lands in it; a bucket below the fewest segments the shape allows (96 rows of 1024 need 96) gets none."""
+    ids = torch.randint(8, 512, (48, 2048), generator=torch.Generator().manual_seed(0))
+    for bucket in (64, 128, 192, 256):
+        (inputs, targets), = train_gpt.with_documents_for_bucket([(ids, ids + 1)], bucket, flat)
+        assert inputs.shape == ids.shape and torch.equal(targets, ids + 1)
+        stream, starts, doc_start = inputs.flatten().tolist(), 0, 0
+        for position, token in enumerate(stream):
+            doc_start = position if token == train_gpt.BOS_ID or (position % 2048 == 0 and not flat) else doc_start
+            starts += (position - doc_start) % 2048 == 0
+        assert bucket - 64 < starts + 1 <= bucket, (bucket, starts)
+    assert train_gpt.with_documents_for_bucket([(ids.view(96, 1024), ids.view(96, 1024))], 64, flat) is None
