@@ -98,6 +98,7 @@ class DataSettings:
     train_seq_len: int = 2048  # tokens per training sequence
     train_batch_tokens: int = 786432  # tokens per optimizer step, all ranks together
     train_seq_schedule: str = ""  # "len@until,...": shorter sequences early, same tokens per step; last len = TRAIN_SEQ_LEN (PR 2014: 1024@0.1,2048@0.7,3072@1)
+    train_packing: str = "flat"  # rows: attention restarts at each row of TRAIN_SEQ_LEN | flat: a micro-batch is one row, attention restarts at each BOS and every TRAIN_SEQ_LEN tokens into a document (PR 1855; fa3/varlen only, other backends use rows)
     grad_accum_steps: int = 0  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE
     val_max_docs: int = 50000  # validation documents scored (challenge: first 50,000)
 
@@ -358,7 +359,7 @@ class Hyperparameters:
         choices = [(run, "device", "auto cpu cuda"), (run, "compile", "auto 0 1"),
                    (run, "compile_backend", "inductor aot_eager eager"),
                    (run, "attn_backend", "auto fa3 flex sdpa plain varlen"), (run, "autocast", "auto bf16 fp32"),
-                   (run, "fused_mlp", "auto 0 1"), (run, "fused_ce", "auto 0 1"),
+                   (run, "fused_mlp", "auto 0 1"), (run, "fused_ce", "auto 0 1"), (data, "train_packing", "rows flat"),
                    (model, "mlp_act", "leaky_relu2 relu2"), (quant, "quant_scheme", "gptq int8"),
                    (quant, "gptq_calibration_source", "windows train generated"),
                    (quant, "quant_compressor", "rans brotli lzma zlib"), (quant, "lqer_scheme", "pr1855 hessian"),
@@ -525,7 +526,8 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         gated_attn=False, matrix_lr=0.022, warmdown_frac=0.72, quant_mlp_clip_sigmas=12.85,
         quant_attn_clip_sigmas=12.85, quant_embed_bits=8, quant_embed_clip_sigmas=20.0, ttt_mode="chunked",
         ttt_epochs=3, ttt_chunk_tokens=32768, sliding_window_enabled=True, gptq_calibration_source="train",
-        grad_clip_scope="global")),  # DDP averages during backward: its clip sees the averaged gradient
+        grad_clip_scope="global",  # DDP averages during backward: its clip sees the averaged gradient
+        train_packing="rows")),  # fixed rows: varlen document packing came after it (PR 1354's line)
     "pr1812": ("pr1493", dict(  # 4 TTT epochs on 64K chunks, split MLP weight decay, Adam wd 0.005
         ttt_epochs=4, ttt_chunk_tokens=65536, muon_weight_decay_mlp=0.115, embed_weight_decay=0.005,
         scalar_weight_decay=0.005, muon_momentum_warmup_steps=1000)),  # 22% of ~4,550 steps
@@ -770,7 +772,8 @@ class PrefetchingLoader:
 # A GPT with tied embeddings and the record line's additions, each one switch.
 # One forward implementation (`GPT.hidden_states`) serves training, evaluation and TTT; adapters
 # (LoRA) enter through the `lora` argument at every adaptable linear. Attention is causal and never
-# crosses a document: a document starts at each BOS and at position 0 of every row.
+# crosses a document: a document starts at each BOS and at position 0 of every row; in a flat training
+# row (TRAIN_PACKING=flat) attention also restarts every TRAIN_SEQ_LEN tokens into a document.
 # -----------------------------------------------------------------------------
 
 ATTENTION_BACKENDS = ("fa3", "flex", "sdpa", "plain", "varlen")
@@ -816,7 +819,7 @@ class DocumentLayout:
     """Where documents start in a [B, T] batch, shared by every layer. Built OUTSIDE the compiled model
     (by the caller, from the input ids) so that data-dependent work (nonzero, block masks) never enters
     a compiled graph; its tensors have shapes fixed by [B, T] (cu_seqlens: by a bucket of 64)."""
-    doc_start: torch.Tensor          # [B, T] bool: token starts a document (BOS or row start)
+    doc_start: torch.Tensor          # [B, T] bool: token starts a document (BOS or row start; SmearGate)
     backend: str
     dense_mask: torch.Tensor | None = None   # [B, 1, T, T] bool, for sdpa / plain
     block_mask: Any = None                   # FlexAttention BlockMask
@@ -824,12 +827,18 @@ class DocumentLayout:
     max_seqlen: int = 0                      # FA3 varlen / its reference; padded with B*T (empty documents)
 
     @classmethod
-    def build(cls, input_ids: torch.Tensor, backend: str) -> "DocumentLayout":
+    def build(cls, input_ids: torch.Tensor, backend: str, max_seqlen: int = 0) -> "DocumentLayout":
+        """Attention segments: each document, cut every `max_seqlen` tokens from its own start (PR 1855's
+        `_build_cu_seqlens`); 0 = the row length, which never cuts (a row start already starts one)."""
         batch, seq_len = input_ids.shape
+        max_seqlen = min(max_seqlen or seq_len, seq_len)
         doc_start = input_ids == BOS_ID
         doc_start[:, 0] = True
         layout = cls(doc_start=doc_start, backend=backend)
-        doc_ids = torch.cumsum(doc_start.long(), dim=1)  # [B, T]: index of each token's document in its row
+        positions = torch.arange(seq_len, device=input_ids.device)
+        last_doc_start = torch.cummax(torch.where(doc_start, positions, 0), dim=1).values  # [B, T]
+        segment_start = (positions - last_doc_start) % max_seqlen == 0  # [B, T]
+        doc_ids = torch.cumsum(segment_start.long(), dim=1)  # [B, T]: index of each token's segment in its row
         if backend in ("sdpa", "plain"):
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
             causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()
@@ -843,11 +852,11 @@ class DocumentLayout:
             layout.block_mask = create_block_mask(document_causal, batch, None, seq_len, seq_len,
                                                   device=input_ids.device)
         else:  # fa3 and its reference "varlen"
-            starts = torch.nonzero(doc_start.flatten(), as_tuple=False).flatten()
+            starts = torch.nonzero(segment_start.flatten(), as_tuple=False).flatten()
             padded = -(-(starts.numel() + 1) // CU_SEQLENS_BUCKET) * CU_SEQLENS_BUCKET
             layout.cu_seqlens = torch.full((padded,), batch * seq_len, dtype=torch.int32, device=input_ids.device)
             layout.cu_seqlens[: starts.numel()] = starts.to(torch.int32)
-            layout.max_seqlen = seq_len  # an upper bound is enough for the kernel's grid
+            layout.max_seqlen = max_seqlen  # an upper bound is enough for the kernel's grid
         return layout
 
 
@@ -921,7 +930,8 @@ class Rotary(nn.Module):
     """Partial RoPE: rotates the first `rope_dims` dims of each head (16 of 64 in the record line).
     Angles are computed for every position of the row, so an EVAL_SEQ_LEN above TRAIN_SEQ_LEN simply
     extrapolates (no frequency rescaling), as PR 1953 evaluated at 2560 a model trained at 2048; q.k
-    depends only on the offset between two positions, which is what the longer context adds."""
+    depends only on the offset between two positions, which is what the longer context adds. A flat
+    training row (TRAIN_PACKING=flat) numbers its positions over the whole row, as PR 1855 does."""
 
     def __init__(self, rope_dims: int, base: float):
         super().__init__()
@@ -1934,17 +1944,31 @@ def compute_context(device: torch.device, autocast: str) -> Any:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def packs_flat(packing: str, backend: str) -> bool:
+    """TRAIN_PACKING=flat takes effect with the cu_seqlens backends (fa3 and its reference varlen) only:
+    sdpa/plain would build a dense [N, N] mask over the whole micro-batch, and flex is unmeasured at that
+    size, so those keep rows (the `kernels:` log line says which packing runs)."""
+    return packing == "flat" and backend in ("fa3", "varlen")
+
+
 def forward_backward(forward: Callable, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     optimizer: TrainingOptimizer, backend: str, autocast: str) -> torch.Tensor:
+                     optimizer: TrainingOptimizer, backend: str, autocast: str, flat: bool = False) -> torch.Tensor:
     """Gradients of the mean loss over this rank's micro-batches; returns the loss averaged over all
     ranks as a 0-dim device tensor (reading it is the caller's one host sync of the step; the optimizer
     is not stepped here). The document layout is built here, outside `forward` (which may be
-    compiled), so its data-dependent parts never enter the graph."""
+    compiled), so its data-dependent parts never enter the graph. `flat` (PR 1855's packing): a
+    micro-batch's rows are one contiguous span of the stream, so they are joined into one row
+    [1, rows * T] with the same tokens and targets; attention restarts at every BOS and every T tokens
+    into a document, so a document of up to T tokens is seen whole. RoPE positions then run over the
+    whole row, as in PR 1855: q.k depends only on the offset, and segments never span more than T."""
     optimizer.zero_grad()
     device = batches[0][0].device
     total = torch.zeros((), device=device)
     for inputs, targets in batches:
-        layout = DocumentLayout.build(inputs, backend)
+        seq_len = inputs.size(1)
+        if flat:
+            inputs, targets = inputs.reshape(1, -1), targets.reshape(1, -1)  # [1, rows * T]
+        layout = DocumentLayout.build(inputs, backend, max_seqlen=seq_len)
         with compute_context(device, autocast):
             loss = forward(inputs, targets, layout)
         (loss / len(batches)).backward()
@@ -1952,6 +1976,35 @@ def forward_backward(forward: Callable, batches: list[tuple[torch.Tensor, torch.
     total /= len(batches)
     all_reduce_flat_([total], average=True)
     return total
+
+
+CU_SEQLENS_WARMUP_BUCKETS = (64, 128, 192, 256)  # compiled before the timed run for every batch shape (PR 1855)
+
+
+def with_documents_for_bucket(batches: list[tuple[torch.Tensor, torch.Tensor]], bucket: int,
+                              flat: bool) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Warm-up only: the micro-batches with BOS ids spread evenly so that each one's cu_seqlens has
+    `bucket` entries, or None where no batch of this shape can (rows or TRAIN_SEQ_LEN cuts force more
+    segments). Each bucket is its own compiled graph; a bucket first met in the timed run would compile
+    there."""
+    bucketed = []
+    for inputs, targets in batches:
+        rows, seq_len = inputs.shape
+        # (BOS count, first BOS): aimed at the middle of the bucket with the BOS ids between row starts,
+        # else the fewest segments this shape allows (flat: one document per TRAIN_SEQ_LEN)
+        target = bucket - CU_SEQLENS_BUCKET // 2 - (0 if flat else rows)
+        for count, first in ((target, inputs.numel() // (2 * max(target, 1))), (rows if flat else 1, 0)):
+            if not 0 < count <= inputs.numel():
+                continue
+            ids = inputs.clone().view(-1)
+            ids[torch.arange(count, device=ids.device) * ids.numel() // count + first] = BOS_ID
+            ids = ids.view(rows, seq_len)
+            if DocumentLayout.build(ids.view(1, -1) if flat else ids, "varlen", seq_len).cu_seqlens.numel() == bucket:
+                bucketed.append((ids, targets))
+                break
+        else:
+            return None
+    return bucketed
 
 
 def compile_warm_up(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, make_loader: Callable[[], Any],
@@ -1972,6 +2025,16 @@ def compile_warm_up(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer
         phase_step = warmup_step - half if warmup_step >= half else warmup_step
         train_step(warmup_loader.next_step(lengths[phase_step % len(lengths)]))
         optimizer.step()
+    if model.attn_backend in ("fa3", "varlen"):  # one graph per cu_seqlens bucket too: compile the usual ones
+        flat = packs_flat(h.data.train_packing, model.attn_backend)
+        for recurrence in sorted({False, h.model.recurrence_enabled}):
+            model.set_recurrence(recurrence)
+            for length in lengths:
+                batches = warmup_loader.next_step(length)
+                for bucket in CU_SEQLENS_WARMUP_BUCKETS:
+                    bucketed = with_documents_for_bucket(batches, bucket, flat)
+                    if bucketed:
+                        train_step(bucketed)
     model.load_state_dict(initial_model)
     optimizer.load_state_dict(initial_optimizer)
     optimizer.zero_grad()
@@ -1999,8 +2062,10 @@ def train_model(h: Hyperparameters, model: GPT, optimizer: TrainingOptimizer, ma
     rank, _ = distributed_info()
     checkpoint_path = checkpoint_dir and os.path.join(checkpoint_dir, "checkpoint.pt")
 
+    flat = packs_flat(h.data.train_packing, model.attn_backend)
+
     def train_step(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        return forward_backward(forward, batches, optimizer, model.attn_backend, autocast)
+        return forward_backward(forward, batches, optimizer, model.attn_backend, autocast, flat)
 
     warmup_start = clock()
     compile_warm_up(h, model, optimizer, make_loader, train_step, log)
@@ -4850,7 +4915,8 @@ def run_stages(h: Hyperparameters, context: RunContext) -> dict[str, Any]:
     fa3_missing = fa3_problem(device) if device.type == "cuda" and attn_backend != "fa3" else ""
     fused_mlp, fused_ce = select_fused_kernels(h.run, h.model, device)
     log(f"kernels: attention:{attn_backend}{f' (FA3 not used: {fa3_missing})' if fa3_missing else ''} "
-        f"compile:{context.compile_backend or 'off (eager)'} fused_mlp:{int(fused_mlp)} fused_ce:{int(fused_ce)}")
+        f"compile:{context.compile_backend or 'off (eager)'} fused_mlp:{int(fused_mlp)} fused_ce:{int(fused_ce)} "
+        f"train_packing:{'flat' if packs_flat(h.data.train_packing, attn_backend) else 'rows'}")
     torch.manual_seed(h.run.seed)
     model = GPT(h.model, attn_backend, fused_mlp, fused_ce).to(device)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layer order with recurrence "

@@ -12,6 +12,8 @@ model FLOP/s / measured peak. bf16 autocast is measured only where the bf16 peak
     python benchmarks/bench_train.py --compile inductor   # only: compiled vs eager at a small shape,
                                                           # with compile counts and compile time
     python benchmarks/bench_train.py --compile inductor --compile-shape record   # the same, record model
+    python benchmarks/bench_train.py --packing DATA_DIR   # only: TRAIN_PACKING rows vs flat on real
+                                                          # shards: documents seen whole, step time
 """
 
 import argparse
@@ -132,14 +134,77 @@ def compiled_vs_eager(backend: str, shape: str = "tiny", steps: int = 4) -> None
                   f"{sum(counters['graph_break'].values())}", flush=True)
 
 
+def segment_lengths(ids: torch.Tensor, flat: bool, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(segment id of every token of the micro-batch's span, lengths of its attention segments, its
+    cu_seqlens bucket) as forward_backward lays it out under TRAIN_PACKING=rows or flat."""
+    ids = ids.reshape(1, -1) if flat else ids
+    layout = train_gpt.DocumentLayout.build(ids, "varlen", max_seqlen=seq_len)
+    starts = layout.cu_seqlens.long()
+    segment = torch.searchsorted(starts, torch.arange(ids.numel()), right=True)
+    return segment, torch.bincount(segment)[1:], starts.numel()
+
+
+def packing_rows_vs_flat(data_dir: str, seq_len: int, rows: int, steps: int, timed_steps: int) -> None:
+    """Over the first `steps` micro-batches of the training stream: how many documents lying wholly inside
+    a micro-batch are attended as one segment (rows: those not crossing a row boundary; flat: those of
+    at most seq_len tokens), the sum of squared segment lengths (FA3's attention work), how many
+    micro-batches fall in each cu_seqlens bucket (one compiled graph each), and the tiny
+    model's forward+backward time per micro-batch with ATTN_BACKEND=varlen under each packing."""
+    paths = train_gpt.shard_paths(os.path.join(data_dir, "fineweb_train_*.bin"), "DATA_PATH")
+    h = train_gpt.Hyperparameters.from_env(dict(PRESET="tiny", TRAIN_SEQ_LEN=str(seq_len)))
+    torch.set_num_threads(h.run.cpu_threads)  # 1, as the tiny preset runs: 2 threads on a shared 2-core box thrash
+    print(f"{data_dir}: {rows} x {seq_len} tokens per micro-batch, {steps} micro-batches, {torch.get_num_threads()} threads")
+    for flat in (False, True):
+        loader = train_gpt.TrainLoader(paths, h.model.vocab_size, seq_len, rows, 1, 0, 1, seed=0)
+        inside = whole = short = work = 0
+        buckets: dict[int, int] = {}
+        for _ in range(steps):
+            inputs, _ = loader.next_step()[0]
+            stream = inputs.reshape(-1)
+            segment, lengths, bucket = segment_lengths(inputs, flat, seq_len)
+            buckets[bucket] = buckets.get(bucket, 0) + 1
+            bos = torch.nonzero(stream == train_gpt.BOS_ID).flatten().tolist()
+            for begin, end in zip(bos, bos[1:]):  # documents that start and end inside the span
+                inside += 1
+                short += end - begin <= seq_len
+                whole += bool(segment[begin] == segment[end - 1])
+            work += int((lengths.double() ** 2).sum())
+        print(f"  {'flat' if flat else 'rows'}: {whole}/{inside} documents inside a micro-batch seen whole "
+              f"({100 * whole / inside:.1f}%; {short} of them have <= {seq_len} tokens), "
+              f"sum of squared segment lengths {work / steps:.3g} per micro-batch, cu_seqlens buckets "
+              f"{dict(sorted(buckets.items()))}", flush=True)
+    if not timed_steps:  # the varlen reference builds a dense [N, N] mask: time small shapes only
+        return
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h.model, "varlen")
+    optimizer = train_gpt.TrainingOptimizer(model, h.optim)
+    batches = train_gpt.TrainLoader(paths, h.model.vocab_size, seq_len, rows, 1, 0, 1, seed=0).next_step()
+    for flat in (False, True, False, True):  # interleaved, so load changes on a shared machine hit both
+        train_gpt.forward_backward(model, batches, optimizer, "varlen", "fp32", flat)  # warm-up
+        start = time.perf_counter()
+        for _ in range(timed_steps):
+            train_gpt.forward_backward(model, batches, optimizer, "varlen", "fp32", flat).item()
+        print(f"  {'flat' if flat else 'rows'}: {1e3 * (time.perf_counter() - start) / timed_steps:.1f} ms per "
+              f"micro-batch fwd+bwd (tiny model, varlen reference attention on CPU)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller record batch and fewer steps")
     parser.add_argument("--compile", default="", help="only compare compiled (this backend) vs eager training")
     parser.add_argument("--compile-shape", default="tiny", choices=["tiny", "record"],
                         help="with --compile: the tiny preset's micro-step or the record model")
+    parser.add_argument("--packing", default="", metavar="DATA_DIR",
+                        help="only compare TRAIN_PACKING rows vs flat on this folder's train shards")
+    parser.add_argument("--seq-len", type=int, default=128, help="--packing: TRAIN_SEQ_LEN")
+    parser.add_argument("--rows", type=int, default=4, help="--packing: rows per micro-batch")
+    parser.add_argument("--steps", type=int, default=200, help="--packing: micro-batches counted")
+    parser.add_argument("--timed-steps", type=int, default=20, help="--packing: micro-batches timed per packing (0: none)")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
+    if args.packing:
+        packing_rows_vs_flat(args.packing, args.seq_len, args.rows, args.steps, args.timed_steps)
+        return
     if args.compile:
         compiled_vs_eager(args.compile, args.compile_shape)
         return

@@ -441,11 +441,14 @@ def check_training(h, shape: CheckShape, device: torch.device, backend: str, dea
     extremes = {"few_documents": shape.doc_mean * 8, "many_documents": shape.doc_mean / 8}
     compile_log, pairs, states = [], set(), {}
 
+    flat = train_gpt.packs_flat(h.data.train_packing, backend)  # the record packs each micro-batch as one row
+
     def bucket(inputs):
-        return -(-(document_starts(inputs) + 1) // train_gpt.CU_SEQLENS_BUCKET) * train_gpt.CU_SEQLENS_BUCKET
+        layout = train_gpt.DocumentLayout.build(inputs.reshape(1, -1) if flat else inputs, "varlen", seq_len)
+        return layout.cu_seqlens.numel()
 
     def micro_steps(step_batches):
-        return train_gpt.forward_backward(forward, step_batches, optimizer, backend, shape.autocast).item()
+        return train_gpt.forward_backward(forward, step_batches, optimizer, backend, shape.autocast, flat).item()
 
     for recurrence in (False, True):
         name = "recurrence_on" if recurrence else "recurrence_off"
@@ -492,7 +495,8 @@ def check_training(h, shape: CheckShape, device: torch.device, backend: str, dea
                           expected_graphs=expected_graphs(backend, pairs), **totals, steps=compile_log)
     compile_result["ok"] = (totals["unique_graphs"] == compile_result["expected_graphs"]
                             and totals["graph_breaks"] == 0)
-    training = dict(status=compile_result["status"], micro_rows=shape.micro_rows, seq_len=seq_len,
+    training = dict(status=compile_result["status"], train_packing="flat" if flat else "rows",
+                    micro_rows=shape.micro_rows, seq_len=seq_len,
                     grad_accum=shape.accum, tokens_per_step=shape.accum * shape.micro_rows * seq_len,
                     autocast=shape.autocast, **states)
     if all(states.get(name, {}).get("status") == "ok" for name in ("recurrence_off", "recurrence_on")):

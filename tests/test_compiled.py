@@ -57,38 +57,60 @@ def test_varlen_layout_pads_cu_seqlens_to_a_bucket_and_matches_dense_masking():
         torch.testing.assert_close(model.forward_logits(ids), reference.forward_logits(ids), atol=2e-5, rtol=1e-4)
 
 
-def train_steps(model, compiled, optimizer, plan):
+def plan_ids(step, bos_every, flat):
+    """The step's batch [2, 128]; with one document per row and flat packing, the second row does not
+    start with a BOS, so that 256-token document is cut 128 tokens from its start inside the compiled step."""
+    ids = random_tokens(2, 128, vocab=512, seed=step, bos_every=bos_every)
+    if flat and not bos_every:
+        ids[1, 0] = 9
+    return ids
+
+
+def train_steps(model, compiled, optimizer, plan, flat=False):
     losses = []
     for step, (bos_every, recurrence) in enumerate(plan):
         model.set_recurrence(recurrence)
-        ids = random_tokens(2, 128, vocab=512, seed=step, bos_every=bos_every)
+        ids = plan_ids(step, bos_every, flat)
         losses.append(train_gpt.forward_backward(compiled, [(ids, ids.roll(-1, 1))], optimizer, model.attn_backend,
-                                                 "fp32").item())
+                                                 "fp32", flat).item())
         optimizer.step()
     return losses
 
 
-def test_training_compiles_once_per_bucket_and_recurrence_state_with_no_graph_break():
+def attention_segments(ids, flat):
+    """Independent count of attention segments: rows start one each, and every BOS does; flat: one row
+    in which a document is also cut every 128 tokens from its own start."""
+    if not flat:
+        return int((ids == train_gpt.BOS_ID).sum()) + int((ids[:, 0] != train_gpt.BOS_ID).sum())
+    count, doc_start = 0, 0
+    for position, token in enumerate(ids.flatten().tolist()):
+        doc_start = position if position == 0 or token == train_gpt.BOS_ID else doc_start
+        count += (position - doc_start) % 128 == 0
+    return count
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["rows", "flat"])
+def test_training_compiles_once_per_bucket_and_recurrence_state_with_no_graph_break(flat):
     """Batches with few and many documents (cu_seqlens buckets 64 to 192), recurrence off then on: one
     graph per (bucket, recurrence state), no more (the old in-graph nonzero recompiled on every new document count until dynamo gave up
     and ran eager), no graph break (fullgraph), and the same losses as the eager model. Fails if the
-    layout is built inside the compiled graph or if cu_seqlens is not bucketed."""
+    layout is built inside the compiled graph or if cu_seqlens is not bucketed. Also for TRAIN_PACKING=flat
+    (one row [1, 256] per micro-batch, segments cut at 128)."""
     train_gpt.configure_compile("aot_eager")
     plan = [(0, False), (40, False), (3, False), (50, False), (2, False), (0, True), (3, True), (60, True)]
     h, model = small_model("varlen")
     eager_model = train_gpt.GPT(h.model, "varlen")
     eager_model.load_state_dict(model.state_dict())
     compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager")
-    losses = train_steps(model, compiled, train_gpt.TrainingOptimizer(model, h.optim), plan)
+    losses = train_steps(model, compiled, train_gpt.TrainingOptimizer(model, h.optim), plan, flat)
     shapes = set()
     for step, (bos_every, recurrence) in enumerate(plan):  # (cu_seqlens bucket, recurrence) of each step
-        ids = random_tokens(2, 128, vocab=512, seed=step, bos_every=bos_every)
-        starts = int((ids == train_gpt.BOS_ID).sum()) + int((ids[:, 0] != train_gpt.BOS_ID).sum())
+        starts = attention_segments(plan_ids(step, bos_every, flat), flat)
         shapes.add((-(-(starts + 1) // 64) * 64, recurrence))
     assert len(shapes) == 5  # buckets 64, 128, 192 off; 64, 128 on
     assert counters["stats"]["unique_graphs"] == len(shapes)
     assert not counters["graph_break"]
-    eager_losses = train_steps(eager_model, eager_model, train_gpt.TrainingOptimizer(eager_model, h.optim), plan)
+    eager_losses = train_steps(eager_model, eager_model, train_gpt.TrainingOptimizer(eager_model, h.optim), plan, flat)
     assert losses == pytest.approx(eager_losses, rel=1e-4)
 
 

@@ -93,6 +93,7 @@ def test_baseline_preset_is_the_naive_baseline():
     ({"WEIGHT_DECAY_SCHEDULE": "0.9,0.5,0.5,1.75"}, "WEIGHT_DECAY_SCHEDULE"),
     ({"WEIGHT_DECAY_SCHEDULE": "0.4,0.85,-0.5,1.75"}, "WEIGHT_DECAY_SCHEDULE"),
     ({"AWQ_LITE_BITS": "9"}, "AWQ_LITE_BITS"), ({"PHASED_TTT_LOCAL_LR_MULT": "-1"}, "PHASED_TTT_LOCAL_LR_MULT"),
+    ({"TRAIN_PACKING": "documents"}, "TRAIN_PACKING"),
 ])
 def test_invalid_settings_fail_naming_the_env_var(env, needle):
     with pytest.raises(ValueError, match=needle):
@@ -261,3 +262,15 @@ def test_seq_len_at_follows_the_schedule_stage_by_stage():
     pr2014 = train_gpt.Hyperparameters.from_env({"PRESET": "pr2014"}).data
     assert pr2014.seq_schedule() == schedule and all(pr2014.batch_layout(8, length) == (1, 786432 // 8 // length)
                                                     for length, _ in schedule)
+
+
+def test_flat_packing_is_pr1855_s_and_runs_only_on_the_cu_seqlens_backends():
+    """PR 1855 (and the presets built on it) pack a micro-batch as one flat row; PR 1493's line, which
+    predates varlen document packing, keeps rows. Flat takes effect with fa3/varlen only: the dense-mask
+    backends (and flex, unmeasured at that size) keep rows, e.g. sdpa, which `auto` picks on CPU."""
+    packing = {name: train_gpt.Hyperparameters.from_env({"PRESET": name}).data.train_packing for name in train_gpt.PRESETS}
+    assert {name for name, value in packing.items() if value == "rows"} == {"pr1493", "pr1812", "pr1755", "pr1274",
+                                                                            "baseline"}
+    assert all(train_gpt.packs_flat("flat", backend) for backend in ("fa3", "varlen"))
+    assert not any(train_gpt.packs_flat("flat", backend) for backend in ("sdpa", "plain", "flex"))
+    assert not any(train_gpt.packs_flat("rows", backend) for backend in train_gpt.ATTENTION_BACKENDS)

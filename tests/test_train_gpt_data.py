@@ -151,3 +151,20 @@ def test_a_shorter_scheduled_length_cuts_the_same_step_tokens_into_more_rows(tin
         assert [x.shape for x, _ in long_step] == [(2, 32)] * 2 and [x.shape for x, _ in short_step] == [(8, 8)] * 2
         for (x_long, y_long), (x_short, y_short) in zip(long_step, short_step):
             assert torch.equal(x_long.flatten(), x_short.flatten()) and torch.equal(y_long.flatten(), y_short.flatten())
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_micro_batch_is_one_contiguous_span_so_its_flat_row_is_that_span(tmp_path, rank):
+    """TRAIN_PACKING=flat joins a micro-batch's rows into one row: that is only PR 1855's packing if the
+    rows are one contiguous span of the stream. Against an independent slicing of the shard: micro-step m
+    of rank r in step s holds stream[s*S + (r*accum + m)*M :][:M] and its targets are shifted by one."""
+    stream = np.concatenate(make_documents(40, 512, seed=5, max_len=90))
+    path = write_shard(tmp_path / "fineweb_train_000000.bin", stream)
+    seq_len, rows, accum, world = 16, 3, 2, 2
+    loader = train_gpt.TrainLoader([path], 512, seq_len, rows, accum, rank, world, seed=0)
+    micro, step_tokens = rows * seq_len, rows * seq_len * accum * world
+    for step in range(stream.size // step_tokens - 1):
+        for m, (inputs, targets) in enumerate(loader.next_step()):
+            start = step * step_tokens + (rank * accum + m) * micro
+            assert inputs.reshape(1, -1)[0].tolist() == stream[start: start + micro].tolist()
+            assert targets.reshape(1, -1)[0].tolist() == stream[start + 1: start + micro + 1].tolist()

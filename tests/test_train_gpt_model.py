@@ -467,3 +467,91 @@ def test_a_document_scores_the_same_at_any_row_offset_even_past_the_training_len
         late = model.forward_logits(shifted)[0, filler.numel():]
         alone = model.forward_logits(target_doc[None])[0]
     assert torch.allclose(late, alone, atol=1e-4)
+
+
+def _segment_starts_reference(stream: list[int], max_seqlen: int) -> list[int]:
+    """PR 1855's `_build_cu_seqlens` rule written as a loop: a segment starts at position 0, at every BOS,
+    and every max_seqlen tokens after the start of the document it lies in."""
+    starts, doc_start = [], 0
+    for position, token in enumerate(stream):
+        if position == 0 or token == train_gpt.BOS_ID:
+            doc_start = position
+        if (position - doc_start) % max_seqlen == 0:
+            starts.append(position)
+    return starts
+
+
+def _random_stream(seed: int, seq_len: int, rows: int) -> torch.Tensor:
+    """A micro-batch span [1, rows * seq_len] of random documents (lengths 1..3*seq_len, so some run past
+    2*seq_len) that starts inside a document, as a span after a micro-batch boundary does."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(8, 512, (int(torch.randint(1, 3 * seq_len, (1,), generator=generator)),),
+                           generator=generator)]  # the tail of a document cut by the previous span
+    while sum(map(len, parts)) < rows * seq_len:
+        length = int(torch.randint(1, 3 * seq_len + 1, (1,), generator=generator))
+        parts.append(torch.cat([torch.tensor([train_gpt.BOS_ID]), torch.randint(8, 512, (length - 1,),
+                                                                                 generator=generator)]))
+    return torch.cat(parts)[: rows * seq_len][None]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flat_row_segments_start_at_every_bos_and_every_seq_len_into_a_document(seed):
+    """TRAIN_PACKING=flat (PR 1855): over a random span, the cu_seqlens of the flat row are exactly the
+    reference loop's segment starts (bucketed, padded with the row length), no segment is longer than
+    TRAIN_SEQ_LEN, and the dense mask of the other backends cuts at the same places."""
+    seq_len, rows = 16, 6
+    ids = _random_stream(seed, seq_len, rows)
+    expected = _segment_starts_reference(ids[0].tolist(), seq_len)
+    assert len(expected) > ids.eq(train_gpt.BOS_ID).sum() + 1  # some document was cut at seq_len
+    layout = train_gpt.DocumentLayout.build(ids, "varlen", max_seqlen=seq_len)
+    cu = layout.cu_seqlens.tolist()
+    assert len(cu) % 64 == 0 and cu[: len(expected)] == expected and set(cu[len(expected):]) == {rows * seq_len}
+    assert layout.max_seqlen == seq_len and max(b - a for a, b in zip(cu, cu[1:])) <= seq_len
+    segment = torch.tensor([sum(start <= p for start in expected) for p in range(rows * seq_len)])
+    reference_mask = (segment[:, None] == segment[None, :]) & torch.ones(rows * seq_len, rows * seq_len).bool().tril()
+    assert torch.equal(train_gpt.DocumentLayout.build(ids, "plain", max_seqlen=seq_len).dense_mask[0, 0], reference_mask)
+    # the SmearGate still sees only real document starts: a cut inside a document keeps its predecessor
+    assert torch.equal(layout.doc_start[0], (ids[0] == train_gpt.BOS_ID) | (torch.arange(rows * seq_len) == 0))
+
+
+def test_varlen_attention_over_a_flat_row_equals_dense_attention_per_segment():
+    """The varlen reference on one flat row (GQA, segments from documents longer than 2*seq_len cut every
+    seq_len) equals softmax attention computed segment by segment on its own slice, by hand."""
+    seq_len, rows, heads, kv_heads, head_dim = 16, 6, 4, 2, 8
+    ids = _random_stream(3, seq_len, rows)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, rows * seq_len, heads, head_dim, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(1, rows * seq_len, kv_heads, head_dim, generator=generator, dtype=torch.float64)
+            for _ in range(2))
+    out = train_gpt.attention(q, k, v, train_gpt.DocumentLayout.build(ids, "varlen", max_seqlen=seq_len))
+    starts = _segment_starts_reference(ids[0].tolist(), seq_len) + [rows * seq_len]
+    for start, end in zip(starts, starts[1:]):
+        for head in range(heads):
+            q_s, k_s, v_s = q[0, start:end, head], k[0, start:end, head // 2], v[0, start:end, head // 2]
+            scores = q_s @ k_s.T / math.sqrt(head_dim)
+            scores = scores.masked_fill(torch.ones_like(scores).bool().triu(1), float("-inf"))
+            assert torch.allclose(out[0, start:end, head], torch.softmax(scores, -1) @ v_s, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_document_of_at_most_seq_len_is_attended_whole_in_a_flat_row(seed):
+    """In a flat row every document of <= TRAIN_SEQ_LEN tokens gets the logits it gets alone, wherever it
+    lies (after a document longer than 2*TRAIN_SEQ_LEN, across a row boundary of the rows layout), with
+    RoPE positions running over the whole row; the rows layout cuts the one across a row boundary."""
+    h = tiny_h(TRAIN_SEQ_LEN=32)
+    seq_len = h.data.train_seq_len
+    model = build(h, "varlen")
+    generator = torch.Generator().manual_seed(seed)
+    filler = _doc(2 * seq_len + 11 + int(torch.randint(0, seq_len, (1,), generator=generator)), seed=seed + 10)
+    target = _doc(seq_len - int(torch.randint(0, 8, (1,), generator=generator)), seed=seed + 20)
+    tail = _doc(4 * seq_len, seed=seed + 30)
+    stream = torch.cat([filler, target, tail])[: 4 * seq_len]
+    begin, end = filler.numel(), filler.numel() + target.numel()
+    assert begin // seq_len != (end - 1) // seq_len  # the target crosses a row boundary of the rows layout
+    flat = stream[None]
+    with torch.no_grad():
+        alone = model.forward_logits(target[None])[0]
+        in_flat = model.forward_logits(flat, layout=train_gpt.DocumentLayout.build(flat, "varlen", seq_len))[0]
+        in_rows = model.forward_logits(stream.view(4, seq_len)).flatten(0, 1)
+    assert torch.allclose(in_flat[begin:end], alone, atol=1e-4)
+    assert not torch.allclose(in_rows[begin:end], alone, atol=1e-3)

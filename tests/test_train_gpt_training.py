@@ -520,3 +520,122 @@ def test_tokenizer_with_a_different_vocab_size_is_rejected(tmp_path):
     train_gpt.check_tokenizer(tiny_h(TOKENIZER_PATH=prefix + ".model", VOCAB_SIZE=64))
     with pytest.raises(FileNotFoundError, match="TOKENIZER_PATH"):
         train_gpt.check_tokenizer(tiny_h(TOKENIZER_PATH=str(tmp_path / "missing.model")))
+
+
+def _flat_packing_worker(rank, world_size, port, shard_path, expected_grads, queue):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        loss, grads = _flat_step(shard_path, accum=1, rank=rank, world_size=world_size)
+        mismatched = []
+        for name, grad in grads.items():
+            dist.all_reduce(grad)  # sum of the ranks' gradients
+            if not torch.allclose(grad / world_size, torch.from_numpy(expected_grads[name]), atol=1e-6, rtol=1e-4):
+                mismatched.append(name)
+        queue.put((rank, loss, mismatched))  # small results only: a full pipe would block the join
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _flat_step(shard_path, accum, rank, world_size):
+    """One flat-packed varlen forward+backward of the first step: (loss averaged over ranks, local grads)."""
+    from tg_helpers import perturb_parameters
+
+    h = tiny_h(TRAIN_SEQ_LEN=32)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h.model, "varlen")
+    perturb_parameters(model, seed=0)
+    model.set_recurrence(True)
+    loader = train_gpt.TrainLoader([shard_path], 512, 32, 2, accum, rank, world_size, seed=0)
+    loss = train_gpt.forward_backward(model, loader.next_step(), train_gpt.TrainingOptimizer(model, h.optim),
+                                      "varlen", "fp32", flat=True)
+    return float(loss), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_flat_packing_on_two_gloo_ranks_matches_one_process(tmp_path):
+    """The same global step packed flat on 2 Gloo ranks (one micro-batch each) and on one process (two
+    micro-batches): the same loss, and the ranks' mean gradient is the single process's gradient."""
+    from conftest import make_documents, write_shard
+    from tg_helpers import spawn_gloo_ranks
+
+    path = write_shard(tmp_path / "fineweb_train_000000.bin",
+                       np.concatenate(make_documents(30, 512, seed=2, min_len=5, max_len=90)))
+    single_loss, single_grads = _flat_step(path, accum=2, rank=0, world_size=1)
+    expected = {name: grad.numpy() for name, grad in single_grads.items()}
+    queue = spawn_gloo_ranks(_flat_packing_worker, 2, path, expected)
+    results = sorted(queue.get() for _ in range(2))
+    for _, loss, mismatched in results:
+        assert loss == pytest.approx(single_loss, rel=1e-5) and mismatched == []
+
+
+def test_flat_training_loss_is_the_mean_over_segments_scored_on_their_own(tiny_dataset):
+    """forward_backward with TRAIN_PACKING=flat: the loss of a micro-batch joined into one row equals the
+    mean token NLL of its segments (each BOS, and every TRAIN_SEQ_LEN tokens into a document) each run as
+    its own row, with the same targets. SmearGate off: a cut inside a document keeps its predecessor
+    token in the flat row (as in PR 1855), which a segment run alone cannot have."""
+    h = tiny_h(TRAIN_SEQ_LEN=32, SMEAR_GATE=0)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h.model, "varlen")
+    from tg_helpers import perturb_parameters
+    perturb_parameters(model, seed=1)
+    batches = train_gpt.TrainLoader(tiny_dataset.train_paths, 512, 32, 4, 1, 0, 1, seed=0).next_step()
+    loss = train_gpt.forward_backward(model, batches, train_gpt.TrainingOptimizer(model, h.optim), "varlen", "fp32",
+                                      flat=True)
+    inputs, targets = batches[0][0].reshape(-1), batches[0][1].reshape(-1)
+    starts, doc_start = [], 0
+    for position, token in enumerate(inputs.tolist()):
+        doc_start = position if position == 0 or token == train_gpt.BOS_ID else doc_start
+        if (position - doc_start) % 32 == 0:
+            starts.append(position)
+    assert len(starts) > int((inputs == train_gpt.BOS_ID).sum()) + 1 - int(inputs[0] == train_gpt.BOS_ID)
+    bounds = starts + [inputs.numel()]
+    with torch.no_grad():
+        total = sum(model.per_token_nll(inputs[a:b][None], targets[a:b][None]).sum() for a, b in zip(bounds, bounds[1:]))
+    assert float(loss) == pytest.approx(float(total) / inputs.numel(), rel=1e-5)
+
+
+@pytest.mark.parametrize("packing", ["rows", "flat"])
+def test_warm_up_compiles_cu_seqlens_buckets_64_to_256_in_both_recurrence_states(tiny_dataset, packing):
+    """A compiled varlen step is one graph per (cu_seqlens bucket, recurrence state); the warm-up runs
+    buckets 64..256 (PR 1855's) in both states, with BOS ids spread over a real batch, so a batch with
+    more or fewer documents than the warm-up's real steps does not compile inside the timed run. Every
+    (bucket, shape, state) of the timed steps was run in the warm-up."""
+    h = tiny_h(GRAD_ACCUM_STEPS=1, TRAIN_BATCH_TOKENS=512, ITERATIONS=6, DATA_PATH=tiny_dataset.path,
+               WARMUP_STEPS=2, ENABLE_LOOPING_AT=0.5, TRAIN_PACKING=packing)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h.model, "varlen")
+    calls = []
+
+    def forward(inputs, targets, layout):
+        calls.append((layout.cu_seqlens.numel(), tuple(inputs.shape), model.recurrence_active))
+        return model(inputs, targets, layout)
+
+    def make_loader():
+        return train_gpt.TrainLoader(tiny_dataset.train_paths, 512, 128, 4, 1, 0, 1, h.run.seed)
+
+    result = train_gpt.train_model(h, model, train_gpt.TrainingOptimizer(model, h.optim), make_loader, [].append,
+                                   forward=forward)
+    timed, warm_up = calls[-result.steps:], calls[:-result.steps]
+    shape = (1, 512) if packing == "flat" else (4, 128)
+    assert {(bucket, shape, state) for bucket in (64, 128, 192, 256) for state in (False, True)} <= set(warm_up)
+    assert set(timed) <= set(warm_up) and {state for _, _, state in timed} == {False, True}
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["rows", "flat"])
+def test_warm_up_batches_reach_every_bucket_a_record_step_can_have(flat):
+    """At PR 1855's per-rank shape (48 rows of 2048) each of the buckets 64..256 gets a warm-up batch whose
+    layout, counted independently (every BOS, every row start or every 2048 tokens into a document),
+    lands in it; a bucket below the fewest segments the shape allows (96 rows of 1024 need 96) gets none."""
+    ids = torch.randint(8, 512, (48, 2048), generator=torch.Generator().manual_seed(0))
+    for bucket in (64, 128, 192, 256):
+        (inputs, targets), = train_gpt.with_documents_for_bucket([(ids, ids + 1)], bucket, flat)
+        assert inputs.shape == ids.shape and torch.equal(targets, ids + 1)
+        stream, starts, doc_start = inputs.flatten().tolist(), 0, 0
+        for position, token in enumerate(stream):
+            doc_start = position if token == train_gpt.BOS_ID or (position % 2048 == 0 and not flat) else doc_start
+            starts += (position - doc_start) % 2048 == 0
+        assert bucket - 64 < starts + 1 <= bucket, (bucket, starts)
+    assert train_gpt.with_documents_for_bucket([(ids.view(96, 1024), ids.view(96, 1024))], 64, flat) is None
