@@ -185,7 +185,9 @@ def test_eval_warm_up_compiles_every_graph_the_timed_evals_use(mode, backend):
     last plain batch of one row, short SGD steps (global SGD; the last rows of a chunked-TTT chunk),
     document batches shorter than PHASED_TTT_DOCS_PER_BATCH, chunked TTT training only some weights
     (their requires_grad is guarded). Backend eager: dynamo's graphs and guards; inductor adds its own
-    guards on sizes it made choices for (a chunk's short last row used to recompile chunked TTT there)."""
+    guards on sizes it made choices for (a chunk's short last row used to recompile chunked TTT there).
+    Fails on copies that stop padding a TTT step's rows (`padded_batch` in `_train_on_targets`) or warm
+    chunked TTT up with every weight trainable (the previous code: 6 graphs instead of 4)."""
     h = tiny_h(VOCAB_SIZE=512, EVAL_SEQ_LEN=96, EVAL_BATCH_TOKENS=2 * 96, PHASED_TTT_CHUNK_TOKENS=24,
                PHASED_TTT_DOCS_PER_BATCH=2, PHASED_TTT_PREFIX_DOCS=3, PHASED_TTT_LORA_RANK=4,
                PHASED_TTT_GLOBAL_CHUNK_TOKENS=96, TTT_MODE=mode, TTT_CHUNK_TOKENS=100, TTT_BATCH_SEQS=1,
@@ -219,7 +221,9 @@ def test_eval_warm_up_compiles_every_graph_the_timed_evals_use(mode, backend):
 def test_padded_batches_score_and_train_as_the_unpadded_ones():
     """The evals pad batches to fixed shapes with empty windows (so a compiled eval sees only the warmed-up
     shapes). Padding must change nothing: the same scores, and chunked TTT's SGD steps land on the same
-    weights, as scoring and training the real rows alone (checked against gather_windows' own output)."""
+    weights, as scoring and training the real rows alone (checked against gather_windows' own output).
+    Fails if a padding window had a length above 0 (its BOS targets would be scored and trained on) or
+    if ttt_step_rows miscounted a rank's rows."""
     h, model = small_model("sdpa")
     model.set_recurrence(True)
     tokens = random_tokens(1, 300, vocab=512, seed=4, bos_every=37).flatten().numpy()

@@ -424,7 +424,9 @@ def test_calibration_windows_use_every_window_of_this_ranks_shards_once_per_pass
     """GPTQ_CALIBRATION_SOURCE=windows (PR 1736/1855): every row is a window of one of this rank's shards
     (paths[rank::world]) starting at that shard's phase + a multiple of TRAIN_SEQ_LEN; one pass uses
     every such window exactly once (a pass: as many rows as the shards hold windows), then the shards
-    are cut again; the draw is seeded by the rank alone; no shard of another rank is read."""
+    are cut again; the draw is seeded by the rank alone; no shard of another rank is read. Fails on
+    copies that take all shards on every rank, draw a start without popping it (repeats), or cut a
+    shard's windows at a phase other than its first window's."""
     from conftest import write_shard
     rng = np.random.default_rng(0)
     seq_len, world = 16, 3
